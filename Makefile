@@ -1,0 +1,96 @@
+# featcache — `make features heads` is the whole story; `make help` lists the rest.
+# Every setting is a make variable: make features BACKBONE=resnet50 SIZE=160 BATCH=32
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.installed-featcache
+FEATCACHE := $(PY) -m pipeline
+
+# ---- stage one settings --------------------------------------------------------------
+DATASET    ?= cifar10
+DATA_DIR   ?= data
+BACKBONE   ?= mobilenet_v2
+SIZE       ?=
+BATCH      ?= 64
+WEIGHTS    ?= imagenet
+PREPROCESS ?=
+PRECISION  ?= float32
+DTYPE      ?= float32
+FLIP       ?= 1
+LIMIT      ?=
+VARIANT    ?=
+OUT_DIR    ?= features
+FEATURES_EXTRA ?=
+# ---- stage two settings --------------------------------------------------------------
+HEADS      ?=
+HEADS_EXTRA ?=
+
+FEATURE_ARGS = --dataset $(DATASET) --data-dir $(DATA_DIR) --backbone $(BACKBONE) \
+  $(if $(SIZE),--size $(SIZE)) --batch $(BATCH) --weights $(WEIGHTS) \
+  $(if $(PREPROCESS),--preprocess $(PREPROCESS)) --precision $(PRECISION) --dtype $(DTYPE) \
+  $(if $(filter 1 yes true,$(FLIP)),--flip) $(if $(LIMIT),--limit $(LIMIT)) \
+  $(if $(VARIANT),--variant $(VARIANT)) --out-dir $(OUT_DIR)
+
+# The feature file is a real target: its name comes from the settings (no TensorFlow needed).
+FEATURE_FILE := $(shell PYTHONPATH=. $(PYTHON) -m pipeline path -q $(FEATURE_ARGS) 2>/dev/null)
+REPORT_DIR   := $(basename $(FEATURE_FILE))
+
+export KERAS_HOME
+
+.PHONY: help install features heads curve export test test-fast bench bench-quick clean distclean clean-features
+
+help: ## this list
+	@echo "featcache — run a pretrained backbone once, cache features, compare heads"
+	@echo
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
+	@echo
+	@echo "Settings (make VAR=value): DATASET=$(DATASET) DATA_DIR=$(DATA_DIR) BACKBONE=$(BACKBONE)"
+	@echo "  SIZE=$(SIZE) BATCH=$(BATCH) WEIGHTS=$(WEIGHTS) PREPROCESS=$(PREPROCESS) FLIP=$(FLIP)"
+	@echo "  PRECISION=$(PRECISION) DTYPE=$(DTYPE) LIMIT=$(LIMIT) VARIANT=$(VARIANT) HEADS=$(HEADS)"
+	@echo "  KERAS_HOME=$(KERAS_HOME)  -> $(FEATURE_FILE)"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP) ## create .venv and install featcache with its dependencies
+
+features: $(FEATURE_FILE) ## stage one: cache backbone features (no-op when up to date)
+
+$(FEATURE_FILE): | $(STAMP)
+	$(FEATCACHE) features $(FEATURE_ARGS) $(FEATURES_EXTRA)
+
+heads: $(REPORT_DIR)/results.json ## stage two: train and compare heads, write the report
+
+$(REPORT_DIR)/results.json: $(FEATURE_FILE) | $(STAMP)
+	$(FEATCACHE) heads $(FEATURE_FILE) $(if $(HEADS),--heads $(HEADS)) $(HEADS_EXTRA)
+
+curve: $(FEATURE_FILE) | $(STAMP) ## label-efficiency curve: accuracy vs labelled examples per class
+	$(FEATCACHE) curve $(FEATURE_FILE) $(if $(HEADS),--heads $(HEADS))
+
+export: $(REPORT_DIR)/results.json | $(STAMP) ## one Keras model: raw images -> classes (best head)
+	$(FEATCACHE) export $(FEATURE_FILE) $(if $(HEAD),--head $(HEAD))
+
+test: $(STAMP) ## run the test suite (real-data tests run when ../shared or FEATCACHE_REAL_DATA is there)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP) ## side-by-side benchmarks -> BENCHMARKS.md (minutes)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+bench-quick: $(STAMP) ## the one-minute smoke version of `make bench`
+	$(PY) -m benchmarks --quick $(BENCH_ARGS)
+
+clean: ## remove caches and build leftovers (keeps features/ and .venv)
+	rm -rf .pytest_cache build *.egg-info bench-out
+	find . -name __pycache__ -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+clean-features: ## delete every cached feature file and report in $(OUT_DIR)/ (hours of work!)
+	rm -rf $(OUT_DIR)/*.h5 $(OUT_DIR)/*.h5.partial $(OUT_DIR)/*.lock $(filter-out $(OUT_DIR)/README.md,$(wildcard $(OUT_DIR)/*/))
+
+distclean: clean ## also remove .venv
+	rm -rf $(VENV)

@@ -1,0 +1,217 @@
+"""The ``featcache`` command (also ``python -m pipeline``): argparse front end for every stage.
+
+The only module that prints or exits. Each sub-command is one function registered with
+``@command``; a :class:`~pipeline.errors.FeatcacheError` from below becomes one line on
+stderr (``featcache: error: …``) and a non-zero exit, Ctrl-C exits 130. Heavy imports
+(TensorFlow, scikit-learn) happen inside the commands, so ``--help`` and ``path`` are fast
+and work without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Callable
+
+from .errors import FeatcacheError
+
+log = logging.getLogger("pipeline")
+
+COMMANDS: dict[str, tuple[Callable, Callable, str]] = {}
+
+
+def command(name: str, help: str):
+    """Register ``fn(args) -> int`` as a sub-command; ``fn.configure(parser)`` adds options."""
+    def deco(fn):
+        COMMANDS[name] = (fn, getattr(fn, "configure", lambda p: None), help)
+        return fn
+    return deco
+
+
+def options(configure: Callable):
+    """Attach an argparse configurator to a command function."""
+    def deco(fn):
+        fn.configure = configure
+        return fn
+    return deco
+
+
+# ---------------------------------------------------------------------------- stage one
+
+def _extract_options(p: argparse.ArgumentParser) -> None:
+    from .backbones import BACKBONES, POOLINGS, PRECISIONS, PREPROCESS_MODES
+    from .config import DEFAULT_BACKBONE, DEFAULT_BATCH
+
+    env = os.environ.get
+    p.add_argument("--dataset", default=env("FEATCACHE_DATASET", "cifar10"),
+                   help="cifar10, synthetic, or a folder with one sub-folder per class")
+    p.add_argument("--data-dir", default=env("FEATCACHE_DATA_DIR", "data"),
+                   help="where cifar-10-batches-py is (or is downloaded to); default: data")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
+                   metavar="NAME", help=f"one of: {', '.join(sorted(BACKBONES))}")
+    p.add_argument("--size", type=int, default=None,
+                   help="input size in px the images are resized to (default: the backbone's)")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="images per forward pass")
+    p.add_argument("--weights", default="imagenet",
+                   help="imagenet (Keras cache / KERAS_HOME), none (random), or a .h5 path")
+    p.add_argument("--preprocess", choices=sorted(PREPROCESS_MODES), default=None,
+                   help="override the backbone's own preprocessing (scale01 = the tutorial's /255)")
+    p.add_argument("--pooling", choices=POOLINGS, default="avg")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="stored feature dtype")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="compute policy: mixed_bfloat16 (CPUs with AVX512-BF16/AMX), "
+                        "mixed_float16 (GPUs)")
+    p.add_argument("--flip", action="store_true",
+                   help="also store features of horizontally flipped images")
+    p.add_argument("--xla", action="store_true", help="compile the forward pass with XLA")
+    p.add_argument("--limit", type=int, default=None, help="at most N images per split")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="image folders without train/ and test/: the test share (stratified)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="features")
+    p.add_argument("--variant", default=None,
+                   help="name suffix (default: derived from the non-default settings)")
+    p.add_argument("--output", default=None, help="explicit output path (overrides naming)")
+    p.add_argument("--shard", default=None, help="i/n: extract only the i-th of n slices")
+    p.add_argument("--no-download", action="store_true", help="never try to download data")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild a feature file made with another configuration")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for another process writing the same file instead of refusing")
+
+
+def _extract_config(args):
+    from .config import ExtractConfig, parse_shard
+
+    return ExtractConfig(
+        dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone, size=args.size,
+        batch=args.batch, weights=args.weights, preprocess=args.preprocess,
+        pooling=args.pooling, dtype=args.dtype, precision=args.precision, flip=args.flip,
+        xla=args.xla, limit=args.limit, val_fraction=args.val_fraction, seed=args.seed,
+        out_dir=args.out_dir, variant=args.variant, output=args.output,
+        shard=parse_shard(args.shard), download=not args.no_download, force=args.force,
+        wait=args.wait)
+
+
+class ProgressBar:
+    """Draws ``split [#####.....] 1234/60000 115.2 img/s ETA 8m40s`` on stderr."""
+
+    def __init__(self, stream=sys.stderr, width: int = 28):
+        self.stream, self.width = stream, width
+        self.tty = stream.isatty()
+        self._last = 0.0
+
+    def __call__(self, p) -> None:
+        now = time.monotonic()
+        final = p.done >= p.total
+        if not final and now - self._last < (0.2 if self.tty else 15.0):
+            return
+        self._last = now
+        frac = p.done / p.total if p.total else 1.0
+        bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
+        eta = "--" if p.eta_s == float("inf") else f"{int(p.eta_s // 60)}m{int(p.eta_s % 60):02d}s"
+        line = (f"{p.split:>5} [{bar}] {p.done}/{p.total} {p.images_per_s:6.1f} img/s "
+                f"ETA {eta}")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+@command("features", help="stage one: run a backbone over a dataset once, cache features")
+@options(lambda p: (_extract_options(p),
+                    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                                   help="ray: run --shards parts as Ray tasks, then merge"),
+                    p.add_argument("--shards", type=int, default=2,
+                                   help="with --engine ray: how many parts"),
+                    p.add_argument("--ray-address", default=None,
+                                   help="with --engine ray: an existing cluster (default: local)")))
+def cmd_features(args) -> int:
+    cfg = _extract_config(args)
+    if args.engine == "ray":
+        from .distributed import extract_with_ray
+
+        result = extract_with_ray(cfg, shards=args.shards, address=args.ray_address)
+    else:
+        from .extract import extract_features
+
+        result = extract_features(cfg, progress=None if args.quiet else ProgressBar())
+    print(result.summary())
+    return 0
+
+
+@command("path", help="print the feature file path the given settings write (no TensorFlow)")
+@options(_extract_options)
+def cmd_path(args) -> int:
+    print(_extract_config(args).output_path)
+    return 0
+
+
+@command("info", help="print a feature file's provenance attributes as JSON")
+@options(lambda p: p.add_argument("feature_file"))
+def cmd_info(args) -> int:
+    from .store import read_attrs
+
+    print(json.dumps(read_attrs(args.feature_file), indent=2, sort_keys=True))
+    return 0
+
+
+@command("backbones", help="list the backbone registry (markdown table)")
+def cmd_backbones(args) -> int:
+    from .backbones import BACKBONES
+
+    print("| name | preprocess | default size | min size | dim | offline weights here |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, s in sorted(BACKBONES.items()):
+        have = "yes" if s.offline_weights and s.offline_weights.is_file() else "no"
+        print(f"| {name} | {s.preprocess} | {s.default_size} | {s.min_size} | {s.dim} | {have} |")
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="featcache",
+        description="Run a pretrained backbone once, cache its features, compare heads on them.")
+    parser.add_argument("--version", action="version", version=f"featcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (fn, configure, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        configure(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_tensorflow()
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    try:
+        return args.func(args)
+    except FeatcacheError as exc:
+        print(f"featcache: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("featcache: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
