@@ -1,0 +1,65 @@
+"""Shared fixtures. Real-data tests (marked ``real``) find their files here:
+
+- CIFAR-10: ``$FEATCACHE_REAL_DATA`` (a folder holding ``cifar-10-batches-py``), else
+  ``../shared/data`` beside the checkout.
+- ImageNet weights: ``$KERAS_HOME/models`` if it holds the MobileNetV2 file, else a
+  writable per-session copy of ``../shared/keras``.
+
+They skip, saying why, when the files are absent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MOBILENET_V2_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+
+def _real_data() -> Path | None:
+    for cand in (os.environ.get("FEATCACHE_REAL_DATA"), SHARED / "data"):
+        if cand and (Path(cand) / "cifar-10-batches-py" / "test_batch").is_file():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """A folder holding the real ``cifar-10-batches-py``; skips when there is none."""
+    found = _real_data()
+    if found is None:
+        pytest.skip("real CIFAR-10 not found: set FEATCACHE_REAL_DATA or provide ../shared/data")
+    return found
+
+
+@pytest.fixture(scope="session")
+def keras_home(tmp_path_factory) -> Path:
+    """A writable KERAS_HOME with the real MobileNetV2 weights; sets the env var; skips if absent."""
+    env = os.environ.get("KERAS_HOME")
+    if env and (Path(env) / "models" / MOBILENET_V2_FILE).is_file() and os.access(env, os.W_OK):
+        return Path(env)
+    src = SHARED / "keras"
+    if not (src / "models" / MOBILENET_V2_FILE).is_file():
+        pytest.skip("real ImageNet weights not found: set KERAS_HOME or provide ../shared/keras")
+    dst = tmp_path_factory.mktemp("keras_home")
+    shutil.copytree(src / "models", dst / "models")
+    os.environ["KERAS_HOME"] = str(dst)
+    return dst
+
+
+@pytest.fixture
+def synthetic_features(tmp_path):
+    """A small, complete feature file from the synthetic dataset and a random tiny backbone."""
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import extract_features
+
+    cfg = ExtractConfig(dataset="synthetic", backbone="mobilenet_025", weights="none", size=32,
+                        batch=32, out_dir=str(tmp_path))
+    return extract_features(cfg).path
