@@ -483,3 +483,171 @@ def _all_finite(arr: np.ndarray, block: int = 8192) -> bool:
     # Blockwise so the boolean temporary stays small whatever N is.
     return all(np.isfinite(arr[i:i + block]).all() for i in range(0, len(arr), block))
 
+
+
+# --------------------------------------------------------------------------- shards and progress (issue #5)
+#
+# ``read_progress`` lets a monitor (or a test) poll a file a writer has open; ``merge_parts``
+# joins the part files of ``featcache features --shard i/n`` into one feature file.
+
+MERGE_BLOCK_BYTES = 16 << 20
+
+
+def read_progress(path: str | os.PathLike) -> dict:
+    """``{"complete": bool, "rows_done": {split: rows}}`` of a feature or ``.partial`` file.
+
+    Opens without HDF5 file locking, so it works while a writer holds the file; the
+    counts may be one batch behind. For progress displays and tests, not for reading data.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            a = f.attrs
+            splits = [str(s) for s in _json_safe(a["splits"])]
+            done = [int(r) for r in np.asarray(a["rows_done"]).tolist()]
+            return {"complete": bool(a["complete"]), "rows_done": dict(zip(splits, done))}
+    except FileNotFoundError:
+        raise CacheError(f"{path} does not exist") from None
+    except (OSError, KeyError, ValueError) as exc:
+        raise CorruptFeatureFile(f"{path} is not a readable featcache file ({exc}); "
+                                 f"delete it, or re-run stage one with --force") from None
+
+
+@dataclass
+class _Part:
+    path: Path
+    attrs: dict
+    index: int
+    count: int
+    classes: list
+    dim: int
+    starts: dict      # split -> row_start
+    rows: dict        # split -> rows in this part
+
+
+#: Root attributes that describe one part, not the merged file.
+_PART_ONLY_ATTRS = ("shard", "total_rows", "complete", "rows_done", "splits",
+                    "schema_version")
+#: Attributes that must agree across the parts of one merge (config_sha256 covers the rest).
+_MERGE_MUST_AGREE = ("config_sha256", "batch_size", "dtype", "flip", "splits", "total_rows")
+
+
+def _read_part(path: Path) -> _Part:
+    with _open_h5(path, "r") as f:
+        _check_schema(path, f.attrs)
+        attrs = _attrs_dict(f.attrs)
+        shard = attrs.get("shard")
+        if not shard:
+            raise CacheError(f"{path} is not a shard part file (no 'shard' attribute); merge "
+                             f"only the .partIofN.h5 files of `featcache features --shard I/N`")
+        if not attrs.get("complete"):
+            done = dict(zip(attrs.get("splits", []), attrs.get("rows_done", [])))
+            raise IncompleteFeatureFile(
+                f"part {path} is incomplete (rows done: {done}); finish it with the same "
+                f"`featcache features --shard {shard}` command, then merge again")
+        i, n = (int(p) for p in str(shard).split("/"))
+        splits = [str(s) for s in attrs["splits"]]
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["classes"][()]]
+        starts = {s: int(f[s].attrs.get("row_start", 0)) for s in splits}
+        rows = {s: int(f[s]["labels"].shape[0]) for s in splits}
+        dim = int(f[splits[0]]["features"].shape[1])
+    return _Part(path, attrs, i, n, classes, dim, starts, rows)
+
+
+def _check_parts(parts: list[_Part]) -> None:
+    """Refuse (one line, naming the fix) missing, duplicate, mismatched or gapped parts."""
+    first = parts[0]
+    n = first.count
+    counts = sorted({p.count for p in parts})
+    if len(counts) > 1:
+        raise CacheError(f"the parts come from different shard counts ({counts}); merge the "
+                         f"parts of one --shard I/N run only")
+    seen: dict[int, Path] = {}
+    for p in parts:
+        if p.index in seen:
+            raise CacheError(f"{seen[p.index]} and {p.path} are both part {p.index}/{n}; "
+                             f"keep one of them")
+        seen[p.index] = p.path
+    missing = [i for i in range(n) if i not in seen]
+    if missing:
+        names = ", ".join(f"{i}/{n}" for i in missing)
+        raise CacheError(f"missing part(s) {names}; run `featcache features --shard I/{n}` "
+                         f"with the same settings for each, then merge again")
+    for p in parts[1:]:
+        bad = [k for k in _MERGE_MUST_AGREE if p.attrs.get(k) != first.attrs.get(k)]
+        if p.classes != first.classes:
+            bad.append("classes")
+        if p.dim != first.dim:
+            bad.append("feature dimension")
+        if bad:
+            detail = ""
+            if "config_sha256" in bad:
+                changed = [k for k in ("dataset", "dataset_sha256", "backbone", "weights",
+                                       "weights_sha256", "image_size", "preprocess", "pooling",
+                                       "dtype", "precision", "flip", "limit", "seed")
+                           if p.attrs.get(k) != first.attrs.get(k)]
+                detail = f" ({', '.join(changed)} differ)" if changed else ""
+            raise CacheError(
+                f"part {p.path} does not match {first.path}: {', '.join(bad)}{detail}; "
+                f"re-extract it with the same settings (--force) before merging")
+    splits = [str(s) for s in first.attrs["splits"]]
+    totals = dict(zip(splits, [int(t) for t in first.attrs["total_rows"]]))
+    for split in splits:
+        expect = 0
+        for p in sorted(parts, key=lambda q: q.index):
+            if p.starts[split] != expect:
+                raise CacheError(
+                    f"{p.path}: {split} rows start at {p.starts[split]}, expected {expect}; "
+                    f"the parts do not tile the dataset, re-extract them with one --batch")
+            expect += p.rows[split]
+        if expect != totals[split]:
+            raise CacheError(f"the parts hold {expect} {split} rows, the dataset has "
+                             f"{totals[split]}; re-extract the parts with the same settings")
+
+
+def merge_parts(parts: Iterable[str | os.PathLike], out: str | os.PathLike, *,
+                force: bool = False, wait: bool = False) -> Path:
+    """Join complete shard part files into one feature file at ``out``; return its path.
+
+    The result has the layout, chunking, attributes (less ``shard``/``total_rows``, plus
+    ``merged_from``) and array bytes a single-process run of the same settings writes, so
+    it is an up-to-date cache for that configuration. Rows are copied block by block
+    (``MERGE_BLOCK_BYTES``) through :class:`FeatureWriter`: the output is locked while it
+    is built, lives at ``<out>.partial`` until complete, and an interrupted merge resumes.
+    Missing, incomplete, duplicate or mismatched parts are refused before anything is written.
+    """
+    out = Path(out)
+    read = [_read_part(Path(p)) for p in parts]
+    if not read:
+        raise CacheError(f"no part files to merge into {out}; run `featcache features "
+                         f"--shard I/N` first")
+    read.sort(key=lambda q: q.index)
+    _check_parts(read)
+    first = read[0]
+    splits = [str(s) for s in first.attrs["splits"]]
+    totals = dict(zip(splits, [int(t) for t in first.attrs["total_rows"]]))
+    attrs = {k: v for k, v in first.attrs.items() if k not in _PART_ONLY_ATTRS}
+    attrs["merged_from"] = int(first.count)
+    flip = bool(first.attrs.get("flip", False))
+    dtype = str(first.attrs.get("dtype", "float32"))
+    block = max(1, MERGE_BLOCK_BYTES // max(1, first.dim * np.dtype(dtype).itemsize))
+    with FeatureWriter.open(out, attrs=attrs, classes=first.classes,
+                            splits={s: totals[s] for s in splits}, dim=first.dim, dtype=dtype,
+                            flip=flip, force=force, wait=wait) as writer:
+        if writer.complete:
+            log.info("%s is already complete (same configuration); nothing to merge", out)
+            return writer.path
+        for split in splits:
+            for p in read:
+                lo = max(0, writer.rows_done(split) - p.starts[split])
+                if lo >= p.rows[split]:
+                    continue
+                with _open_h5(p.path, "r") as f:
+                    g = f[split]
+                    for a in range(lo, p.rows[split], block):
+                        b = min(a + block, p.rows[split])
+                        writer.write(split, g["features"][a:b], g["labels"][a:b],
+                                     g["features_flip"][a:b] if flip else None)
+        writer.mark_complete()
+        log.info("merged %d parts into %s", len(read), writer.path)
+        return writer.path
