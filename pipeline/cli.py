@@ -174,6 +174,41 @@ def cmd_backbones(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- scale-out (issue #5)
+
+def _merge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="the part files (<name>.partIofN.h5), or the one feature file to "
+                        "merge into (its parts are found beside it)")
+    p.add_argument("-o", "--output", default=None,
+                   help="merged file (default: the name the parts share, without .partIofN)")
+    p.add_argument("--remove-parts", action="store_true",
+                   help="delete the part files once the merged file is complete")
+    p.add_argument("--force", action="store_true",
+                   help="replace a merged file made with another configuration")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for another process writing the merged file instead of refusing")
+
+
+@command("merge", help="join the part files of `features --shard I/N` into one feature file")
+@options(_merge_options)
+def cmd_merge(args) -> int:
+    from .errors import ConfigError
+    from .merge import is_part, merge
+
+    parts = [f for f in args.files if is_part(f)]
+    others = [f for f in args.files if not is_part(f)]
+    if len(others) > 1 or (others and parts) or (others and args.output):
+        raise ConfigError("give either part files (<name>.partIofN.h5, with -o OUT) or the "
+                             "one feature file to merge into, not both")
+    t0 = time.perf_counter()
+    out = merge(others[0] if others else args.output, parts, force=args.force,
+                wait=args.wait, remove_parts=args.remove_parts)
+    print(f"merged into {out} ({out.stat().st_size / 2**20:.1f} MiB) in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
