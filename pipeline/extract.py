@@ -168,7 +168,8 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     cfg = config.resolved()
     spec = get_backbone(cfg.backbone)
     ds = dataset or open_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
-                                 limit=cfg.limit, val_fraction=cfg.val_fraction, seed=cfg.seed)
+                                 limit=cfg.limit, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                 image_size=cfg.size)
     if not ds.splits or not any(ds.splits.values()):
         raise ConfigError(f"dataset {ds.name} has no images")
     log.info("fingerprinting dataset %s (%s)", ds.name,
