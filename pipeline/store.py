@@ -155,7 +155,7 @@ def _open_h5(path: Path, mode: str) -> h5py.File:
                          f"features`) first") from None
     except (OSError, ValueError) as exc:
         text = str(exc)
-        if "lock" in text.lower():
+        if isinstance(exc, BlockingIOError) or "unable to lock file" in text:
             raise LockedError(f"{path} is open for writing by another process; wait for "
                               f"it to finish") from None
         raise CorruptFeatureFile(
@@ -231,7 +231,8 @@ class FeatureWriter:
                     continue
                 reason = cls._reusable(existing, attrs)
                 if reason is None:
-                    h5 = h5py.File(existing, "r+")
+                    # a complete file is only read: a no-op must not touch it (make, mtimes)
+                    h5 = h5py.File(existing, "r" if existing == path else "r+")
                     log.info("%s: same configuration, %s", existing,
                              "complete" if h5.attrs["complete"] else "resuming")
                     return cls(path, h5, lock, bool(h5.attrs.get("flip", False)))
