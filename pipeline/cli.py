@@ -209,6 +209,59 @@ def cmd_merge(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- export and predict (issue #4)
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("feature_file", help="the feature file whose backbone the model uses")
+    p.add_argument("--head", default=None,
+                   help="a head fitted by `featcache heads` (default: the comparison's best)")
+    p.add_argument("--head-file", default=None, help="a saved head file instead (.joblib/.keras)")
+    p.add_argument("--output", default=None,
+                   help="the .keras file to write (default: <report dir>/<stem>_<head>.keras)")
+    p.add_argument("--report-dir", default=None,
+                   help="where results.json is (default: the feature file's path without .h5)")
+    p.add_argument("--weights", default=None,
+                   help="the backbone weight file, if not where the features were made from")
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_true", default=None,
+                     help="also run the mirrored image and average (default: as compared)")
+    tta.add_argument("--no-tta", dest="tta", action="store_false")
+
+
+@command("export", help="one Keras model: raw images -> resize -> backbone -> fitted head")
+@options(_export_options)
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    result = export_model(args.feature_file, head=args.head, head_file=args.head_file,
+                          output=args.output, report_dir=args.report_dir,
+                          weights=args.weights, tta=args.tta)
+    print(result.summary())
+    return 0
+
+
+def _predict_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a .keras model written by `featcache export`")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG/PNG/BMP/GIF)")
+    p.add_argument("--top-k", type=int, default=3, help="classes to show per image")
+    p.add_argument("--json", action="store_true", help="print JSON (one list) for machines")
+
+
+@command("predict", help="classify image files with an exported model (top-k classes)")
+@options(_predict_options)
+def cmd_predict(args) -> int:
+    from .export import predict_images
+
+    rows = predict_images(args.model, args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            tops = "  ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in row["top"])
+            print(f"{row['image']}: {tops}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:

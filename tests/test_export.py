@@ -1,0 +1,195 @@
+"""Export + predict (pipeline.export): the exported .keras model reproduces the pipeline.
+
+Offline: the generated image folder of test_folders.py, a tiny random-weight backbone, and
+a small linear stand-in head with ``to_keras`` (the export contract of pipeline.heads).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_folders import CLASSES, make_image_folder, write_image
+
+from pipeline.errors import ConfigError, DataError, WeightsError
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class LinearStandIn:
+    """A fitted softmax-linear head with the export contract (to_keras)."""
+
+    def fit(self, X, y):
+        from sklearn.linear_model import LogisticRegression
+
+        lr = LogisticRegression(max_iter=2000).fit(X, y)
+        self.coef_ = lr.coef_.T.astype(np.float32)
+        self.intercept_ = lr.intercept_.astype(np.float32)
+        self.classes_ = lr.classes_
+        return self
+
+    def _p(self, X):
+        return _softmax(np.asarray(X, np.float32) @ self.coef_ + self.intercept_)
+
+    def predict_proba(self, X, X_flip=None):
+        P = self._p(X)
+        return P if X_flip is None else (P + self._p(X_flip)) / 2
+
+    def to_keras(self):
+        import keras
+
+        inp = keras.Input((self.coef_.shape[0],), dtype="float32")
+        dense = keras.layers.Dense(len(self.classes_))
+        out = keras.layers.Softmax()(dense(inp))
+        dense.set_weights([self.coef_, self.intercept_])
+        return keras.Model(inp, out)
+
+
+class NotKeras:
+    classes_ = np.arange(3)
+
+    def predict_proba(self, X):
+        return np.full((len(X), 3), 1 / 3)
+
+    def to_keras(self):
+        raise NotImplementedError("KNNHead is not expressible as a Keras model")
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """(folder, feature file, fitted stand-in) on a random-weight mobilenet_025 at 32 px."""
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import extract_features
+    from pipeline.store import load_features
+
+    root = tmp_path_factory.mktemp("exp")
+    folder = make_image_folder(root / "pets", copies=2)
+    cfg = ExtractConfig(dataset=str(folder), backbone="mobilenet_025", weights="none", size=32,
+                        batch=8, flip=True, out_dir=str(root / "features"))
+    path = extract_features(cfg).path
+    fs = load_features(path)
+    head = LinearStandIn().fit(fs["train"].features, fs["train"].labels)
+    return folder, path, head
+
+
+def _pipeline_rows(folder, path):
+    from pipeline.folders import FolderDataset
+    from pipeline.store import load_features
+
+    fs = load_features(path)
+    files = FolderDataset(folder, image_size=32).files("test")
+    return fs, [folder / rel for rel, _ in files]
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_exported_model_reproduces_the_pipeline(extracted, tmp_path, tta):
+    from pipeline.export import export_model, load_classifier, predict_images
+
+    folder, path, head = extracted
+    res = export_model(path, head=head, output=tmp_path / "m.keras", tta=tta)
+    assert res.path.is_file() and res.tta is tta and res.head_max_abs_diff < 1e-5
+    fs, images = _pipeline_rows(folder, path)
+    want = head.predict_proba(fs["test"].features, fs["test"].features_flip if tta else None)
+
+    clf = load_classifier(res.path)  # a fresh load from disk
+    assert clf.class_names == list(CLASSES)
+    assert clf.metadata["backbone"] == "mobilenet_025" and clf.metadata["tta"] is tta
+    from pipeline.folders import decode_image
+
+    got = np.concatenate([clf.probabilities(decode_image(p)[None]) for p in images])
+    assert got.shape == want.shape == (len(images), 3)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+    top = predict_images(clf, images[:4], top_k=2)
+    for row, p in zip(top, want[:4]):
+        assert [t["class"] for t in row["top"]] == [CLASSES[i] for i in np.argsort(-p)[:2]]
+        assert row["top"][0]["probability"] == pytest.approx(p.max(), abs=1e-4)
+
+
+def test_export_refuses_heads_without_a_keras_form(extracted, tmp_path):
+    from pipeline.export import export_model
+
+    _, path, _ = extracted
+    with pytest.raises(ConfigError, match="Keras-expressible head: .*logreg"):
+        export_model(path, head=NotKeras(), output=tmp_path / "x.keras")
+    with pytest.raises(ConfigError, match="no Keras form"):
+        export_model(path, head=object(), output=tmp_path / "x.keras")
+    assert not (tmp_path / "x.keras").exists()
+
+
+def test_export_refuses_other_backbone_weights(extracted, tmp_path):
+    from pipeline.export import export_model
+    from pipeline.store import read_attrs
+
+    _, path, head = extracted
+    attrs = read_attrs(path)
+    with pytest.raises(WeightsError, match="weights_sha256 differs"):
+        from pipeline.export import rebuild_backbone
+
+        rebuild_backbone({**attrs, "seed": 12345})
+    with pytest.raises(ConfigError, match="no head comparison"):
+        export_model(path)  # no results.json next to it yet
+
+
+def test_export_without_comparison_and_bad_output(extracted, tmp_path):
+    from pipeline.export import export_model
+
+    _, path, head = extracted
+    with pytest.raises(ConfigError, match="must end in .keras"):
+        export_model(path, head=head, output=tmp_path / "m.h5")
+
+
+def test_predict_cli_text_json_and_errors(extracted, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.export import export_model
+
+    folder, path, head = extracted
+    model = export_model(path, head=head, output=tmp_path / "m.keras").path
+    a, b = folder / "cat" / "a0.jpg", folder / "bird" / "e1.gif"
+    assert main(["predict", str(model), str(a), str(b), "--top-k", "2"]) == 0
+    text = capsys.readouterr().out
+    assert str(a) in text and str(b) in text and text.count("%") >= 4
+
+    assert main(["predict", str(model), str(a), "--json", "--top-k", "5"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["image"] == str(a)
+    assert len(rows[0]["top"]) == 3  # only 3 classes exist
+    assert sum(t["probability"] for t in rows[0]["top"]) == pytest.approx(1.0, abs=1e-5)
+
+    broken = folder / "dog" / "broken.jpg"
+    assert main(["predict", str(model), str(a), str(broken)]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("featcache: error:") and "broken.jpg" in err and err.count("\n") == 1
+
+    assert main(["predict", str(tmp_path / "none.keras"), str(a)]) != 0
+    assert "does not exist" in capsys.readouterr().err
+    other = tmp_path / "plain.keras"
+    import keras
+
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(other)
+    with pytest.raises(DataError, match="not one exported by featcache"):
+        from pipeline.export import load_classifier
+
+        load_classifier(other)
+
+
+def test_exported_model_takes_any_size_and_mode(extracted, tmp_path):
+    from pipeline.export import export_model, predict_images
+
+    _, path, head = extracted
+    model = export_model(path, head=head, output=tmp_path / "m.keras").path
+    imgs = []
+    for i, (size, mode, fmt) in enumerate([((7, 300), "L", "PNG"), ((500, 400), "RGBA", "PNG"),
+                                            ((32, 32), "P", "BMP")]):
+        p = tmp_path / f"x{i}.{fmt.lower()}"
+        write_image(p, "dog", size, mode, fmt, i)
+        imgs.append(p)
+    rows = predict_images(model, imgs, top_k=1)
+    assert [len(r["top"]) for r in rows] == [1, 1, 1]
+    assert all(0.0 <= r["top"][0]["probability"] <= 1.0 for r in rows)
