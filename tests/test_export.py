@@ -193,3 +193,49 @@ def test_exported_model_takes_any_size_and_mode(extracted, tmp_path):
     rows = predict_images(model, imgs, top_k=1)
     assert [len(r["top"]) for r in rows] == [1, 1, 1]
     assert all(0.0 <= r["top"][0]["probability"] <= 1.0 for r in rows)
+
+
+# ---------------------------------------------------------------------------- real weights
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_home, tmp_path):
+    """A folder of real CIFAR-10 test images (PNG, 50 per class), real MobileNetV2 at 224 px:
+    a linear head on 30 images per class must be far above chance (10%), and the exported
+    model must reproduce the pipeline's probabilities on held-out images."""
+    from PIL import Image
+
+    from pipeline.config import ExtractConfig
+    from pipeline.datasets import open_dataset
+    from pipeline.export import export_model, predict_images
+    from pipeline.extract import extract_features
+    from pipeline.folders import FolderDataset
+    from pipeline.store import load_features
+
+    cifar = open_dataset("cifar10", data_dir=real_data_dir, download=False)
+    folder = tmp_path / "cifar_pngs"
+    per_class = dict.fromkeys(range(10), 0)
+    for images, labels in cifar.batches("test", 0, 2000, 500):
+        for img, lab in zip(images, labels):
+            if per_class[int(lab)] < 50:
+                d = folder / cifar.classes[int(lab)]
+                d.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(d / f"{per_class[int(lab)]:03d}.png")
+                per_class[int(lab)] += 1
+    assert set(per_class.values()) == {50}
+
+    cfg = ExtractConfig(dataset=str(folder), backbone="mobilenet_v2", size=224, batch=50,
+                        val_fraction=0.4, out_dir=str(tmp_path / "features"))
+    fs = load_features(extract_features(cfg).path)
+    assert len(fs["train"]) == 300 and len(fs["test"]) == 200
+    head = LinearStandIn().fit(fs["train"].features, fs["train"].labels)
+    proba = head.predict_proba(fs["test"].features)
+    accuracy = float((proba.argmax(1) == fs["test"].labels).mean())
+    assert accuracy >= 0.6, accuracy
+
+    model = export_model(fs.path, head=head, output=tmp_path / "cifar.keras").path
+    files = FolderDataset(folder, image_size=224, val_fraction=0.4).files("test")[:6]
+    rows = predict_images(model, [folder / rel for rel, _ in files], top_k=10)
+    for row, p in zip(rows, proba[:6]):
+        got = {t["class"]: t["probability"] for t in row["top"]}
+        np.testing.assert_allclose([got[c] for c in fs.classes], p, atol=1e-3)
