@@ -5,7 +5,8 @@
 - ImageNet weights: ``$KERAS_HOME/models`` if it holds the MobileNetV2 file, else a
   writable per-session copy of ``../shared/keras``.
 
-They skip, saying why, when the files are absent.
+They skip, saying why, when the files are absent — unless ``FEATCACHE_REQUIRE_REAL=1``
+(set by ``.ci/run``), where a missing file is a failure: in CI they must run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ SHARED = ROOT.parent / "shared"
 MOBILENET_V2_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 
 
+def _skip_or_fail(reason: str):
+    if os.environ.get("FEATCACHE_REQUIRE_REAL") == "1":
+        pytest.fail(f"FEATCACHE_REQUIRE_REAL=1 but {reason}")
+    pytest.skip(reason)
+
+
 def _real_data() -> Path | None:
     for cand in (os.environ.get("FEATCACHE_REAL_DATA"), SHARED / "data"):
         if cand and (Path(cand) / "cifar-10-batches-py" / "test_batch").is_file():
@@ -35,7 +42,7 @@ def real_data_dir() -> Path:
     """A folder holding the real ``cifar-10-batches-py``; skips when there is none."""
     found = _real_data()
     if found is None:
-        pytest.skip("real CIFAR-10 not found: set FEATCACHE_REAL_DATA or provide ../shared/data")
+        _skip_or_fail("real CIFAR-10 not found: set FEATCACHE_REAL_DATA or provide ../shared/data")
     return found
 
 
@@ -47,7 +54,7 @@ def keras_home(tmp_path_factory) -> Path:
         return Path(env)
     src = SHARED / "keras"
     if not (src / "models" / MOBILENET_V2_FILE).is_file():
-        pytest.skip("real ImageNet weights not found: set KERAS_HOME or provide ../shared/keras")
+        _skip_or_fail("real ImageNet weights not found: set KERAS_HOME or provide ../shared/keras")
     dst = tmp_path_factory.mktemp("keras_home")
     shutil.copytree(src / "models", dst / "models")
     os.environ["KERAS_HOME"] = str(dst)
