@@ -25,6 +25,7 @@ def last_line(stderr: str) -> str:
 
 def test_path_needs_no_tensorflow():
     code = ("import sys, runpy; sys.modules['tensorflow'] = None; sys.modules['keras'] = None;"
+            "sys.modules['numpy'] = None; sys.modules['h5py'] = None;"
             "sys.argv = ['featcache', 'path', '--size', '96', '--flip'];"
             "runpy.run_module('pipeline', run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

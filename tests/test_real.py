@@ -51,3 +51,18 @@ def test_imagenet_features_beat_random_features_by_a_wide_margin(real_data_dir, 
     print(f"probe accuracy: imagenet {acc_real:.3f}, random {acc_rand:.3f}")
     assert acc_real > 0.5
     assert acc_real > acc_rand + 0.25
+
+
+def test_input_size_does_not_change_the_weight_file(real_data_dir, keras_home, tmp_path):
+    """Only the 224-px MobileNetV2 file exists offline; 96 px (a size Keras has its own file
+    for) must still run, on exactly the same weights."""
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import extract_features
+    from pipeline.store import read_attrs
+
+    common = dict(data_dir=str(real_data_dir), limit=8, batch=8, out_dir=str(tmp_path),
+                  download=False)
+    a = read_attrs(extract_features(ExtractConfig(size=96, **common)).path)
+    b = read_attrs(extract_features(ExtractConfig(size=128, **common)).path)
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert a["image_size"] == 96 and b["image_size"] == 128
