@@ -36,6 +36,11 @@ FEATURE_ARGS = --dataset $(DATASET) --data-dir $(DATA_DIR) --backbone $(BACKBONE
 
 # The feature file is a real target: its name comes from the settings (no TensorFlow needed).
 FEATURE_FILE := $(shell PYTHONPATH=. $(PYTHON) -m pipeline path -q $(FEATURE_ARGS) 2>/dev/null)
+ifeq ($(strip $(FEATURE_FILE)),)
+# The settings are invalid: run the real command anyway so it prints the one-line error.
+FEATURE_FILE := .featcache-invalid-settings
+.PHONY: .featcache-invalid-settings
+endif
 REPORT_DIR   := $(basename $(FEATURE_FILE))
 
 export KERAS_HOME
