@@ -101,7 +101,7 @@ def _subdirs(d: Path) -> list[Path]:
 def _images_under(d: Path) -> tuple[list[Path], int]:
     """Image files anywhere under ``d`` (sorted), and how many other files were ignored."""
     found, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(d):  # symlinked sub-folders: not followed
         dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
         for n in sorted(filenames):
             if n.startswith("."):
@@ -182,7 +182,8 @@ class FolderDataset(Dataset):
         if self.limit is None:
             for split, files in self._files.items():
                 have = {label for _, label in files}
-                lost = [self.classes[i] for i in sorted({lab for _, lab in candidates[split]} - have)]
+                wanted = {label for _, label in candidates[split]}
+                lost = [self.classes[i] for i in sorted(wanted - have)]
                 if lost:
                     raise DataError(f"{self.root}: no image of class {', '.join(lost)} in the "
                                     f"{split} split can be decoded; fix or remove those files")
@@ -319,6 +320,7 @@ class FolderDataset(Dataset):
         def load(path: bytes) -> np.ndarray:
             return decode_image(path.decode())  # a DataError here names the file
 
+        @tf.autograph.experimental.do_not_convert  # plain TF ops; nothing to convert
         def one(path):
             img = tf.numpy_function(load, [path], tf.uint8, stateful=False)
             img.set_shape([None, None, 3])
