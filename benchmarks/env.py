@@ -1,0 +1,232 @@
+"""The benchmark's fixed settings and what it found on this machine.
+
+Reads: CIFAR-10 (``--data-dir``, ``$FEATCACHE_REAL_DATA``, ``data/``, ``../shared/data``),
+the ImageNet weights (``$KERAS_HOME`` or ``../shared/keras``), ``/proc/cpuinfo`` and the
+load average. Writes: a copy of the weights into ``<work_dir>/keras_home`` when it has to
+make ``../shared/keras`` writable for Keras, and nothing else.
+
+Everything a number depends on is a field of :class:`Settings`, and all of it is printed
+in the report, so two runs can be compared setting by setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+#: The real full-CIFAR-10 feature file stage two is timed on when it exists (``make features``).
+DEFAULT_FEATURE_FILE = ROOT / "features" / "cifar10_mobilenet_v2_224_flip.h5"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of one benchmark run. ``quick()`` / ``full()`` are the two presets."""
+
+    mode: str                      # "full" | "quick"
+    backbone: str = "mobilenet_v2"
+    size: int = 224                # featcache's input size (and the tutorial model's)
+    tutorial_size: int = 32        # the tutorial's own input size
+    batch: int = 64
+    epochs: int = 10               # the dense head, both ways
+    hidden: int = 1024             # Dense(hidden) -> Dense(classes), the tutorial's head
+    seed: int = 0
+    n_train: int = 2000            # section 1: first rows of each split
+    n_test: int = 1000
+    tp_images: int = 1280          # section 2: images per pipeline repetition
+    tp_reps: int = 3               # A/B rounds
+    tp_warmup: int = 2             # batches excluded from the steady-state window
+    matmul_n: int = 4096
+    matmul_reps: int = 2           # matmuls timed per round
+    #: section 3: (input size, --limit per split) runs, consecutive pairs compared
+    rss_runs: tuple = ((224, 500), (224, 2500), (32, 2500), (32, None))
+    stage2_feature_file: str | None = None  # None: section 1's own feature file
+    stage2_rows: int | None = None          # cap train rows (quick), None: all
+    # what was found (filled by resolve())
+    dataset: str = "cifar10"       # cifar10 | synthetic
+    data_dir: str = ""
+    weights: str = "imagenet"      # imagenet | none
+    work_dir: str = "bench-out"
+    notes: tuple = field(default_factory=tuple)
+
+    @classmethod
+    def full(cls, **kw) -> "Settings":
+        return cls(mode="full", **kw)
+
+    @classmethod
+    def quick(cls, **kw) -> "Settings":
+        base = dict(mode="quick", size=64, n_train=128, n_test=64, tp_images=384, tp_reps=2,
+                    matmul_n=1024, matmul_reps=3, rss_runs=((64, 50), (64, 200)),
+                    stage2_rows=2000)
+        base.update(kw)
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["notes"] = list(self.notes)
+        d["rss_runs"] = [list(r) for r in self.rss_runs]
+        return d
+
+
+# ---------------------------------------------------------------------------- discovery
+
+def find_cifar10(explicit: str | None) -> Path | None:
+    """A folder holding ``cifar-10-batches-py`` (or being it): explicit, env, data/, ../shared."""
+    cands = [explicit, os.environ.get("FEATCACHE_REAL_DATA"), ROOT / "data", SHARED / "data"]
+    for cand in cands:
+        if not cand:
+            continue
+        p = Path(cand)
+        if (p / "cifar-10-batches-py" / "test_batch").is_file() or (p / "test_batch").is_file():
+            return p
+    return None
+
+
+def find_weights(backbone_file: str, work_dir: Path) -> Path | None:
+    """A writable KERAS_HOME holding ``models/<backbone_file>``; sets ``$KERAS_HOME``."""
+    env = os.environ.get("KERAS_HOME")
+    if env and (Path(env) / "models" / backbone_file).is_file() and os.access(env, os.W_OK):
+        return Path(env)
+    for src in ([Path(env)] if env else []) + [SHARED / "keras", Path.home() / ".keras"]:
+        if (src / "models" / backbone_file).is_file():
+            if os.access(src, os.W_OK):
+                os.environ["KERAS_HOME"] = str(src)
+                return src
+            dst = work_dir / "keras_home"
+            (dst / "models").mkdir(parents=True, exist_ok=True)
+            if not (dst / "models" / backbone_file).is_file():
+                shutil.copy2(src / "models" / backbone_file, dst / "models" / backbone_file)
+            os.environ["KERAS_HOME"] = str(dst)
+            return dst
+    return None
+
+
+def resolve(s: Settings, *, data_dir: str | None, dataset: str | None,
+            weights: str | None, feature_file: str | None) -> Settings:
+    """Fill in what was found; every fallback becomes a loud note in the report."""
+    from pipeline.backbones import get_backbone
+
+    notes = list(s.notes)
+    work = Path(s.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    found = None if dataset == "synthetic" else find_cifar10(data_dir)
+    if found is None:
+        ds, dd = "synthetic", ""
+        if dataset != "synthetic":
+            notes.append("REAL CIFAR-10 NOT FOUND: the synthetic dataset was used instead; "
+                         "accuracies are not CIFAR-10 accuracies.")
+    else:
+        ds, dd = "cifar10", str(found)
+
+    spec = get_backbone(s.backbone)
+    w = weights or "imagenet"
+    if w == "imagenet" and find_weights(spec.weights_file, work) is None:
+        w = "none"
+        notes.append(f"IMAGENET WEIGHTS FOR {s.backbone} NOT FOUND (KERAS_HOME, ../shared/keras): "
+                     f"random weights were used; timings hold, accuracies are meaningless.")
+    elif w == "none":
+        notes.append("random weights (--weights none): timings hold, accuracies are meaningless.")
+
+    ff = feature_file
+    if ff is None and s.mode == "full" and DEFAULT_FEATURE_FILE.is_file():
+        ff = str(DEFAULT_FEATURE_FILE)
+    if ff is None and s.mode == "full":
+        notes.append(f"{DEFAULT_FEATURE_FILE.relative_to(ROOT)} not found (run `make features`): "
+                     f"stage two was timed on section 1's small feature file instead.")
+    rss = s.rss_runs
+    if ds == "synthetic":  # 160 images in all: the two sizes are 40 and 160 images
+        rss = tuple(r for size in dict.fromkeys(r[0] for r in rss) for r in ((size, 20), (size, None)))
+    return replace(s, dataset=ds, data_dir=dd, weights=w, stage2_feature_file=ff,
+                   rss_runs=rss, notes=tuple(notes))
+
+
+# ---------------------------------------------------------------------------- machine
+
+def device() -> dict:
+    """The device TensorFlow runs the backbone on (a visible GPU is used automatically)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        try:
+            name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
+        except Exception:  # noqa: BLE001 - details are optional
+            name = gpus[0].name
+        return {"kind": "GPU", "name": str(name), "count": len(gpus)}
+    return {"kind": "CPU", "name": cpu_model(), "count": os.cpu_count() or 1}
+
+
+def cpu_model() -> str:
+    """The CPU's model name plus its widest vector/matrix extensions (AVX-512, AMX…)."""
+    name, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [label for flag, label in (("avx2", "AVX2"), ("avx512f", "AVX-512"),
+                                     ("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX"))
+           if flag in flags]
+    name = name or platform.processor() or platform.machine()
+    return f"{name} ({', '.join(isa)})" if isa else name
+
+
+def machine() -> dict:
+    import h5py
+    import keras
+    import numpy as np
+    import sklearn
+    import tensorflow as tf
+
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 0.0
+    return {
+        "host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1), "os": platform.platform(terse=True),
+        "python": platform.python_version(), "tensorflow": tf.__version__,
+        "keras": keras.__version__, "numpy": np.__version__, "sklearn": sklearn.__version__,
+        "h5py": h5py.__version__, "device": device(),
+    }
+
+
+def load() -> list[float]:
+    """The 1/5/15-minute load averages (how busy the machine was)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def open_subset(s: Settings, splits: dict[str, int]):
+    """The dataset of ``s`` cut to the first ``splits[name]`` rows of each named split.
+
+    Real CIFAR-10 when it was found, else the synthetic set with 10 classes (same seed).
+    """
+    from pipeline.datasets import Synthetic, open_dataset
+
+    if s.dataset == "cifar10":
+        ds = open_dataset("cifar10", data_dir=s.data_dir, download=False)
+    else:
+        ds = Synthetic(n_train=splits.get("train", 0), n_test=splits.get("test", 0),
+                       n_classes=10, seed=s.seed)
+    full = dict(ds.splits)
+    ds.splits = {k: min(int(n), full[k]) for k, n in splits.items()}
+    return ds

@@ -1,0 +1,144 @@
+"""The benchmark (``make bench``): its ``--quick`` version runs end to end and writes the
+tables, ratios and chart (the numbers themselves are not checked: no timed assertions);
+and the pieces a wrong number would come from — the FLOP counter and the per-child peak
+RSS — are right."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks` is a top-level package beside `pipeline`
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One ``python -m benchmarks --quick`` run (synthetic data, random weights: what CI
+    without ../shared sees) into a temporary folder."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out, chart, work = tmp / "BENCH.md", tmp / "chart.png", tmp / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--dataset", "synthetic",
+         "--weights", "none", "--out", str(out), "--chart", str(chart), "--work-dir", str(work)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"proc": proc, "md": out.read_text(), "chart": chart,
+            "json": json.loads((work / "bench.json").read_text()), "work": work}
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
+    md, r = quick_run["md"], quick_run["json"]
+    for heading in ("## Headline", "## Settings", "## 1. ", "## 2. ", "## 3. ", "## 4. ",
+                    "## 5. "):
+        assert heading in md, heading
+    # settings, device and the loud fallback notes are printed with the numbers
+    assert "**Device used:** CPU" in md or "**Device used:** GPU" in md
+    assert "random weights" in md and "--quick smoke run" in md
+    assert "device used:" in quick_run["proc"].stdout
+    assert r["settings"]["mode"] == "quick" and r["settings"]["seed"] == 0
+
+    s1 = r["s1"]
+    assert s1["n_train"] == r["settings"]["n_train"] and s1["n_test"] == r["settings"]["n_test"]
+    assert _positive(s1["speedup_dense"]) and _positive(s1["speedup_rerun"])
+    assert {(g["size"], g["preprocess"]) for g in s1["grid"]} == \
+        {(32, "scale01"), (32, "tf"), (64, "scale01"), (64, "tf")}
+    for g in s1["grid"]:
+        assert 0.0 <= g["dense_acc"] <= 1.0 and 0.0 <= g["logreg_acc"] <= 1.0
+
+    s2 = r["s2"]
+    assert _positive(s2["ratio"]) and _positive(s2["flops_ratio"])
+    assert len(s2["pipeline"]) == len(s2["bare"]) == r["settings"]["tp_reps"]
+    # the bare backbone is timed on exactly as many batches as the pipeline's window
+    for p, b in zip(s2["pipeline"], s2["bare"]):
+        assert p["batches"] == b["batches"] > 0
+
+    pairs = r["s3"]["pairs"]
+    assert pairs and all(_positive(p["rss_ratio"]) for p in pairs)
+    for p in pairs:
+        small, big = p["runs"]
+        assert big["n_images"] > small["n_images"] and small["peak_rss_mib"] > 100
+
+    heads = r["s4"].get("heads")
+    if heads is not None:  # the head registry exists
+        assert heads and all(h["fit_s"] >= 0 and 0 <= h["acc"] <= 1 for h in heads)
+
+    s5 = r["s5"]
+    assert _positive(s5["cli_repeat_s"]) and _positive(s5["cli_first_s"])
+    assert "make_repeat_s" in s5 or "make_note" in s5
+
+    # the ratios in the headline table are the ones in the JSON
+    assert f"**{s2['ratio']:.3f}**" in md and f"**{pairs[0]['rss_ratio']:.3f}**" in md
+
+
+@pytest.mark.slow
+def test_quick_bench_chart_is_a_small_png(quick_run):
+    data = quick_run["chart"].read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 5_000 < len(data) < 250_000
+    assert "![benchmark chart](chart.png)" in quick_run["md"]
+
+
+def test_flop_count_matches_the_published_mobilenet_v2_figure():
+    from benchmarks.throughput import count_flops
+
+    # MobileNetV2 1.0 at 224 px: 300 M multiply-adds (Sandler et al. 2018, Table 4;
+    # 299.5 M without the 1.3 M of the classifier this headless model lacks)
+    full = count_flops("mobilenet_v2", 224)
+    assert full["macs"] == pytest.approx(300e6, rel=0.01)
+    assert full["flops"] == 2 * full["macs"]
+    # cost scales with the number of output pixels: 4x at twice the size (448 = 14 x 32,
+    # so every stride-2 stage halves exactly, as at 224)
+    double = count_flops("mobilenet_v2", 448)
+    assert double["macs"] / full["macs"] == pytest.approx(4.0, rel=0.01)
+
+
+CHILD = "import numpy as np; a = np.ones(({mb} * 2**20 // 8,)); a += 1"
+
+
+def test_run_child_reads_each_childs_own_peak_rss():
+    """Per-child accounting: a small child after a big one must not report the big one's
+    peak (which RUSAGE_CHILDREN would), nor the peak of the big parent it was started
+    from (which Linux carries across fork + exec)."""
+    import numpy as np
+
+    from benchmarks.processes import run_child
+
+    ballast = np.ones(600 * 2**20 // 8)  # make this process big, like the bench with TF
+    big = run_child([sys.executable, "-c", CHILD.format(mb=400)])
+    small = run_child([sys.executable, "-c", CHILD.format(mb=20)])
+    assert big["rc"] == small["rc"] == 0
+    assert big["peak_rss_mib"] > 400
+    assert small["peak_rss_mib"] < 300
+    failing = run_child([sys.executable, "-c", "raise SystemExit(3)"])
+    assert failing["rc"] == 3
+    del ballast
+
+
+def test_rss_pairs_and_image_counts():
+    from benchmarks.env import Settings
+    from benchmarks.processes import expected_images, rss_pairs
+
+    s = Settings.full(dataset="cifar10")
+    assert rss_pairs(s) == [(224, 500, 2500), (32, 2500, None)]
+    assert expected_images(s, 500) == 1000 and expected_images(s, None) == 60000
+    assert expected_images(Settings.quick(dataset="synthetic"), 20) == 40
+
+
+@pytest.mark.real
+def test_resolve_finds_real_data_and_weights(real_data_dir, keras_home, tmp_path):
+    from benchmarks.env import Settings, resolve
+
+    s = resolve(Settings.quick(work_dir=str(tmp_path)), data_dir=str(real_data_dir),
+                dataset=None, weights=None, feature_file=None)
+    assert s.dataset == "cifar10" and s.weights == "imagenet" and not s.notes
