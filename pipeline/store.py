@@ -87,11 +87,19 @@ def _attrs_dict(attrs) -> dict:
     return {k: _json_safe(v) for k, v in attrs.items()}
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return True
-    text = str(exc).lower()
-    return "no space" in text or "file too large" in text or "quota" in text
+def _is_disk_full(exc: BaseException | None) -> bool:
+    # h5py reports a failed write as OSError, ValueError or (from close) RuntimeError,
+    # with the errno only in the text; look along the chain of exceptions too.
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        text = str(exc).lower()
+        if "no space" in text or "file too large" in text or "quota" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # --------------------------------------------------------------------------- locking
@@ -306,7 +314,7 @@ class FeatureWriter:
             os.replace(tmp, path)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and _is_disk_full(exc):
+            if _is_disk_full(exc):
                 raise DiskFullError(f"disk full while creating {path}; free some space or "
                                     f"write elsewhere (--out-dir)") from None
             raise
@@ -347,7 +355,7 @@ class FeatureWriter:
             self._rows[i] = stop
             self._f.attrs["rows_done"] = self._rows
             self._f.flush()
-        except OSError as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             if _is_disk_full(exc):
                 raise DiskFullError(
                     f"disk full while writing {self.path}; {self.rows_done(split)} {split} rows "
