@@ -1,0 +1,524 @@
+"""Faults of issue #5, each one a test: nothing is lost, nothing half-written looks complete.
+
+Most tests drive the real CLI in a subprocess (``python -c DRIVER ...``): the driver
+registers a test-only dataset ``faulty`` (the synthetic images, optionally slowed down per
+batch and with a changeable seed) and then runs ``pipeline.cli.main``, so a run can be
+killed, interrupted or raced mid-way. Results are compared array by array with an
+uninterrupted in-process run of the same settings. Writes only under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.config import ExtractConfig
+from pipeline.datasets import Synthetic
+from pipeline.errors import (
+    CacheError,
+    CorruptFeatureFile,
+    DiskFullError,
+    IncompleteFeatureFile,
+)
+from pipeline.store import load_features, partial_path, read_progress
+
+ROOT = Path(__file__).resolve().parents[1]
+
+N_TRAIN = 320   # 20 batches of 16 + 3 test batches: long enough to interrupt when slowed
+BATCH = 16
+DRIVER = textwrap.dedent("""
+    import os, sys, time
+    from pipeline.datasets import Synthetic, register_dataset
+
+    class Slow(Synthetic):
+        # FC_SLEEP: seconds per batch; FC_HOLD: after the first batch, wait while this
+        # file exists (the test removes it to let the run go on)
+        hashing = False
+
+        def fingerprint(self):
+            self.hashing = True
+            try:
+                return super().fingerprint()
+            finally:
+                self.hashing = False
+
+        def batches(self, split, start, stop, batch_size):
+            if self.hashing:
+                yield from super().batches(split, start, stop, batch_size)
+                return
+            hold = os.environ.get("FC_HOLD")
+            for k, b in enumerate(super().batches(split, start, stop, batch_size)):
+                time.sleep(float(os.environ.get("FC_SLEEP", "0")))
+                while hold and k > 0 and os.path.exists(hold):
+                    time.sleep(0.05)
+                yield b
+
+    @register_dataset("faulty")
+    def _faulty(data_dir, *, download=True, limit=None):
+        return Slow(n_train=int(os.environ.get("FC_N", "120")), n_test=40,
+                    seed=int(os.environ.get("FC_SEED", "0")), name="faulty")
+
+    from pipeline.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def faulty_dataset(seed: int = 0) -> Synthetic:
+    """The driver's dataset, in-process (for reference runs)."""
+    return Synthetic(n_train=N_TRAIN, n_test=40, seed=seed, name="faulty")
+
+
+def cli_args(out_dir: Path, *extra: str) -> list[str]:
+    return ["features", "--dataset", "faulty", "--weights", "none", "--backbone",
+            "mobilenet_025", "--size", "32", "--batch", str(BATCH), "--out-dir", str(out_dir),
+            *extra]
+
+
+def env(sleep: float = 0.0, seed: int = 0, hold: Path | None = None, **more) -> dict:
+    e = dict(os.environ, FC_SLEEP=str(sleep), FC_N=str(N_TRAIN), FC_SEED=str(seed),
+             FC_HOLD=str(hold or ""),
+             TF_CPP_MIN_LOG_LEVEL="2", PYTHONDONTWRITEBYTECODE="1")
+    e.update({k: str(v) for k, v in more.items()})
+    return e
+
+
+def start(args: list[str], **env_kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=ROOT, env=env(**env_kw),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(args: list[str], timeout: float = 300, **env_kw) -> subprocess.CompletedProcess:
+    p = start(args, **env_kw)
+    out, err = p.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Non-zero exit, no traceback, stderr ends with one ``featcache: error:`` line."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("featcache: error: "), proc.stderr
+    for frag in fragments:
+        assert frag in last, last
+    return last
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def output_path(out_dir: Path) -> Path:
+    return out_dir / "faulty_mobilenet_025_32_random.h5"
+
+
+def wait_for_rows(path: Path, proc: subprocess.Popen, timeout: float = 180) -> dict:
+    """Poll the file a running writer has open until some rows are flushed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"writer exited early ({proc.returncode}): {proc.stderr.read()}")
+        if path.exists():
+            try:
+                prog = read_progress(path)
+            except CacheError:
+                prog = None  # caught mid-rename or mid-create: poll again
+            if prog and sum(prog["rows_done"].values()) > 0:
+                return prog
+        time.sleep(0.1)
+    pytest.fail(f"no rows written to {path} within {timeout} s")
+
+
+def assert_same_features(a: Path, b: Path) -> None:
+    fa, fb = load_features(a), load_features(b)
+    assert fa.attrs["config_sha256"] == fb.attrs["config_sha256"]
+    assert list(fa.splits) == list(fb.splits)
+    for split in fa.splits:
+        assert fa[split].features.dtype == np.float32
+        assert np.array_equal(fa[split].features, fb[split].features), split
+        assert np.array_equal(fa[split].labels, fb[split].labels), split
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of the driver's settings, in-process."""
+    from pipeline.extract import extract_features
+
+    out = tmp_path_factory.mktemp("reference")
+    cfg = ExtractConfig(dataset="faulty", backbone="mobilenet_025", weights="none", size=32,
+                        batch=BATCH, out_dir=str(out))
+    path = extract_features(cfg, dataset=faulty_dataset()).path
+    assert path == output_path(out)
+    return path
+
+
+# ------------------------------------------------------------------ killed and interrupted
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, reference):
+    out = output_path(tmp_path)
+    hold = tmp_path / "hold"
+    hold.touch()
+    proc = start(cli_args(tmp_path), hold=hold)
+    try:
+        wait_for_rows(partial_path(out), proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "a killed run must not leave a file under the final name"
+    prog = read_progress(partial_path(out))
+    assert not prog["complete"]
+    kept = sum(prog["rows_done"].values())
+    assert 0 < kept < N_TRAIN + 40
+    with pytest.raises(IncompleteFeatureFile, match="incomplete"):
+        load_features(partial_path(out))
+
+    again = run(cli_args(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    done = int(re.search(r"(\d+) images in", again.stdout).group(1))
+    assert done == N_TRAIN + 40 - kept, "the resumed run must do only the missing rows"
+    assert not partial_path(out).exists()
+    assert_same_features(out, reference)
+
+
+def test_ctrl_c_stops_cleanly_after_flushing(tmp_path, reference):
+    out = output_path(tmp_path)
+    hold = tmp_path / "hold"
+    hold.touch()
+    proc = start(cli_args(tmp_path), hold=hold)
+    try:
+        wait_for_rows(partial_path(out), proc)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    last = assert_one_line_error(subprocess.CompletedProcess(proc.args, 130, stdout, stderr),
+                                 "interrupted", "run the same command again to resume")
+    prog = read_progress(partial_path(out))
+    # what the message says is saved is what the file says is done: whole batches
+    said = {k: int(v) for k, v in re.findall(r"'(\w+)': (\d+)", last)}
+    assert said == prog["rows_done"]
+    assert prog["rows_done"]["train"] % BATCH == 0 and prog["rows_done"]["train"] > 0
+    assert run(cli_args(tmp_path)).returncode == 0
+    assert_same_features(out, reference)
+
+
+# ------------------------------------------------------------------ two writers, readers
+
+def _has_open(pid: int, path: Path) -> bool:
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.readlink(fd) == str(path) for fd in fds.iterdir())
+    except OSError:
+        return False
+
+
+def test_second_writer_refuses_or_waits_and_readers_see_nothing_half_written(tmp_path,
+                                                                             reference):
+    out = output_path(tmp_path)
+    hold = tmp_path / "hold"
+    hold.touch()
+    first = start(cli_args(tmp_path), hold=hold)
+    try:
+        wait_for_rows(partial_path(out), first)
+        second = run(cli_args(tmp_path))
+        assert_one_line_error(second, "is being written by another featcache process",
+                              f"pid {first.pid}", "--wait")
+        # stage two readers: no complete file exists yet, the partial one is refused
+        with pytest.raises(CacheError, match="does not exist"):
+            load_features(out)
+        with pytest.raises(CacheError):
+            load_features(partial_path(out))
+        waiter = start(cli_args(tmp_path, "--wait"))
+        lock = Path(str(out) + ".lock")
+        deadline = time.monotonic() + 180
+        while not _has_open(waiter.pid, lock):  # it reached the lock and queues behind it
+            assert waiter.poll() is None, waiter.communicate()
+            assert time.monotonic() < deadline, "the waiting writer never reached the lock"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert waiter.poll() is None, "--wait must block while the first writer runs"
+        hold.unlink()
+        stdout, stderr = waiter.communicate(timeout=300)
+        assert waiter.returncode == 0, stderr
+        assert "up to date" in stdout, "the waiting writer must find the first one's file"
+    finally:
+        hold.unlink(missing_ok=True)
+        first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert_same_features(out, reference)
+
+
+# ------------------------------------------------------------------ unusable inputs
+
+def _truncate(p: Path):
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 3])
+
+
+def _garbage(p: Path):
+    p.write_bytes(os.urandom(p.stat().st_size))
+
+
+def _newer_schema(p: Path):
+    with h5py.File(p, "r+") as f:
+        f.attrs["schema_version"] = 99
+
+
+def _nan(p: Path):
+    with h5py.File(p, "r+") as f:
+        f["train/features"][3, 5] = np.nan
+
+
+def _inf(p: Path):
+    with h5py.File(p, "r+") as f:
+        f["test/features"][0, 0] = np.inf
+
+
+@pytest.mark.parametrize("damage, reader_says, writer_says", [
+    (_truncate, "truncated", "truncated or unreadable"),
+    (_garbage, "truncated", "truncated or unreadable"),
+    (_newer_schema, "upgrade featcache", "schema 99"),
+    (_nan, "NaN or Inf", None),
+    (_inf, "NaN or Inf", None),
+])
+def test_damaged_feature_file_is_refused_and_kept(tmp_path, reference, damage, reader_says,
+                                                  writer_says):
+    out = output_path(tmp_path)
+    shutil.copy(reference, out)
+    damage(out)
+    before = sha256(out)
+    # stage two refuses it with one line naming the fix
+    with pytest.raises(CorruptFeatureFile) as info:
+        load_features(out)
+    msg = str(info.value)
+    assert reader_says in msg and "\n" not in msg
+    assert any(fix in msg for fix in ("--force", "upgrade featcache"))
+    if writer_says:
+        # stage one refuses to overwrite it without --force
+        proc = run(cli_args(tmp_path))
+        assert_one_line_error(proc, writer_says, "--force")
+    else:
+        info_cmd = run(["info", str(out)])
+        assert info_cmd.returncode == 0  # attrs are readable; the arrays are the problem
+    assert sha256(out) == before, "nothing may be overwritten"
+    assert not partial_path(out).exists()
+
+
+def test_wrong_shaped_weights_file_is_a_one_line_error(tmp_path):
+    import keras
+
+    weights = tmp_path / "mobilenet_025.weights.h5"
+    keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None,
+                                 input_shape=(None, None, 3), pooling="avg"
+                                 ).save_weights(weights)
+    args = cli_args(tmp_path / "out", "--backbone", "mobilenet", "--weights", str(weights))
+    args.remove("none")
+    args.remove("--weights")  # the defaults list has --weights none; ours follows
+    proc = run(args)
+    assert_one_line_error(proc, "does not fit mobilenet", "no-top weights")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.h5*"))
+
+
+def test_changed_dataset_is_refused_and_the_cache_kept(tmp_path, reference):
+    out = output_path(tmp_path)
+    shutil.copy(reference, out)
+    before = sha256(out)
+    proc = run(cli_args(tmp_path), seed=1)  # same name, other pixels
+    assert_one_line_error(proc, "dataset_sha256", "--force")
+    assert sha256(out) == before
+    assert not partial_path(out).exists()
+
+
+# ------------------------------------------------------------------ disk full
+
+def test_disk_full_mid_run_keeps_partial_resumable(tmp_path, reference, monkeypatch):
+    """ENOSPC injected at the third batch's flush (the writer's only per-batch syscall
+    that can meet a full disk, since chunks are preallocated): a clear error, the flushed
+    rows are kept, the same call resumes to the same bytes, and a complete file beside it
+    is untouched."""
+    from pipeline.extract import extract_features
+
+    neighbour = tmp_path / "other_complete.h5"
+    shutil.copy(reference, neighbour)
+    before = sha256(neighbour)
+    cfg = ExtractConfig(dataset="faulty", backbone="mobilenet_025", weights="none", size=32,
+                        batch=BATCH, out_dir=str(tmp_path))
+    real_flush = h5py.File.flush
+    calls = {"n": 0}
+
+    def flaky_flush(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_flush(self)
+
+    monkeypatch.setattr(h5py.File, "flush", flaky_flush)
+    with pytest.raises(DiskFullError) as info:
+        extract_features(cfg, dataset=faulty_dataset())
+    msg = str(info.value)
+    assert "disk full" in msg and "run the same command again to resume" in msg
+    monkeypatch.setattr(h5py.File, "flush", real_flush)
+    out = output_path(tmp_path)
+    assert not out.exists()
+    prog = read_progress(partial_path(out))
+    assert not prog["complete"] and prog["rows_done"]["train"] >= 2 * BATCH
+    result = extract_features(cfg, dataset=faulty_dataset())
+    assert result.images < N_TRAIN + 40, "it resumed rather than restarted"
+    assert_same_features(out, reference)
+    assert sha256(neighbour) == before
+
+
+def test_disk_full_at_creation_is_a_one_line_error(tmp_path, reference):
+    """A real EFBIG from the kernel (RLIMIT_FSIZE below the file's size): the partial file
+    is never created half-way, nothing beside it is touched."""
+    neighbour = tmp_path / "other_complete.h5"
+    shutil.copy(reference, neighbour)
+    before = sha256(neighbour)
+    limit = 64 * 1024
+    assert reference.stat().st_size > 2 * limit
+    code = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "exec(compile(open(__import__('sys').argv.pop(1)).read(), 'driver', 'exec'))")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    proc = subprocess.run([sys.executable, "-c", code, str(driver), *cli_args(tmp_path)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, "disk full", "--out-dir")
+    out = output_path(tmp_path)
+    assert not out.exists() and not partial_path(out).exists()
+    assert not list(tmp_path.glob("*.tmp"))
+    assert sha256(neighbour) == before
+    # with room again, the same command works
+    assert run(cli_args(tmp_path)).returncode == 0
+    assert_same_features(out, reference)
+
+
+# ------------------------------------------------------------------ determinism
+
+def test_same_settings_give_identical_features_twice(tmp_path, reference):
+    from pipeline.extract import extract_features
+
+    cfg = ExtractConfig(dataset="faulty", backbone="mobilenet_025", weights="none", size=32,
+                        batch=BATCH, out_dir=str(tmp_path), flip=True)
+    a = extract_features(cfg, dataset=faulty_dataset()).path
+    b = extract_features(ExtractConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "b")}),
+                         dataset=faulty_dataset()).path
+    fa, fb = load_features(a), load_features(b)
+    for split in fa.splits:
+        assert np.array_equal(fa[split].features, fb[split].features)
+        assert np.array_equal(fa[split].features_flip, fb[split].features_flip)
+    # ...and identical to a run in another process (the reference, no flip)
+    ref = load_features(reference)
+    assert np.array_equal(ref["train"].features, fa["train"].features)
+
+
+# ------------------------------------------------------------------ memory bound
+
+PEAK_RSS = textwrap.dedent("""
+    import json, resource, sys
+    import numpy as np
+    from pipeline.config import ExtractConfig
+    from pipeline.datasets import Dataset
+    from pipeline.extract import extract_features
+
+    class Big(Dataset):
+        # 96x96 random images, made per batch: holding them all would cost n * 27 KiB
+        name = "big"
+        extra_attrs = {}
+
+        def __init__(self, n):
+            self.classes = ["a", "b"]
+            self.splits = {"train": n, "test": 64}
+
+        def fingerprint(self):
+            return f"big-{self.splits['train']}"
+
+        def batches(self, split, start, stop, batch_size):
+            for i in range(start, stop, batch_size):
+                j = min(i + batch_size, stop)
+                rng = np.random.default_rng(i)
+                yield (rng.integers(0, 256, (j - i, 96, 96, 3), dtype=np.uint8),
+                       np.arange(i, j, dtype=np.int64) % 2)
+
+    n, out = int(sys.argv[1]), sys.argv[2]
+    cfg = ExtractConfig(dataset="big", backbone="mobilenet_025", weights="none", size=32,
+                        batch=64, out_dir=out)
+    r = extract_features(cfg, dataset=Big(n))
+    print(json.dumps({"images": r.images, "peak_mb": r.peak_rss_mb}))
+""")
+
+
+@pytest.mark.slow
+def test_stage_one_peak_memory_does_not_grow_with_the_dataset(tmp_path):
+    """Peak RSS of stage one for N and 4N images (fresh processes): the difference must
+    be far below what holding the extra raw images would cost."""
+    peaks = {}
+    for n in (1500, 6000):
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(n), str(tmp_path / str(n))],
+                              cwd=ROOT, env=env(), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert res["images"] == n + 64
+        peaks[n] = res["peak_mb"]
+    extra_raw_mb = (6000 - 1500) * 96 * 96 * 3 / 2**20   # ~119 MiB of uint8 pixels
+    growth = peaks[6000] - peaks[1500]
+    print(f"peak RSS: {peaks}, growth {growth:.0f} MiB vs {extra_raw_mb:.0f} MiB of raw pixels")
+    assert growth < 0.4 * extra_raw_mb, peaks
+
+
+LOAD_RSS = textwrap.dedent("""
+    import json, resource, sys
+    import numpy as np
+    from pipeline.store import load_features
+    def rss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    np.ones(1 << 20)  # warm up numpy's allocator
+    before = rss()
+    fs = load_features(sys.argv[1])
+    after = rss()
+    print(json.dumps({"before": before, "after": after, "dtype": str(fs["train"].features.dtype),
+                      "mb": fs["train"].features.nbytes / 2**20}))
+""")
+
+
+def test_stage_two_reads_features_without_copies(tmp_path):
+    """load_features of a 120 MiB float32 file: arrays stay float32 and peak memory grows
+    by about the arrays' size, not twice it (no float64 or duplicate copies)."""
+    from pipeline.store import FeatureWriter
+
+    path = tmp_path / "big.h5"
+    n, dim = 30000, 1024
+    attrs = {"config_sha256": "x", "dataset": "big"}
+    rng = np.random.default_rng(0)
+    with FeatureWriter.open(path, attrs=attrs, classes=["a", "b"], splits={"train": n},
+                            dim=dim) as w:
+        for i in range(0, n, 5000):
+            w.write("train", rng.standard_normal((5000, dim), dtype=np.float32),
+                    np.arange(i, i + 5000) % 2)
+        w.mark_complete()
+    proc = subprocess.run([sys.executable, "-c", LOAD_RSS, str(path)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["dtype"] == "float32"
+    growth = res["after"] - res["before"]
+    assert growth < 1.4 * res["mb"], res
