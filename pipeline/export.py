@@ -323,7 +323,13 @@ def load_classifier(path) -> Classifier:
     if not path.is_file():
         raise DataError(f"model {path} does not exist; make one with `featcache export`")
     try:
-        model = keras.saving.load_model(path, compile=False)
+        from .heads import keras_custom_objects  # layers inside some heads (rbf_svm)
+
+        custom = keras_custom_objects()
+    except (ImportError, AttributeError):  # pragma: no cover - heads without custom layers
+        custom = {}
+    try:
+        model = keras.saving.load_model(path, custom_objects=custom, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for bad archives
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"{path} is not a loadable .keras model ({first[:160]}); export it "
