@@ -133,49 +133,46 @@ def _read_results(report_dir: Path) -> dict:
         raise DataError(f"{path} is not readable JSON ({exc}); re-run `make heads`") from None
 
 
-def _head_entries(results: dict) -> dict[str, dict]:
-    heads = results.get("heads", {})
-    if isinstance(heads, list):
-        return {str(h.get("name")): h for h in heads if isinstance(h, dict)}
-    return {str(k): v for k, v in heads.items() if isinstance(v, dict)}
+def _rows(results: dict) -> dict[str, dict]:
+    """The comparison's rows by name (``logreg``, ``logreg+tta``, ``dense+flip`` …)."""
+    rows = results.get("rows", [])
+    return {str(r["name"]): r for r in rows if isinstance(r, dict) and "name" in r}
+
+
+def _exportable(row: dict) -> bool:
+    from .heads import HEADS
+
+    spec = HEADS.get(str(row.get("head", row.get("name"))))
+    return bool(spec is not None and getattr(spec, "keras", True) and row.get("saved"))
 
 
 def resolve_head(report_dir: Path, name: str | None = None) -> tuple[str, Path, dict]:
-    """(head name, saved file, results entry) from ``report_dir/results.json``;
-    ``name=None``: the comparison's best head."""
+    """(row name, saved head file, results row) from ``report_dir/results.json``.
+
+    ``name=None``: the row with the best *validation* accuracy (``best_val_head``; the test
+    split is not used to choose what ships), else ``best_head``. A name may be a head
+    (``logreg``) or a row of the comparison (``logreg+tta``)."""
     results = _read_results(report_dir)
-    entries = _head_entries(results)
-    name = name or results.get("best_head")
+    rows = _rows(results)
+    where = report_dir / "results.json"
+    name = name or results.get("best_val_head") or results.get("best_head")
     if not name:
-        raise DataError(f"{report_dir / 'results.json'} names no best_head; pass --head NAME")
-    if name not in entries:
-        raise ConfigError(f"head {name!r} was not fitted in {report_dir / 'results.json'} "
-                          f"(fitted: {', '.join(sorted(entries)) or 'none'}); run `make heads "
-                          f"HEADS={name}` first or pass another --head")
-    saved = entries[name].get("saved")
-    if not saved:
-        raise _not_exportable(name, "the comparison did not save it") \
-            if entries[name].get("keras") is False else \
-            DataError(f"head {name!r} has no saved model in {report_dir / 'results.json'}; "
-                      f"re-run `make heads`")
-    path = Path(saved)
-    if not path.is_absolute() and not path.exists():
-        path = report_dir / saved
-    if not path.exists() and (report_dir / "heads" / Path(saved).name).exists():
-        path = report_dir / "heads" / Path(saved).name
-    return name, path, {**entries[name], "_results": results}
-
-
-def _tta_default(entry: dict) -> bool:
-    """Did the comparison score this head with test-time flip averaging?"""
-    results = entry.get("_results", {})
-    for where in (entry, results, results.get("config", {}) if isinstance(results, dict) else {}):
-        mode = where.get("flip") if isinstance(where, dict) else None
-        if isinstance(mode, str) and mode in ("tta", "both"):
-            return True
-        if isinstance(mode, str) and mode in ("off", "train"):
-            return False
-    return False
+        raise DataError(f"{where} names no best head; pass --head NAME")
+    if name not in rows:
+        raise ConfigError(f"head {name!r} was not fitted in {where} (fitted: "
+                          f"{', '.join(rows) or 'none'}); run `make heads HEADS=<name>` "
+                          f"first or pass another --head")
+    row = rows[name]
+    if not _exportable(row):
+        ok = [r for r in rows.values() if not (r.get("train_flip") or r.get("tta"))
+              and _exportable(r)]
+        best = max(ok, key=lambda r: r.get("val_accuracy", 0.0))["name"] if ok else None
+        hint = f" (the best exportable head of this comparison: --head {best})" if best else ""
+        raise _not_exportable(name, "it has no Keras form" + hint)
+    path = Path(row["saved"])
+    if not path.is_absolute():
+        path = report_dir / path
+    return name, path, row
 
 
 def rebuild_backbone(attrs: dict, weights: str | None = None):
@@ -201,7 +198,7 @@ def rebuild_backbone(attrs: dict, weights: str | None = None):
 def _keras_head(estimator, name: str):
     to_keras = getattr(estimator, "to_keras", None)
     if to_keras is None:
-        raise _not_exportable(name, f"{type(estimator).__name__} has no Keras form")
+        raise _not_exportable(name, f"{type(estimator).__name__} has no to_keras()")
     try:
         return to_keras()
     except NotImplementedError as exc:
@@ -275,7 +272,7 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     columns = getattr(estimator, "classes_", np.arange(len(fs.classes)))
     class_names = [fs.classes[int(c)] for c in columns]
     if tta is None:
-        tta = _tta_default(entry) and bool(attrs.get("flip"))
+        tta = bool(entry.get("tta")) and bool(attrs.get("flip"))
     metadata = {
         "featcache_version": __version__, "feature_file": str(feature_file), "head": name,
         "tta": bool(tta), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -286,7 +283,7 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     model = assemble(backbone, head_model, size=int(attrs["image_size"]),
                      mode=str(attrs["preprocess"]), class_names=class_names,
                      metadata=metadata, tta=bool(tta))
-    out = Path(output) if output else report_dir / f"{feature_file.stem}_{name}.keras"
+    out = Path(output) if output else report_dir / f"{feature_file.stem}_{name.replace('+', '_')}.keras"
     if out.suffix != ".keras":
         raise ConfigError(f"--output must end in .keras, not {out.name}")
     out.parent.mkdir(parents=True, exist_ok=True)

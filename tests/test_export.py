@@ -118,7 +118,7 @@ def test_export_refuses_heads_without_a_keras_form(extracted, tmp_path):
     _, path, _ = extracted
     with pytest.raises(ConfigError, match="Keras-expressible head: .*logreg"):
         export_model(path, head=NotKeras(), output=tmp_path / "x.keras")
-    with pytest.raises(ConfigError, match="no Keras form"):
+    with pytest.raises(ConfigError, match="has no to_keras"):
         export_model(path, head=object(), output=tmp_path / "x.keras")
     assert not (tmp_path / "x.keras").exists()
 
@@ -239,3 +239,4 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
     for row, p in zip(rows, proba[:6]):
         got = {t["class"]: t["probability"] for t in row["top"]}
         np.testing.assert_allclose([got[c] for c in fs.classes], p, atol=1e-3)
+
