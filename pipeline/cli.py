@@ -262,6 +262,100 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- stage two: heads and curve (issue #3)
+
+def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
+    p.add_argument("feature_file", nargs="?", help="a complete feature file (.h5)")
+    p.add_argument("--heads", default="",
+                   help="comma-separated heads (default: the registry's defaults; "
+                        "`featcache heads --list` shows them)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="stratified share of the training rows used for selection")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None,
+                   help="report folder (default: features/<stem>/ beside the feature file)")
+    if curve:
+        p.add_argument("--sizes", default="10,50,100,500,all",
+                       help="labelled examples per class, comma-separated ('all' = every row)")
+    else:
+        p.add_argument("--flip", default="auto", choices=("auto", "off", "train", "tta", "both"),
+                       help="rows using mirrored features: auto = '<head>+flip' rows (train on "
+                            "plain+mirrored, average both at test) when the file has them")
+        p.add_argument("--list", action="store_true", help="list the head registry and exit")
+
+
+def _heads_config(args):
+    from .config import HeadsConfig
+    from .errors import ConfigError
+
+    if not args.feature_file:
+        raise ConfigError("give a feature file, e.g. featcache heads "
+                          "features/cifar10_mobilenet_v2_224_flip.h5")
+    heads = tuple(h for h in args.heads.replace(" ", "").split(",") if h)
+    return HeadsConfig(feature_file=args.feature_file, heads=heads,
+                       val_fraction=args.val_fraction, seed=args.seed,
+                       flip=getattr(args, "flip", "off"), out_dir=args.out_dir)
+
+
+@command("heads", help="stage two: select, fit and compare heads on a feature file; "
+                       "write features/<stem>/results.json and the report")
+@options(_heads_options)
+def cmd_heads(args) -> int:
+    from .heads import HEADS, resolve_heads
+
+    if args.list:
+        print("| head | default | grid | Keras export | what |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, s in HEADS.items():
+            grid = "; ".join(", ".join(f"{k}={v}" for k, v in g.items()) for g in s.grid)
+            print(f"| {name} | {'yes' if s.default else 'no'} | {grid} | "
+                  f"{'yes' if s.keras else 'no'} | {s.summary} |")
+        return 0
+    cfg = _heads_config(args)
+    resolve_heads(cfg.heads)  # unknown names fail before anything is read
+    from .compare import compare_heads
+    from .report import format_mcnemar, format_table
+
+    t0 = time.perf_counter()
+    results = compare_heads(cfg)
+    print(format_table(results))
+    print()
+    sig = [p for p in results["mcnemar"] if p["significant"]]
+    print(f"significant differences (exact McNemar, Holm, p<0.05): {len(sig)} of "
+          f"{len(results['mcnemar'])} pairs; see report.md")
+    print(f"best head: {results['best_head']} (best row: {results['best_row']}); "
+          f"{time.perf_counter() - t0:.1f} s; report: {cfg.report_dir}/report.md, "
+          f"plots: {cfg.report_dir}/accuracy.png, {cfg.report_dir}/confusion.png")
+    return 0
+
+
+@command("curve", help="label-efficiency curve: test accuracy vs labelled examples per class")
+@options(lambda p: _heads_options(p, curve=True))
+def cmd_curve(args) -> int:
+    from .errors import ConfigError
+    from .heads import resolve_heads
+
+    cfg = _heads_config(args)
+    resolve_heads(cfg.heads)
+    sizes = []
+    for s in args.sizes.split(","):
+        s = s.strip().lower()
+        if s == "all":
+            sizes.append(None)
+        elif s.isdigit() and int(s) > 0:
+            sizes.append(int(s))
+        else:
+            raise ConfigError(f"--sizes takes positive counts or 'all', not {s!r}")
+    from .compare import label_curve
+    from .report import curve_table
+
+    results = label_curve(cfg, sizes=tuple(sizes))
+    print(curve_table(results))
+    print(f"{results['wall_s']:.1f} s; plot: {cfg.report_dir}/curve.png, "
+          f"table: {cfg.report_dir}/curve.md")
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:

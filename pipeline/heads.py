@@ -1,0 +1,561 @@
+"""The head registry: name -> estimator factory, default flag and hyper-parameter grid.
+
+Reads and writes only what :func:`save_head`/:func:`load_head` are given (joblib files;
+``.keras`` + ``.json`` for the dense head). Takes arrays, never feature files, and never
+imports stage one (extract/backbones/datasets).
+
+Every head follows the scikit-learn estimator contract: ``fit(X, y)`` returns self,
+learned state ends in ``_``, ``random_state``, ``predict``, ``predict_proba``,
+``classes_``, ``get_params``/``set_params``. Inputs are float32 (N, D) and are never copied
+to float64. ``fit``/``predict_proba`` also take ``X_flip`` (features of mirrored images):
+in ``fit`` it is train-time augmentation, in ``predict_proba`` test-time averaging.
+
+Heads that are Keras-expressible implement ``to_keras() -> keras.Model`` mapping float32
+features (None, D) to class probabilities, scaler included (the export contract); ``knn``
+raises ``NotImplementedError``.
+
+Adding a head is one decorated factory::
+
+    @register_head("my_head", default=False, grid=[{"C": 1.0}, {"C": 10.0}])
+    def my_head(random_state=0, **params):
+        return MyEstimator(random_state=random_state, **params)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from .errors import ConfigError
+from .linear import Scaler, decision, fit_linear, folded, softmax
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One registry entry. ``grid`` is the list of parameter dicts tried on validation."""
+
+    name: str
+    factory: Callable[..., BaseEstimator]
+    default: bool = True
+    grid: tuple[dict, ...] = ()
+    summary: str = ""
+    keras: bool = True             # implements to_keras (export contract)
+    fixed: dict = field(default_factory=dict)
+
+    def make(self, random_state: int = 0, **params) -> BaseEstimator:
+        return self.factory(random_state=random_state, **{**self.fixed, **params})
+
+
+HEADS: dict[str, HeadSpec] = {}
+
+
+def register_head(name: str, *, default: bool = True, grid=(), summary: str = "",
+                  keras: bool = True, **fixed):
+    """Register ``factory(random_state=..., **params) -> estimator`` under ``name``."""
+    def deco(factory):
+        doc = summary or (factory.__doc__ or "").strip().splitlines()[0]
+        HEADS[name] = HeadSpec(name, factory, default, tuple(dict(g) for g in grid), doc,
+                               keras, dict(fixed))
+        return factory
+    return deco
+
+
+def default_heads() -> list[str]:
+    return [n for n, s in HEADS.items() if s.default]
+
+
+def resolve_heads(names) -> list[str]:
+    """Names (a list or a comma-separated string) -> validated list; empty: the defaults."""
+    if isinstance(names, str):
+        names = [n for n in names.replace(" ", "").split(",") if n]
+    names = list(names or [])
+    if not names:
+        return default_heads()
+    unknown = [n for n in names if n not in HEADS]
+    if unknown:
+        raise ConfigError(f"unknown head {', '.join(map(repr, unknown))}; choose from "
+                          f"{', '.join(HEADS)}")
+    return list(dict.fromkeys(names))
+
+
+def get_head(name: str) -> HeadSpec:
+    return HEADS[resolve_heads([name])[0]]
+
+
+# --------------------------------------------------------------------------- base
+
+class _Head(ClassifierMixin, BaseEstimator):
+    """Shared plumbing: label encoding, probability averaging over mirrored features."""
+
+    def _encode(self, y) -> np.ndarray:
+        self.classes_, yi = np.unique(np.asarray(y), return_inverse=True)
+        return yi.astype(np.int64)
+
+    def predict_proba(self, X, X_flip=None) -> np.ndarray:
+        P = self._proba(_f32(X))
+        if X_flip is not None:
+            P = (P + self._proba(_f32(X_flip))) / 2
+        return P
+
+    def predict(self, X, X_flip=None) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X, X_flip), axis=1)]
+
+    def to_keras(self):
+        raise NotImplementedError(f"{type(self).__name__} is not expressible as a Keras model")
+
+
+def _f32(X) -> np.ndarray:
+    X = np.asarray(X)
+    return X if X.dtype == np.float32 else X.astype(np.float32)
+
+
+def _blocks(X, X_flip) -> list:
+    return [_f32(X)] if X_flip is None else [_f32(X), _f32(X_flip)]
+
+
+class LinearHead(_Head):
+    """Standardize (fitted on training rows) then a linear model, fitted in float32.
+
+    ``loss='softmax'``: multinomial logistic regression; ``'squared_hinge'``: one-vs-rest
+    linear SVM. ``predict_proba`` is the softmax of the scores (for the SVM: uncalibrated,
+    but its argmax is ``predict``). ``warm_start=True`` starts from the previous solution
+    (used along the C path during selection).
+    """
+
+    def __init__(self, C=1.0, loss="softmax", max_iter=300, tol=1e-4, warm_start=False,
+                 random_state=0):
+        self.C, self.loss, self.max_iter, self.tol = C, loss, max_iter, tol
+        self.warm_start, self.random_state = warm_start, random_state
+
+    def fit(self, X, y, X_flip=None):
+        blocks = _blocks(X, X_flip)
+        yi = self._encode(y)
+        K = len(self.classes_)
+        init = None
+        if self.warm_start and getattr(self, "coef_std_", None) is not None \
+                and self.coef_std_.shape == (blocks[0].shape[1], K):
+            init = (self.coef_std_, self.intercept_std_)
+        else:
+            self.scaler_ = Scaler.fit(blocks)
+        W, b, self.n_iter_ = fit_linear(blocks, yi, K, scaler=self.scaler_, C=self.C,
+                                        loss=self.loss, init=init, max_iter=self.max_iter,
+                                        tol=self.tol)
+        self.coef_std_, self.intercept_std_ = W, b
+        self.coef_, self.intercept_ = folded(self.scaler_, W, b)
+        self.n_features_in_ = blocks[0].shape[1]
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        return decision(_f32(X), self.coef_, self.intercept_)
+
+    def _proba(self, X):
+        return softmax(self.decision_function(X))
+
+    def to_keras(self):
+        import keras
+
+        K = len(self.classes_)
+        inp = keras.Input((self.n_features_in_,), dtype="float32", name="features")
+        dense = keras.layers.Dense(K, name="linear")
+        out = keras.layers.Softmax(name="proba")(dense(inp))
+        dense.set_weights([self.coef_, self.intercept_])
+        return keras.Model(inp, out, name=f"featcache_{self.loss}_head")
+
+
+C_GRID = [{"C": c} for c in (0.01, 0.03, 0.1, 0.3, 1.0)]
+
+
+@register_head("logreg", grid=C_GRID)
+def logreg(random_state=0, **params):
+    """Multinomial logistic regression on standardized features (float32 L-BFGS)."""
+    return LinearHead(loss="softmax", random_state=random_state, **params)
+
+
+@register_head("linear_svm", grid=[{"C": c} for c in (0.001, 0.003, 0.01, 0.03, 0.1)])
+def linear_svm(random_state=0, **params):
+    """One-vs-rest linear SVM (squared hinge) on standardized features (float32 L-BFGS)."""
+    return LinearHead(loss="squared_hinge", random_state=random_state, **params)
+
+
+# --------------------------------------------------------------------------- rbf_svm
+
+class RFFSVMHead(_Head):
+    """Approximate RBF-kernel SVM: standardize -> PCA to ``n_pca`` dims -> random Fourier
+    features (``n_components`` cosines, Rahimi & Recht) -> one-vs-rest linear SVM (squared
+    hinge), all in float32. ``gamma`` is relative to scikit-learn's ``"scale"``
+    (``1 / (n_pca * var)`` of the projected rows). Memory: one (n, n_components) float32
+    matrix of random features during ``fit``.
+    """
+
+    def __init__(self, C=1.0, gamma=1.0, n_components=2048, n_pca=256, max_iter=300,
+                 tol=1e-4, warm_start=False, random_state=0):
+        self.C, self.gamma, self.n_components, self.n_pca = C, gamma, n_components, n_pca
+        self.max_iter, self.tol, self.warm_start = max_iter, tol, warm_start
+        self.random_state = random_state
+
+    def _fit_projection(self, blocks):
+        self.scaler_ = Scaler.fit(blocks)
+        D = blocks[0].shape[1]
+        cov = np.zeros((D, D), np.float64)
+        n = 0
+        for X in blocks:
+            for i in range(0, len(X), 8192):
+                b = (X[i:i + 8192] - self.scaler_.mean) / self.scaler_.scale
+                cov += b.T @ b
+                n += len(b)
+        evals, evecs = np.linalg.eigh(cov / n)
+        p = min(self.n_pca, D)
+        V = evecs[:, ::-1][:, :p].astype(np.float32)
+        self.proj_, self.proj_bias_ = folded(self.scaler_, V, np.zeros(p, np.float32))
+        self.explained_variance_ratio_ = float(evals[::-1][:p].sum() / evals.sum())
+        self.proj_var_ = float(evals[::-1][:p].mean())
+        self._proj_key = (id(blocks[0]), blocks[0].shape, len(blocks))
+
+    def _random_features(self, X) -> np.ndarray:
+        M = self.omega_.shape[1]
+        Z = np.empty((len(X), M), np.float32)
+        s = np.float32(np.sqrt(2.0 / M))
+        for i in range(0, len(X), 4096):
+            P = X[i:i + 4096] @ self.proj_ + self.proj_bias_
+            np.cos(P @ self.omega_ + self.phase_, out=Z[i:i + 4096])
+            Z[i:i + 4096] *= s
+        return Z
+
+    def fit(self, X, y, X_flip=None):
+        blocks = _blocks(X, X_flip)
+        yi = self._encode(y)
+        K = len(self.classes_)
+        key = (id(blocks[0]), blocks[0].shape, len(blocks))
+        reuse = self.warm_start and getattr(self, "_proj_key", None) == key
+        if not reuse:
+            self._fit_projection(blocks)
+        gamma = self.gamma / self.proj_var_ / self.proj_.shape[1]
+        if not (reuse and getattr(self, "_gamma_used", None) == gamma
+                and self.omega_.shape[1] == self.n_components):
+            rng = np.random.default_rng(self.random_state)
+            p = self.proj_.shape[1]
+            self.omega_ = (rng.standard_normal((p, self.n_components)) *
+                           np.sqrt(2 * gamma)).astype(np.float32)
+            self.phase_ = rng.uniform(0, 2 * np.pi, self.n_components).astype(np.float32)
+            self._Z = [self._random_features(b) for b in blocks]
+            self._gamma_used = gamma
+            self._init = None
+        ident = Scaler.identity(self.n_components)
+        W, b, self.n_iter_ = fit_linear(self._Z, yi, K, scaler=ident, C=self.C,
+                                        loss="squared_hinge", init=self._init,
+                                        max_iter=self.max_iter, tol=self.tol)
+        self._init = (W, b) if self.warm_start else None
+        if not self.warm_start:
+            del self._Z
+        self.coef_, self.intercept_ = W, b
+        self.n_features_in_ = blocks[0].shape[1]
+        return self
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_Z", "_init")}
+
+    def decision_function(self, X) -> np.ndarray:
+        X = _f32(X)
+        out = np.empty((len(X), len(self.classes_)), np.float32)
+        for i in range(0, len(X), 4096):
+            out[i:i + 4096] = self._random_features(X[i:i + 4096]) @ self.coef_
+        return out + self.intercept_
+
+    def _proba(self, X):
+        return softmax(self.decision_function(X))
+
+    def to_keras(self):
+        import keras
+
+        M = self.n_components
+        inp = keras.Input((self.n_features_in_,), dtype="float32", name="features")
+        pca = keras.layers.Dense(self.proj_.shape[1], name="standardize_pca")
+        rff = keras.layers.Dense(M, name="fourier")
+        lin = keras.layers.Dense(len(self.classes_), name="linear")
+        x = lin(cosine_layer()(rff(pca(inp))))
+        out = keras.layers.Softmax(name="proba")(x)
+        pca.set_weights([self.proj_, self.proj_bias_])
+        rff.set_weights([self.omega_, self.phase_])
+        lin.set_weights([self.coef_ * np.float32(np.sqrt(2.0 / M)), self.intercept_])
+        return keras.Model(inp, out, name="featcache_rbf_svm_head")
+
+
+_COSINE = None
+
+
+def cosine_layer():
+    """A ``Cosine`` Keras layer instance (registered as ``featcache>Cosine`` for loading)."""
+    global _COSINE
+    if _COSINE is None:
+        import keras
+
+        @keras.saving.register_keras_serializable(package="featcache")
+        class Cosine(keras.layers.Layer):
+            """Elementwise cosine (random Fourier features)."""
+
+            def call(self, x):
+                return keras.ops.cos(x)
+
+        _COSINE = Cosine
+    return _COSINE(name="cosine")
+
+
+def keras_custom_objects() -> dict:
+    """Custom layers a saved head/export model needs: pass to ``keras.models.load_model``."""
+    return {"featcache>Cosine": type(cosine_layer())}
+
+
+@register_head("rbf_svm", grid=[{"gamma": g, "C": c} for g in (0.5, 1.0) for c in (0.01, 0.1)])
+def rbf_svm(random_state=0, **params):
+    """Approximate RBF SVM: PCA-256 + 2048 random Fourier features + linear SVM."""
+    return RFFSVMHead(random_state=random_state, **params)
+
+
+# --------------------------------------------------------------------------- knn
+
+class CosineKNNHead(_Head):
+    """Cosine k-nearest-neighbours: the zero-training baseline. Stores the L2-normalised
+    training rows (float32); ``predict_proba`` is the share of the k votes per class."""
+
+    def __init__(self, k=10, random_state=0):
+        self.k, self.random_state = k, random_state
+
+    def fit(self, X, y, X_flip=None):
+        yi = self._encode(y)
+        blocks = _blocks(X, X_flip)
+        self.index_ = np.concatenate([_normalized(b) for b in blocks])
+        self.index_labels_ = np.tile(yi, len(blocks))
+        self.n_features_in_ = blocks[0].shape[1]
+        return self
+
+    def neighbours(self, X, k: int) -> np.ndarray:
+        """Indices into the index of the ``k`` most similar rows, most similar first."""
+        X = _normalized(_f32(X))
+        k = min(k, len(self.index_))
+        out = np.empty((len(X), k), np.int64)
+        for i in range(0, len(X), 1024):
+            S = X[i:i + 1024] @ self.index_.T
+            top = np.argpartition(-S, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(S, top, 1), axis=1, kind="stable")
+            out[i:i + 1024] = np.take_along_axis(top, order, 1)
+        return out
+
+    def _votes(self, nbrs: np.ndarray, k: int) -> np.ndarray:
+        K = len(self.classes_)
+        lab = self.index_labels_[nbrs[:, :k]]
+        P = np.zeros((len(nbrs), K), np.float32)
+        for c in range(K):
+            P[:, c] = (lab == c).sum(1)
+        return P / k
+
+    def _proba(self, X):
+        return self._votes(self.neighbours(X, self.k), self.k)
+
+    def score_grid(self, grid, X_fit, y_fit, X_val, y_val, X_fit_flip=None, X_val_flip=None):
+        """Validation accuracy of every ``k`` from one neighbour search."""
+        self.fit(X_fit, y_fit, X_fit_flip)
+        kmax = max(g["k"] for g in grid)
+        nb = self.neighbours(X_val, kmax)
+        nb_f = self.neighbours(X_val_flip, kmax) if X_val_flip is not None else None
+        out = []
+        for g in grid:
+            P = self._votes(nb, g["k"])
+            if nb_f is not None:
+                P = (P + self._votes(nb_f, g["k"])) / 2
+            out.append((dict(g), float(np.mean(self.classes_[P.argmax(1)] == y_val))))
+        return out
+
+
+def _normalized(X: np.ndarray) -> np.ndarray:
+    out = np.empty(X.shape, np.float32)
+    for i in range(0, len(X), 8192):
+        b = X[i:i + 8192]
+        out[i:i + 8192] = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+@register_head("knn", grid=[{"k": k} for k in (1, 5, 10, 20, 50)], keras=False)
+def knn(random_state=0, **params):
+    """Cosine k-nearest-neighbours (k chosen on validation): the zero-training baseline."""
+    return CosineKNNHead(random_state=random_state, **params)
+
+
+# --------------------------------------------------------------------------- dense (Keras)
+
+class DenseHead(_Head):
+    """The tutorial's head: Normalization -> Dense(hidden, relu) -> [Dropout] ->
+    Dense(n_classes, softmax), Adam. With validation data (selection) it early-stops on
+    validation accuracy and records the best epoch count in ``best_epochs_``; the refit on
+    all training rows then runs exactly ``epochs``. With ``X_flip`` every sample is drawn
+    plain or mirrored at random each epoch (augmentation at no extra cost per epoch).
+    """
+
+    def __init__(self, hidden=1024, dropout=0.0, learning_rate=1e-3, batch_size=256,
+                 epochs=30, patience=3, random_state=0):
+        self.hidden, self.dropout, self.learning_rate = hidden, dropout, learning_rate
+        self.batch_size, self.epochs, self.patience = batch_size, epochs, patience
+        self.random_state = random_state
+
+    def _build(self, dim: int, n_classes: int, mean, var):
+        import keras
+
+        inp = keras.Input((dim,), dtype="float32", name="features")
+        x = keras.layers.Normalization(mean=mean, variance=var, name="standardize")(inp)
+        x = keras.layers.Dense(self.hidden, activation="relu", name="hidden")(x)
+        if self.dropout:
+            x = keras.layers.Dropout(self.dropout, name="dropout")(x)
+        out = keras.layers.Dense(n_classes, activation="softmax", name="proba")(x)
+        model = keras.Model(inp, out, name="featcache_dense_head")
+        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    def fit(self, X, y, X_flip=None, validation_data=None):
+        import keras
+
+        keras.utils.set_random_seed(int(self.random_state))
+        blocks = _blocks(X, X_flip)
+        yi = self._encode(y)
+        scaler = Scaler.fit(blocks)
+        self.model_ = self._build(blocks[0].shape[1], len(self.classes_), scaler.mean,
+                                  scaler.scale ** 2)
+        data = _Batches(blocks, yi, self.batch_size, self.random_state)
+        callbacks, val = [], None
+        if validation_data is not None:
+            Xv, yv = validation_data[:2]
+            yv = np.searchsorted(self.classes_, yv)
+            val = _Batches([_f32(Xv)], yv, 4096, shuffle=False)
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", patience=self.patience, restore_best_weights=True))
+        hist = self.model_.fit(data, epochs=self.epochs, validation_data=val,
+                               callbacks=callbacks, verbose=0)
+        acc = hist.history.get("val_accuracy")
+        self.best_epochs_ = int(np.argmax(acc)) + 1 if acc else int(self.epochs)
+        self.n_features_in_ = blocks[0].shape[1]
+        return self
+
+    def _proba(self, X):
+        out = np.empty((len(X), len(self.classes_)), np.float32)
+        for i in range(0, len(X), 4096):
+            out[i:i + 4096] = np.asarray(self.model_(X[i:i + 4096], training=False))
+        return out
+
+    def score_grid(self, grid, X_fit, y_fit, X_val, y_val, X_fit_flip=None, X_val_flip=None):
+        """Per grid point: early-stopped fit; the chosen ``epochs`` is the best epoch."""
+        out = []
+        for g in grid:
+            self.set_params(**g).fit(X_fit, y_fit, X_fit_flip, validation_data=(X_val, y_val))
+            acc = float(np.mean(self.predict(X_val, X_val_flip) == y_val))
+            out.append(({**g, "epochs": self.best_epochs_}, acc))
+        return out
+
+    def to_keras(self):
+        return self.model_
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("model_", None)
+        return state
+
+
+class _Batches:
+    """Keras ``PyDataset`` factory: shuffled mini-batches that pick, per sample and epoch,
+    one of the given feature blocks (plain or mirrored) without concatenating them."""
+
+    def __new__(cls, blocks, y, batch_size, seed=0, shuffle=True):
+        import keras
+
+        class Batches(keras.utils.PyDataset):
+            def __init__(self):
+                super().__init__()
+                self.rng = np.random.default_rng(seed)
+                self.order = np.arange(len(y))
+                self.choice = np.zeros(len(y), np.int64)
+                self.on_epoch_end()
+
+            def __len__(self):
+                return -(-len(y) // batch_size)
+
+            def __getitem__(self, i):
+                idx = np.sort(self.order[i * batch_size:(i + 1) * batch_size])
+                x = blocks[0][idx]
+                if len(blocks) > 1:
+                    pick = self.choice[idx] == 1
+                    x[pick] = blocks[1][idx[pick]]
+                return x, y[idx]
+
+            def on_epoch_end(self):
+                if shuffle:
+                    self.rng.shuffle(self.order)
+                    self.choice = self.rng.integers(0, len(blocks), len(y))
+
+        return Batches()
+
+
+@register_head("dense", grid=[{"dropout": 0.0}, {"dropout": 0.5}])
+def dense(random_state=0, **params):
+    """Keras Dense(1024, relu) -> Dense(n_classes, softmax), Adam, early-stopped epochs."""
+    return DenseHead(random_state=random_state, **params)
+
+
+# --------------------------------------------------------------------------- save / load
+
+def save_head(estimator, directory, name: str) -> Path:
+    """Write a fitted head to ``directory/<name>.joblib`` (dense: ``<name>.keras`` and
+    ``<name>.json``), atomically; return the main file's path."""
+    import joblib
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(estimator, DenseHead):
+        path = directory / f"{name}.keras"
+        tmp = directory / f".{name}.tmp.keras"
+        estimator.model_.save(tmp)
+        os.replace(tmp, path)
+        meta = {"class": "DenseHead", "params": estimator.get_params(),
+                "classes": estimator.classes_.tolist(), "best_epochs": estimator.best_epochs_,
+                "n_features_in": estimator.n_features_in_}
+        _atomic_text(directory / f"{name}.json", json.dumps(meta, indent=2))
+        return path
+    path = directory / f"{name}.joblib"
+    tmp = directory / f".{name}.tmp.joblib"
+    joblib.dump(estimator, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_head(path):
+    """A fitted head saved by :func:`save_head` (``.joblib``, or ``.keras`` + ``.json``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no saved head at {path}; run `featcache heads` first")
+    if path.suffix == ".keras":
+        import keras
+
+        meta = json.loads(path.with_suffix(".json").read_text())
+        head = DenseHead(**meta["params"])
+        head.model_ = keras.models.load_model(path, custom_objects=keras_custom_objects())
+        head.classes_ = np.asarray(meta["classes"])
+        head.best_epochs_ = meta["best_epochs"]
+        head.n_features_in_ = meta["n_features_in"]
+        return head
+    import joblib
+
+    return joblib.load(path)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

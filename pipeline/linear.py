@@ -1,0 +1,147 @@
+"""Float32 building blocks for the linear heads: a streaming scaler and a full-batch solver.
+
+Reads and writes nothing. scikit-learn's ``LogisticRegression``/``LinearSVC`` copy their
+input to float64 (2x the feature matrix); these fit the same objectives on the float32
+matrix as given, without any copy of it:
+
+- :class:`Scaler` learns per-feature mean and standard deviation in row blocks (float64
+  accumulators of size D only). It is never *applied* to the matrix: :func:`fit_linear`
+  folds it into the weights (``((X - mu) / sd) @ W == X @ (W / sd) - mu @ (W / sd)``).
+- :func:`fit_linear` minimises ``mean(loss) + ||W||^2 / (2 C n)`` (scikit-learn's ``C``
+  scaling) with full-batch L-BFGS (scipy). Losses: multinomial cross-entropy
+  (``softmax``) and one-vs-rest squared hinge (``squared_hinge``, LinearSVC's default).
+  Several blocks (e.g. plain and mirrored features) are summed without concatenation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BLOCK = 8192
+LOSSES = ("softmax", "squared_hinge")
+
+
+@dataclass
+class Scaler:
+    """Per-feature mean and standard deviation (float32), learned blockwise."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, blocks) -> "Scaler":
+        total = sq = None
+        n = 0
+        for X in blocks:
+            for i in range(0, len(X), 1024):
+                b = np.asarray(X[i:i + 1024], dtype=np.float64)  # a small block only
+                s, q = b.sum(0), np.einsum("ij,ij->j", b, b)
+                total = s if total is None else total + s
+                sq = q if sq is None else sq + q
+                n += len(b)
+        mean = total / n
+        var = np.maximum(sq / n - mean ** 2, 0.0)
+        sd = np.sqrt(var)
+        sd[sd < 1e-6 * max(1.0, float(sd.max()))] = 1.0  # constant features: leave as is
+        return cls(mean.astype(np.float32), sd.astype(np.float32))
+
+    @classmethod
+    def identity(cls, dim: int) -> "Scaler":
+        return cls(np.zeros(dim, np.float32), np.ones(dim, np.float32))
+
+
+def folded(scaler: Scaler, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weights on raw features equivalent to ``W, b`` on standardized ones."""
+    W_eff = (W / scaler.scale[:, None]).astype(np.float32)
+    b_eff = (b - scaler.mean @ W_eff).astype(np.float32)
+    return W_eff, b_eff
+
+
+def decision(X: np.ndarray, W_eff: np.ndarray, b_eff: np.ndarray) -> np.ndarray:
+    out = np.empty((len(X), W_eff.shape[1]), np.float32)
+    for i in range(0, len(X), BLOCK):
+        np.matmul(X[i:i + BLOCK], W_eff, out=out[i:i + BLOCK])
+    out += b_eff
+    return out
+
+
+def softmax(S: np.ndarray) -> np.ndarray:
+    S = S - S.max(axis=1, keepdims=True)
+    np.exp(S, out=S)
+    S /= S.sum(axis=1, keepdims=True)
+    return S
+
+
+def _loss_grad(S: np.ndarray, y: np.ndarray, loss: str) -> tuple[float, np.ndarray]:
+    """Summed loss and its gradient w.r.t. the scores ``S`` (float32, same shape)."""
+    n = len(S)
+    if loss == "softmax":
+        Z = S - S.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(Z).sum(axis=1))
+        value = float(np.sum(lse.astype(np.float64) - Z[np.arange(n), y]))
+        G = np.exp(Z - lse[:, None])
+        G[np.arange(n), y] -= 1.0
+        return value, G
+    Ypm = np.full(S.shape, -1.0, np.float32)
+    Ypm[np.arange(n), y] = 1.0
+    m = np.maximum(1.0 - Ypm * S, 0.0)
+    value = float(np.sum(m.astype(np.float64) ** 2))
+    return value, (-2.0 * Ypm * m).astype(np.float32)
+
+
+def fit_linear(blocks, y: np.ndarray, n_classes: int, *, scaler: Scaler, C: float,
+               loss: str, init: tuple[np.ndarray, np.ndarray] | None = None,
+               max_iter: int = 300, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray, int]:
+    """Minimise ``mean(loss(X_std @ W + b, y)) + ||W||^2 / (2 C n)`` over all blocks.
+
+    ``blocks`` is a list of float32 (n, D) arrays that share the labels ``y`` (plain and
+    mirrored features). Returns ``(W, b, iterations)`` on the *standardized* scale.
+    """
+    from scipy.optimize import minimize
+
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}")
+    D = blocks[0].shape[1]
+    K = n_classes
+    n_total = sum(len(X) for X in blocks)
+    mu, sd = scaler.mean, scaler.scale
+    alpha = 1.0 / (C * n_total)
+
+    def fun(theta):
+        W = theta[:D * K].reshape(D, K).astype(np.float32)
+        b = theta[D * K:].astype(np.float32)
+        W_eff, b_eff = folded(scaler, W, b)
+        value = 0.0
+        gW = np.zeros((D, K), np.float64)
+        gb = np.zeros(K, np.float64)
+        for X in blocks:
+            for i in range(0, len(X), BLOCK):
+                Xb = X[i:i + BLOCK]
+                S = Xb @ W_eff + b_eff
+                v, G = _loss_grad(S, y[i:i + BLOCK], loss)
+                value += v
+                Gs = G.sum(0)
+                gW += Xb.T @ G - np.outer(mu, Gs)
+                gb += Gs
+        gW /= sd[:, None]
+        Wd = W.astype(np.float64)
+        value = value / n_total + 0.5 * alpha * float(np.sum(Wd * Wd))
+        grad = np.concatenate([(gW / n_total + alpha * Wd).ravel(), gb / n_total])
+        return value, grad
+
+    theta0 = np.zeros(D * K + K)
+    if init is not None:
+        theta0[:D * K] = init[0].ravel()
+        theta0[D * K:] = init[1]
+    res = minimize(fun, theta0, jac=True, method="L-BFGS-B",
+                   options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-10, "maxcor": 20})
+    if res.nit >= max_iter:
+        log.debug("L-BFGS stopped at max_iter=%d (C=%g, %s)", max_iter, C, loss)
+    W = res.x[:D * K].reshape(D, K).astype(np.float32)
+    b = res.x[D * K:].astype(np.float32)
+    return W, b, int(res.nit)

@@ -1,0 +1,131 @@
+"""Report files: every head listed, provenance carried, atomic writes, statistics, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import report
+from pipeline.cli import main
+from pipeline.compare import compare_heads, label_curve
+from pipeline.config import HeadsConfig
+from pipeline.heads import load_head
+from pipeline.stats import holm, mcnemar, pairwise_mcnemar, wilson
+from pipeline.store import read_attrs
+from stage_two_util import make_feature_file
+
+HEADS = ("logreg", "knn")
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    d = tmp_path_factory.mktemp("report")
+    path = make_feature_file(d / "toy_toy_32_flip.h5")
+    results = compare_heads(HeadsConfig(str(path), heads=HEADS))
+    return path, d / "toy_toy_32_flip", results
+
+
+def test_report_files_list_every_head_and_carry_provenance(done):
+    path, out, results = done
+    names = ["logreg", "logreg+flip", "knn", "knn+flip"]
+    for f in ("results.json", "results.csv", "report.md", "accuracy.png", "confusion.png",
+              "predictions.npz"):
+        assert (out / f).is_file(), f
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == names
+    attrs = read_attrs(path)
+    for key in ("config_sha256", "dataset", "backbone", "image_size", "complete"):
+        assert saved["provenance"][key] == attrs[key]
+    assert saved["provenance"]["feature_file"] == str(path)
+    assert saved["best_head"] in ("logreg", "knn")
+    assert saved["best_row"] in names
+    with open(out / "results.csv") as f:
+        assert [r["name"] for r in csv.DictReader(f)] == names
+    md = (out / "report.md").read_text()
+    for n in names:
+        assert f"| {n}" in md
+    assert saved["provenance"]["config_sha256"] in md
+    for r in saved["rows"]:
+        lo, hi = r["ci95"]
+        assert lo <= r["test_accuracy"] <= hi
+        assert r["fit_s"] >= 0 and r["predict_s_per_1000"] >= 0 and 0 <= r["macro_f1"] <= 1
+        assert (out / r["saved"]).is_file()
+    assert len(saved["mcnemar"]) == 6                       # 4 rows -> 6 pairs
+    preds = np.load(out / "predictions.npz")
+    assert set(preds.files) == {"y_test", "logreg", "logreg_flip", "knn", "knn_flip"}
+
+
+def test_saved_heads_reproduce_the_reported_predictions(done):
+    from pipeline.store import load_features
+
+    path, out, results = done
+    te = load_features(path)["test"]
+    row = next(r for r in results["rows"] if r["name"] == "logreg")
+    head = load_head(out / row["saved"])
+    np.testing.assert_array_equal(head.predict(te.features),
+                                  np.load(out / "predictions.npz")["logreg"])
+
+
+def test_interrupted_run_keeps_the_previous_report(done, monkeypatch):
+    path, out, _ = done
+    before = (out / "results.json").read_bytes()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot_confusion", boom)
+    with pytest.raises(KeyboardInterrupt):
+        compare_heads(HeadsConfig(str(path), heads=("logreg",), flip="off"))
+    assert (out / "results.json").read_bytes() == before
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_wilson_interval():
+    lo, hi = wilson(837, 1000)
+    assert lo == pytest.approx(0.8128, abs=5e-4) and hi == pytest.approx(0.8588, abs=5e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_mcnemar_and_holm():
+    a = np.array([True] * 30 + [False] * 5 + [True] * 65)
+    b = np.array([False] * 30 + [True] * 5 + [True] * 65)
+    m = mcnemar(a, b)
+    assert (m["only_a"], m["only_b"]) == (30, 5)
+    assert m["p"] == pytest.approx(2 * (1 + 35 + 595 + 6545 + 52360 + 324632) / 2**35)  # exact
+    assert mcnemar(a, a)["p"] == 1.0
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    pairs = pairwise_mcnemar({"a": a, "b": b, "c": a})
+    ab = next(p for p in pairs if (p["a"], p["b"]) == ("a", "b"))
+    assert ab["significant"] and ab["better"] == "a"
+    assert not next(p for p in pairs if (p["a"], p["b"]) == ("a", "c"))["significant"]
+
+
+def test_label_curve(tmp_path):
+    path = make_feature_file(tmp_path / "c.h5", n_train=400, flip=False)
+    r = label_curve(HeadsConfig(str(path), heads=HEADS), sizes=(5, 20, None))
+    assert [(p["head"], p["per_class"]) for p in r["points"]] == [
+        (h, s) for s in (5, 20, "all") for h in HEADS]
+    assert {p["n_train"] for p in r["points"]} == {20, 80, 400}
+    for f in ("curve.png", "curve.csv", "curve.md", "curve.json"):
+        assert (tmp_path / "c" / f).is_file()
+    assert "| logreg |" in (tmp_path / "c" / "curve.md").read_text()
+
+
+def test_cli_heads_prints_the_table(tmp_path, capsys):
+    path = make_feature_file(tmp_path / "f.h5")
+    assert main(["heads", str(path), "--heads", "logreg", "--flip", "off", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "| logreg **best** |" in out and "best head: logreg" in out
+    assert (tmp_path / "f" / "results.json").is_file()
+
+
+def test_cli_refuses_unknown_head_and_incomplete_file(tmp_path, capsys):
+    path = make_feature_file(tmp_path / "f.h5", complete=False)
+    assert main(["heads", str(path) + ".partial", "-q"]) == 2
+    assert "incomplete" in capsys.readouterr().err
+    assert main(["heads", str(path), "--heads", "bogus", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featcache: error: unknown head 'bogus'") and "logreg" in err
