@@ -522,3 +522,129 @@ def test_stage_two_reads_features_without_copies(tmp_path):
     assert res["dtype"] == "float32"
     growth = res["after"] - res["before"]
     assert growth < 1.4 * res["mb"], res
+
+
+# ------------------------------------------------------------------ stage two
+
+def _report_files_whole(d: Path) -> None:
+    """Every report file under its final name is complete and parseable."""
+    for f in d.rglob("*"):
+        if not f.is_file() or f.name.startswith("."):
+            continue  # dot-files are temporaries of an interrupted writer
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.suffix == ".npz":
+            with np.load(f) as z:
+                [z[k] for k in z.files]
+        elif f.suffix == ".png":
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.read_bytes()[-8:-4] == b"IEND"
+        elif f.suffix == ".joblib":
+            import joblib
+            joblib.load(f)
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(f.relative_to(d)): sha256(f) for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def toy_report(tmp_path_factory):
+    """A feature file and a finished report on it (logreg + knn), plus its file hashes."""
+    from stage_two_util import make_feature_file
+
+    from pipeline.compare import compare_heads
+    from pipeline.config import HeadsConfig
+
+    d = tmp_path_factory.mktemp("heads")
+    path = make_feature_file(d / "toy.h5", n_train=300, n_test=120)
+    cfg = HeadsConfig(feature_file=str(path), heads=("logreg", "knn"), flip="off")
+    compare_heads(cfg)
+    return cfg, _snapshot(cfg.report_dir)
+
+
+def _count_replaces(cfg) -> int:
+    from pipeline.compare import compare_heads
+
+    calls = []
+    real = os.replace
+
+    def counting(a, b):
+        calls.append(Path(b).name)
+        return real(a, b)
+
+    os.replace = counting
+    try:
+        compare_heads(cfg)
+    finally:
+        os.replace = real
+    assert calls[-1] == "results.json", calls
+    return len(calls)
+
+
+def test_interrupted_heads_leaves_the_previous_report_intact(tmp_path, toy_report,
+                                                             monkeypatch):
+    """Kill ``heads`` (simulated at each rename it makes): the previous ``results.json``
+    (the Makefile's target and the report's index) is untouched and every file under a
+    final name is whole; killed before its first rename, nothing at all changed."""
+    from dataclasses import replace as dc_replace
+
+    from pipeline.compare import compare_heads
+
+    cfg0, before = toy_report
+    report = tmp_path / "report"
+    shutil.copytree(cfg0.report_dir, report)
+    cfg = dc_replace(cfg0, out_dir=str(report), seed=1)   # a different new report
+    n = _count_replaces(dc_replace(cfg, out_dir=str(tmp_path / "count")))
+    real = os.replace
+    for k in range(1, n + 1):
+        shutil.rmtree(report)
+        shutil.copytree(cfg0.report_dir, report)
+        calls = {"n": 0}
+
+        def dying(a, b, k=k):
+            calls["n"] += 1
+            if calls["n"] == k:
+                raise KeyboardInterrupt   # as if killed with the temporary fully written
+            return real(a, b)
+
+        monkeypatch.setattr(os, "replace", dying)
+        with pytest.raises(KeyboardInterrupt):
+            compare_heads(cfg)
+        monkeypatch.setattr(os, "replace", real)
+        now = _snapshot(report)
+        assert now["results.json"] == before["results.json"], f"killed at rename {k}"
+        _report_files_whole(report)
+        if k == 1:
+            assert {f: h for f, h in now.items() if not Path(f).name.startswith(".")} == before
+    # and the same command run to the end replaces it
+    compare_heads(cfg)
+    assert json.loads((report / "results.json").read_text())["config"]["seed"] == 1
+
+
+def _strip_timing(results: dict) -> list:
+    timing = ("select_s", "fit_s", "predict_s_per_1000", "wall_s", "saved")
+    return [{k: v for k, v in row.items() if k not in timing} for row in results["rows"]]
+
+
+def test_same_settings_give_identical_head_results_twice(toy_report):
+    from pipeline.compare import compare_heads
+
+    cfg, _ = toy_report
+    a = compare_heads(cfg, write=False)
+    b = compare_heads(cfg, write=False)
+    assert _strip_timing(a) == _strip_timing(b)
+    assert a["mcnemar"] == b["mcnemar"]
+    saved = json.loads((cfg.report_dir / "results.json").read_text())
+    assert _strip_timing(saved) == json.loads(json.dumps(_strip_timing(a)))
+
+
+@pytest.mark.slow
+def test_keras_dense_head_and_svms_are_deterministic_too(toy_report):
+    from dataclasses import replace as dc_replace
+
+    from pipeline.compare import compare_heads
+
+    cfg = dc_replace(toy_report[0], heads=("dense", "linear_svm", "rbf_svm"))
+    a = compare_heads(cfg, write=False)
+    b = compare_heads(cfg, write=False)
+    assert _strip_timing(a) == _strip_timing(b)
