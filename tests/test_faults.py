@@ -315,9 +315,10 @@ def test_damaged_feature_file_is_refused_and_kept(tmp_path, reference, damage, r
         # stage one refuses to overwrite it without --force
         proc = run(cli_args(tmp_path))
         assert_one_line_error(proc, writer_says, "--force")
-    else:
-        info_cmd = run(["info", str(out)])
-        assert info_cmd.returncode == 0  # attrs are readable; the arrays are the problem
+    # and so does the stage-two command, before writing anything
+    proc = run(["heads", str(out), "--heads", "logreg"])
+    assert_one_line_error(proc, reader_says)
+    assert not out.with_suffix("").exists(), "no report may be written from a damaged file"
     assert sha256(out) == before, "nothing may be overwritten"
     assert not partial_path(out).exists()
 
