@@ -79,3 +79,18 @@ def test_ray_refuses_a_stale_merged_file(tmp_path):
     with pytest.raises(StaleCacheError, match="--force"):
         extract_with_ray(cfg, shards=2)
     assert out.read_bytes() == before
+
+
+def test_cli_refuses_ray_with_a_single_shard_option(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "features", "--engine", "ray",
+                           "--shard", "0/2", "--dataset", "synthetic", "--weights", "none",
+                           "--backbone", "mobilenet_025", "--size", "32",
+                           "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("featcache: error: --engine ray")
+    assert not list(tmp_path.iterdir())
