@@ -49,7 +49,6 @@ class Settings:
     #: section 3: (input size, --limit per split) runs, consecutive pairs compared
     rss_runs: tuple = ((224, 500), (224, 2500), (32, 2500), (32, None))
     stage2_feature_file: str | None = None  # None: section 1's own feature file
-    stage2_rows: int | None = None          # cap train rows (quick), None: all
     # what was found (filled by resolve())
     dataset: str = "cifar10"       # cifar10 | synthetic
     data_dir: str = ""
@@ -64,8 +63,7 @@ class Settings:
     @classmethod
     def quick(cls, **kw) -> "Settings":
         base = dict(mode="quick", size=64, n_train=128, n_test=64, tp_images=384, tp_reps=2,
-                    matmul_n=1024, matmul_reps=3, rss_runs=((64, 50), (64, 200)),
-                    stage2_rows=2000)
+                    matmul_n=1024, matmul_reps=3, rss_runs=((64, 50), (64, 200)))
         base.update(kw)
         return cls(**base)
 

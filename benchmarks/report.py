@@ -75,16 +75,12 @@ def headline_rows(r: dict) -> list[tuple[str, str, str]]:
                          f"must be flat)",
                          f"{_f(b_['peak_rss_mib'], 0)} vs {_f(a_['peak_rss_mib'], 0)} MiB",
                          f"**{pair['rss_ratio']:.3f}**"))
-    if "s4" in r:
+    if "s4" in r and "seconds" in r["s4"]:
         c = r["s4"]
-        if "comparison" in c:
-            rows.append((f"Stage two: the full default head comparison on "
-                         f"{c.get('n_train', '?'):,} cached training rows" if isinstance(c.get('n_train'), int)
-                         else "Stage two: the full default head comparison",
-                         f"{_f(c['comparison']['seconds'])} s", ""))
-        for h in c.get("heads", []):
-            rows.append((f"Stage two head `{h['head']}` fit / predict", f"{_f(h['fit_s'], 2)} s / "
-                         f"{_f(h['predict_s'], 2)} s", f"acc {_pct(h['acc'])}"))
+        rows.append((f"Stage two: the full default head comparison (`featcache heads`: "
+                     f"{len(c['rows'])} rows, selection on validation, refit, test) on "
+                     f"{c['n_train']:,} cached training rows",
+                     f"{_f(c['seconds'])} s", f"best `{c.get('best')}`"))
     if "s5" in r:
         d = r["s5"]
         rows.append(("Repeated stage one with nothing changed: `make features` / "
@@ -247,24 +243,17 @@ def _s3(c: dict, r: dict) -> list[str]:
 
 def _s4(c: dict, r: dict) -> list[str]:
     L = ["## 4. Stage two on the cache", ""]
-    if "heads" in c:
-        L += [f"`{c['file']}`: {c['n_train']:,} training rows, {c['n_test']:,} test rows, "
-              f"{c['dim']} features (loading: {_f(c['load_s'], 2)} s). Each default head with "
-              f"its default parameters (no selection, no flip features):", ""]
-        L += _table(["head", "fit s", "predict s", "test accuracy"],
-                    [[f"`{h['head']}`", _f(h["fit_s"], 2), _f(h["predict_s"], 3), _pct(h["acc"])]
-                     for h in c["heads"]])
-    else:
-        L.append(f"Per-head timing not run: {c.get('heads_missing')}.")
-    L.append("")
-    if "comparison" in c:
-        cmp_ = c["comparison"]
-        best = cmp_.get("best")
-        L.append(f"The full default comparison (`featcache heads {c['file']}`: selection on a "
-                 f"validation split, refit, test once, report): **{_f(cmp_['seconds'])} s**"
-                 + (f"; best head `{best['head']}`, {_pct(best['acc'])}." if best else "."))
-    else:
-        L.append(f"Full comparison not run: {c.get('comparison_missing')}.")
+    if "seconds" not in c:
+        return L + [f"Not run: {c.get('missing')}."]
+    L += [f"The full default comparison, exactly what `featcache heads {c['file']}` runs "
+          f"(every default head, its grid scored on a stratified validation split of the "
+          f"training rows, refit on all {c['n_train']:,} training rows, {c['n_test']:,} test "
+          f"rows scored once; `+flip` rows when the file has mirrored features): "
+          f"**{_f(c['seconds'])} s** in all, report included.", ""]
+    L += _table(["row", "chosen params", "selection s", "refit s", "predict s", "test accuracy"],
+                [[f"`{h['name']}`", ", ".join(f"{k}={v}" for k, v in h["params"].items()),
+                  _f(h["select_s"]), _f(h["fit_s"], 2), _f(h["predict_s"], 3), _pct(h["acc"])]
+                 for h in c["rows"]])
     return L
 
 
@@ -342,13 +331,20 @@ def draw_chart(r: dict, path: Path) -> None:
         ax[4].set_ylabel("peak RSS MiB", fontsize=8)
         ax[4].tick_params(axis="x", labelsize=7)
         ax[4].set_title("3. stage one peak RSS (px / images)", fontsize=9)
-    if "s4" in r and r["s4"].get("heads"):
-        hs = r["s4"]["heads"]
-        ax[5].barh([h["head"] for h in hs], [h["fit_s"] for h in hs], label="fit")
-        ax[5].barh([h["head"] for h in hs], [h["predict_s"] for h in hs],
-                   left=[h["fit_s"] for h in hs], label="predict")
+    if "s4" in r and r["s4"].get("rows"):
+        hs = r["s4"]["rows"]
+        names = [h["name"] for h in hs]
+        sel = [h["select_s"] for h in hs]
+        fit = [h["fit_s"] for h in hs]
+        ax[5].barh(names, sel, label="selection")
+        ax[5].barh(names, fit, left=sel, label="refit")
+        ax[5].barh(names, [h["predict_s"] for h in hs],
+                   left=[a + b for a, b in zip(sel, fit)], label="predict")
+        ax[5].invert_yaxis()
+        ax[5].tick_params(axis="y", labelsize=7)
         ax[5].set_xlabel("seconds", fontsize=8)
-        ax[5].set_title(f"4. heads on {r['s4']['n_train']} cached rows", fontsize=9)
+        ax[5].set_title(f"4. heads on {r['s4']['n_train']} rows: {r['s4']['seconds']:.0f} s",
+                        fontsize=9)
         ax[5].legend(fontsize=7)
     for a in ax:
         if not a.has_data():

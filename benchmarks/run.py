@@ -109,8 +109,7 @@ def main(argv=None) -> int:
                                                                "test": s.n_test}),
                                          size=s.size, mode=_own(s), work=Path(s.work_dir),
                                          logreg=False)["path"]
-    section(4, lambda: stage2.run(s4_file, rows=s.stage2_rows if s.mode == "quick" else None,
-                                  seed=s.seed, work=Path(s.work_dir)))
+    section(4, lambda: stage2.run(s4_file, seed=s.seed, work=Path(s.work_dir)))
     if 5 in sections:
         mem = res.get("s3") or processes.run_memory(s)
         section(5, lambda: processes.run_cache_hit(s, mem))

@@ -69,9 +69,10 @@ def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
         small, big = p["runs"]
         assert big["n_images"] > small["n_images"] and small["peak_rss_mib"] > 100
 
-    heads = r["s4"].get("heads")
-    if heads is not None:  # the head registry exists
-        assert heads and all(h["fit_s"] >= 0 and 0 <= h["acc"] <= 1 for h in heads)
+    s4 = r["s4"]
+    assert _positive(s4["seconds"]) and s4["rows"]
+    assert {h["head"] for h in s4["rows"]} >= {"logreg", "dense"}
+    assert all(h["fit_s"] >= 0 and 0 <= h["acc"] <= 1 for h in s4["rows"])
 
     s5 = r["s5"]
     assert _positive(s5["cli_repeat_s"]) and _positive(s5["cli_first_s"])
