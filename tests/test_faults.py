@@ -434,9 +434,17 @@ def test_same_settings_give_identical_features_twice(tmp_path, reference):
 # ------------------------------------------------------------------ memory bound
 
 PEAK_RSS = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import numpy as np
     from pipeline.config import ExtractConfig
+
+    def hwm_mb():
+        # this process's own peak (VmHWM): ru_maxrss would include the parent's peak,
+        # which a child inherits across fork/vfork + exec on Linux
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+
     from pipeline.datasets import Dataset
     from pipeline.extract import extract_features
 
@@ -463,7 +471,7 @@ PEAK_RSS = textwrap.dedent("""
     cfg = ExtractConfig(dataset="big", backbone="mobilenet_025", weights="none", size=32,
                         batch=64, out_dir=out)
     r = extract_features(cfg, dataset=Big(n))
-    print(json.dumps({"images": r.images, "peak_mb": r.peak_rss_mb}))
+    print(json.dumps({"images": r.images, "peak_mb": hwm_mb()}))
 """)
 
 
@@ -487,11 +495,13 @@ def test_stage_one_peak_memory_does_not_grow_with_the_dataset(tmp_path):
 
 
 LOAD_RSS = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import numpy as np
     from pipeline.store import load_features
-    def rss():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def rss():  # own peak (VmHWM), not ru_maxrss (which inherits the parent's peak)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     np.ones(1 << 20)  # warm up numpy's allocator
     before = rss()
     fs = load_features(sys.argv[1])
