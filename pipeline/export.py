@@ -97,9 +97,11 @@ class ExportResult:
     tta: bool
     head_max_abs_diff: float   # |Keras head - predict_proba| on probe features
     seconds: float
+    chosen: str = ""           # why this head (e.g. "the best validation accuracy")
 
     def summary(self) -> str:
-        return (f"exported {self.backbone} ({self.image_size} px) + head {self.head}"
+        why = f" ({self.chosen})" if self.chosen else ""
+        return (f"exported {self.backbone} ({self.image_size} px) + head {self.head}{why}"
                 f"{' with flip TTA' if self.tta else ''}, {len(self.classes)} classes -> "
                 f"{self.path} ({self.path.stat().st_size / 2**20:.1f} MiB, {self.seconds:.1f} s; "
                 f"Keras head matches the fitted head to {self.head_max_abs_diff:.1e})")
@@ -247,6 +249,7 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     attrs = fs.attrs
     report_dir = Path(report_dir) if report_dir else feature_file.with_suffix("")
     entry: dict = {}
+    chosen = ""
     if head is not None and not isinstance(head, str):
         estimator, name = head, type(head).__name__
     else:
@@ -254,6 +257,8 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
             name, path = (head or Path(head_file).stem), Path(head_file)
         else:
             name, path, entry = resolve_head(report_dir, head)
+            if head is None:
+                chosen = f"best validation accuracy in {report_dir / 'results.json'}"
         if not path.exists():
             raise DataError(f"saved head {path} is missing; re-run `make heads`")
         from .heads import load_head
@@ -291,7 +296,8 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     model.save(tmp)
     tmp.replace(out)
     return ExportResult(out, name, class_names, str(attrs["backbone"]),
-                        int(attrs["image_size"]), bool(tta), diff, time.perf_counter() - t0)
+                        int(attrs["image_size"]), bool(tta), diff, time.perf_counter() - t0,
+                        chosen)
 
 
 # ---------------------------------------------------------------------------- predict

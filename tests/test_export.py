@@ -240,3 +240,58 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
         got = {t["class"]: t["probability"] for t in row["top"]}
         np.testing.assert_allclose([got[c] for c in fs.classes], p, atol=1e-3)
 
+
+# ---------------------------------------------------------------------------- with stage two
+
+@pytest.fixture(scope="module")
+def compared(extracted, tmp_path_factory):
+    """A head comparison (logreg, rbf_svm, dense, knn; +flip rows: mirrored rows + TTA)."""
+    from pipeline.compare import compare_heads
+    from pipeline.config import HeadsConfig
+
+    folder, path, _ = extracted
+    report = tmp_path_factory.mktemp("report")
+    results = compare_heads(HeadsConfig(feature_file=str(path), heads=("logreg", "rbf_svm", "dense", "knn"),
+                                        out_dir=str(report)))
+    return folder, path, report, results
+
+
+@pytest.mark.parametrize("row", ["logreg", "rbf_svm", "dense", "logreg+flip"])
+def test_export_a_compared_head_reproduces_it(compared, tmp_path, row):
+    from pipeline.export import export_model, load_classifier
+    from pipeline.folders import decode_image
+    from pipeline.heads import load_head
+
+    folder, path, report, results = compared
+    rows = {r["name"]: r for r in results["rows"]}
+    if row not in rows:
+        pytest.skip(f"the comparison has no {row} row ({', '.join(rows)})")
+    res = export_model(path, head=row, report_dir=report, output=tmp_path / "m.keras")
+    assert res.tta is bool(rows[row]["tta"])
+    head = load_head(report / rows[row]["saved"])
+    fs, images = _pipeline_rows(folder, path)
+    want = head.predict_proba(fs["test"].features, fs["test"].features_flip if res.tta else None)
+    clf = load_classifier(res.path)
+    got = np.concatenate([clf.probabilities(decode_image(p)[None]) for p in images])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert clf.class_names == list(CLASSES) and clf.metadata["head"] == row
+
+
+def test_export_default_head_and_knn_refusal(compared, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.export import export_model
+
+    _, path, report, results = compared
+    with pytest.raises(ConfigError, match=r"'knn' cannot be exported.*Keras-expressible head: "
+                                          r".*logreg.*--head"):
+        export_model(path, head="knn", report_dir=report, output=tmp_path / "k.keras")
+    with pytest.raises(ConfigError, match="was not fitted"):
+        export_model(path, head="linear_svm", report_dir=report)
+    best = results["best_val_head"]
+    rc = main(["export", str(path), "--report-dir", str(report), "--output",
+               str(tmp_path / "best.keras")])
+    if best.startswith("knn"):
+        assert rc != 0 and "cannot be exported" in capsys.readouterr().err
+    else:
+        assert rc == 0 and f"head {best}" in capsys.readouterr().out
+        assert (tmp_path / "best.keras").is_file()
