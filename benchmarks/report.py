@@ -62,7 +62,8 @@ def headline_rows(r: dict) -> list[tuple[str, str, str]]:
         rows.append(("Stage one (read, resize, preprocess, forward, write) vs the bare "
                      "backbone on pre-made tensors, images/s (medians, goal >= 0.95)",
                      f"{_f(b['pipeline_images_per_s'])} vs {_f(b['bare_images_per_s'])}",
-                     f"**{b['ratio']:.3f}**"))
+                     f"**{b['ratio']:.3f}** ({'meets' if b['ratio'] >= 0.95 else 'misses'} "
+                     f"the goal)"))
         rows.append(("Backbone's achieved FLOP/s vs this machine's float32 matmul FLOP/s "
                      "(how close to the hardware limit)",
                      f"{_f(b['bare_gflops'])} vs {_f(b['matmul_gflops_median'])} GFLOP/s",
@@ -74,7 +75,7 @@ def headline_rows(r: dict) -> list[tuple[str, str, str]]:
                          f"{a_['n_images']:,} images ({pair['images_ratio']:.0f}x the data; "
                          f"must be flat)",
                          f"{_f(b_['peak_rss_mib'], 0)} vs {_f(a_['peak_rss_mib'], 0)} MiB",
-                         f"**{pair['rss_ratio']:.3f}**"))
+                         f"**{pair['rss_ratio']:.3f}** ({_flatness(pair)})"))
     if "s4" in r and "seconds" in r["s4"]:
         c = r["s4"]
         rows.append((f"Stage two: the full default head comparison (`featcache heads`: "
@@ -88,6 +89,11 @@ def headline_rows(r: dict) -> list[tuple[str, str, str]]:
                      f"{_f(d.get('make_repeat_s'), 2)} s / {_f(d['cli_repeat_s'])} s vs "
                      f"{_f(d['cli_first_s'])} s", ""))
     return rows
+
+
+def _flatness(pair: dict) -> str:
+    """'flat' when peak RSS grew by at most 15% while the data grew several-fold."""
+    return "flat" if pair["rss_ratio"] <= 1.15 else "GROWS with the data"
 
 
 def headline_text(r: dict) -> str:
@@ -115,8 +121,8 @@ def markdown(r: dict, chart_rel: str | None) -> str:
              f"absolute seconds are this machine's.")
     L.append("")
     L.append(f"**Machine:** {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, "
-             f"{m['os']}. **Device used:** {dev['kind']} ({dev['name']}"
-             f"{', ' + str(dev['count']) + ' cores' if dev['kind'] == 'CPU' else ''}). "
+             f"{m['os']}. **Device used:** "
+             f"{'CPU (no GPU visible to TensorFlow)' if dev['kind'] == 'CPU' else 'GPU: ' + dev['name'] + ' x' + str(dev['count'])}. "
              f"Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}, "
              f"NumPy {m['numpy']}, scikit-learn {m['sklearn']}, h5py {m['h5py']}.")
     L.append("")

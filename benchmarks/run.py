@@ -24,7 +24,10 @@ SECTIONS = {1: "tutorial vs featcache", 2: "stage one vs bare backbone",
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="featcache's benchmark: five measurements taken side by side in one run "
+                    "-> BENCHMARKS.md + a PNG chart (see docs/benchmarks.md).")
     p.add_argument("--quick", action="store_true",
                    help="the one-minute smoke version (tiny subsets, 64 px): checks it runs")
     p.add_argument("--out", default="BENCHMARKS.md", help="markdown report (default: %(default)s)")
@@ -62,8 +65,11 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for noisy in ("tensorflow", "absl"):  # retracing chatter: every extraction is a new graph
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    sections = sorted({int(x) for x in args.sections.split(",") if x.strip()})
-    if not set(sections) <= set(SECTIONS):
+    try:
+        sections = sorted({int(x) for x in args.sections.split(",") if x.strip()})
+    except ValueError:
+        sections = [0]
+    if not sections or not set(sections) <= set(SECTIONS):
         print(f"benchmarks: error: --sections takes numbers from 1-5, not {args.sections}",
               file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
                     "## 5. "):
         assert heading in md, heading
     # settings, device and the loud fallback notes are printed with the numbers
-    assert "**Device used:** CPU" in md or "**Device used:** GPU" in md
+    assert "**Device used:** CPU (no GPU" in md or "**Device used:** GPU: " in md
     assert "random weights" in md and "--quick smoke run" in md
     assert "device used:" in quick_run["proc"].stdout
     assert r["settings"]["mode"] == "quick" and r["settings"]["seed"] == 0
