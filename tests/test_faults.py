@@ -168,11 +168,15 @@ def reference(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------ killed and interrupted
 
-def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, reference):
+@pytest.mark.parametrize("busy", [False, True], ids=["between-batches", "while-writing"])
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, reference, busy):
+    """Killed while held between batches, or at a random moment of a running loop
+    (possibly mid-write): either way the resumed file equals an uninterrupted run's."""
     out = output_path(tmp_path)
     hold = tmp_path / "hold"
-    hold.touch()
-    proc = start(cli_args(tmp_path), hold=hold)
+    if not busy:
+        hold.touch()
+    proc = start(cli_args(tmp_path), hold=hold, sleep=0.05 if busy else 0)
     try:
         wait_for_rows(partial_path(out), proc)
     finally:
