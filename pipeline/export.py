@@ -288,7 +288,8 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     model = assemble(backbone, head_model, size=int(attrs["image_size"]),
                      mode=str(attrs["preprocess"]), class_names=class_names,
                      metadata=metadata, tta=bool(tta))
-    out = Path(output) if output else report_dir / f"{feature_file.stem}_{name.replace('+', '_')}.keras"
+    stem = f"{feature_file.stem}_{name.replace('+', '_')}"
+    out = Path(output) if output else report_dir / f"{stem}.keras"
     if out.suffix != ".keras":
         raise ConfigError(f"--output must end in .keras, not {out.name}")
     out.parent.mkdir(parents=True, exist_ok=True)

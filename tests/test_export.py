@@ -201,8 +201,8 @@ def test_exported_model_takes_any_size_and_mode(extracted, tmp_path):
 @pytest.mark.slow
 def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_home, tmp_path):
     """A folder of real CIFAR-10 test images (PNG, 50 per class), real MobileNetV2 at 224 px:
-    a linear head on 30 images per class must be far above chance (10%), and the exported
-    model must reproduce the pipeline's probabilities on held-out images."""
+    logreg (fixed C) on 30 images per class must be far above chance (10%; 0.63 measured),
+    and the exported model must reproduce the pipeline's probabilities on held-out images."""
     from PIL import Image
 
     from pipeline.config import ExtractConfig
@@ -228,10 +228,13 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
                         val_fraction=0.4, out_dir=str(tmp_path / "features"))
     fs = load_features(extract_features(cfg).path)
     assert len(fs["train"]) == 300 and len(fs["test"]) == 200
-    head = LinearStandIn().fit(fs["train"].features, fs["train"].labels)
+    from pipeline.heads import get_head
+
+    head = get_head("logreg").make(C=0.01).fit(fs["train"].features, fs["train"].labels)
     proba = head.predict_proba(fs["test"].features)
     accuracy = float((proba.argmax(1) == fs["test"].labels).mean())
-    assert accuracy >= 0.6, accuracy
+    print(f"real MobileNetV2 folder accuracy: {accuracy:.3f} on {len(proba)} test images")
+    assert accuracy >= 0.55, accuracy  # measured 0.63; chance is 0.10
 
     model = export_model(fs.path, head=head, output=tmp_path / "cifar.keras").path
     files = FolderDataset(folder, image_size=224, val_fraction=0.4).files("test")[:6]
@@ -251,8 +254,8 @@ def compared(extracted, tmp_path_factory):
 
     folder, path, _ = extracted
     report = tmp_path_factory.mktemp("report")
-    results = compare_heads(HeadsConfig(feature_file=str(path), heads=("logreg", "rbf_svm", "dense", "knn"),
-                                        out_dir=str(report)))
+    heads = ("logreg", "rbf_svm", "dense", "knn")
+    results = compare_heads(HeadsConfig(feature_file=str(path), heads=heads, out_dir=str(report)))
     return folder, path, report, results
 
 
