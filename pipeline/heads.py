@@ -133,7 +133,7 @@ class LinearHead(_Head):
     (used along the C path during selection).
     """
 
-    def __init__(self, C=1.0, loss="softmax", max_iter=300, tol=1e-4, warm_start=False,
+    def __init__(self, C=0.003, loss="softmax", max_iter=300, tol=1e-4, warm_start=False,
                  random_state=0):
         self.C, self.loss, self.max_iter, self.tol = C, loss, max_iter, tol
         self.warm_start, self.random_state = warm_start, random_state
@@ -173,16 +173,13 @@ class LinearHead(_Head):
         return keras.Model(inp, out, name=f"featcache_{self.loss}_head")
 
 
-C_GRID = [{"C": c} for c in (0.01, 0.03, 0.1, 0.3, 1.0)]
-
-
-@register_head("logreg", grid=C_GRID)
+@register_head("logreg", grid=[{"C": c} for c in (0.001, 0.003, 0.01, 0.03)])
 def logreg(random_state=0, **params):
     """Multinomial logistic regression on standardized features (float32 L-BFGS)."""
     return LinearHead(loss="softmax", random_state=random_state, **params)
 
 
-@register_head("linear_svm", grid=[{"C": c} for c in (0.001, 0.003, 0.01, 0.03, 0.1)])
+@register_head("linear_svm", grid=[{"C": c} for c in (0.0001, 0.0003, 0.001, 0.003)])
 def linear_svm(random_state=0, **params):
     """One-vs-rest linear SVM (squared hinge) on standardized features (float32 L-BFGS)."""
     return LinearHead(loss="squared_hinge", random_state=random_state, **params)
@@ -198,7 +195,7 @@ class RFFSVMHead(_Head):
     matrix of random features during ``fit``.
     """
 
-    def __init__(self, C=1.0, gamma=1.0, n_components=2048, n_pca=256, max_iter=300,
+    def __init__(self, C=0.3, gamma=0.25, n_components=2048, n_pca=256, max_iter=300,
                  tol=1e-4, warm_start=False, random_state=0):
         self.C, self.gamma, self.n_components, self.n_pca = C, gamma, n_components, n_pca
         self.max_iter, self.tol, self.warm_start = max_iter, tol, warm_start
@@ -316,7 +313,7 @@ def keras_custom_objects() -> dict:
     return {"featcache>Cosine": type(cosine_layer())}
 
 
-@register_head("rbf_svm", grid=[{"gamma": g, "C": c} for g in (0.5, 1.0) for c in (0.01, 0.1)])
+@register_head("rbf_svm", grid=[{"gamma": 0.25, "C": c} for c in (0.3, 1.0)])
 def rbf_svm(random_state=0, **params):
     """Approximate RBF SVM: PCA-256 + 2048 random Fourier features + linear SVM."""
     return RFFSVMHead(random_state=random_state, **params)
@@ -401,7 +398,7 @@ class DenseHead(_Head):
     plain or mirrored at random each epoch (augmentation at no extra cost per epoch).
     """
 
-    def __init__(self, hidden=1024, dropout=0.0, learning_rate=1e-3, batch_size=256,
+    def __init__(self, hidden=1024, dropout=0.5, learning_rate=1e-3, batch_size=512,
                  epochs=30, patience=3, random_state=0):
         self.hidden, self.dropout, self.learning_rate = hidden, dropout, learning_rate
         self.batch_size, self.epochs, self.patience = batch_size, epochs, patience
@@ -503,7 +500,7 @@ class _Batches:
         return Batches()
 
 
-@register_head("dense", grid=[{"dropout": 0.0}, {"dropout": 0.5}])
+@register_head("dense", grid=[{"dropout": 0.5}])
 def dense(random_state=0, **params):
     """Keras Dense(1024, relu) -> Dense(n_classes, softmax), Adam, early-stopped epochs."""
     return DenseHead(random_state=random_state, **params)

@@ -8,7 +8,7 @@ matrix as given, without any copy of it:
   accumulators of size D only). It is never *applied* to the matrix: :func:`fit_linear`
   folds it into the weights (``((X - mu) / sd) @ W == X @ (W / sd) - mu @ (W / sd)``).
 - :func:`fit_linear` minimises ``mean(loss) + ||W||^2 / (2 C n)`` (scikit-learn's ``C``
-  scaling) with full-batch L-BFGS (scipy). Losses: multinomial cross-entropy
+  scaling) with full-batch L-BFGS (:func:`lbfgs`). Losses: multinomial cross-entropy
   (``softmax``) and one-vs-rest squared hinge (``squared_hinge``, LinearSVC's default).
   Several blocks (e.g. plain and mirrored features) are summed without concatenation.
 """
@@ -102,8 +102,6 @@ def fit_linear(blocks, y: np.ndarray, n_classes: int, *, scaler: Scaler, C: floa
     ``blocks`` is a list of float32 (n, D) arrays that share the labels ``y`` (plain and
     mirrored features). Returns ``(W, b, iterations)`` on the *standardized* scale.
     """
-    from scipy.optimize import minimize
-
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}")
     D = blocks[0].shape[1]
@@ -138,10 +136,65 @@ def fit_linear(blocks, y: np.ndarray, n_classes: int, *, scaler: Scaler, C: floa
     if init is not None:
         theta0[:D * K] = init[0].ravel()
         theta0[D * K:] = init[1]
-    res = minimize(fun, theta0, jac=True, method="L-BFGS-B",
-                   options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-10, "maxcor": 20})
-    if res.nit >= max_iter:
+    # One BLAS thread: these products are memory-bound (K columns) and the optimizer's
+    # vector ops tiny; multi-threaded OpenBLAS spin-waits and runs several times slower
+    # whenever the cores are shared (measured: 13.8 s -> 1.8 s for 20 iterations).
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        theta, nit = lbfgs(fun, theta0, max_iter=max_iter, tol=tol)
+    if nit >= max_iter:
         log.debug("L-BFGS stopped at max_iter=%d (C=%g, %s)", max_iter, C, loss)
-    W = res.x[:D * K].reshape(D, K).astype(np.float32)
-    b = res.x[D * K:].astype(np.float32)
-    return W, b, int(res.nit)
+    W = theta[:D * K].reshape(D, K).astype(np.float32)
+    b = theta[D * K:].astype(np.float32)
+    return W, b, nit
+
+
+def lbfgs(fun, x0: np.ndarray, *, max_iter: int = 300, tol: float = 1e-4, memory: int = 10,
+          rtol: float = 1e-9) -> tuple[np.ndarray, int]:
+    """Minimise a smooth convex ``fun(x) -> (value, gradient)``: L-BFGS two-loop recursion
+    with Armijo backtracking. (scipy's L-BFGS-B spends more time in its bound handling than
+    these objectives take to evaluate.) Stops when the gradient's max-norm is below
+    ``tol`` or the value stops improving (relative ``rtol``)."""
+    x = np.asarray(x0, dtype=np.float64).copy()
+    f, g = fun(x)
+    S, Y, RHO = [], [], []
+    it = 0
+    for it in range(1, max_iter + 1):
+        if np.max(np.abs(g)) < tol:
+            return x, it - 1
+        q = g.copy()
+        alphas = []
+        for s, y, rho in zip(reversed(S), reversed(Y), reversed(RHO)):
+            a = rho * (s @ q)
+            q -= a * y
+            alphas.append(a)
+        if S:
+            q *= (S[-1] @ Y[-1]) / (Y[-1] @ Y[-1])
+        else:
+            q /= max(1.0, np.linalg.norm(q))
+        for (s, y, rho), a in zip(zip(S, Y, RHO), reversed(alphas)):
+            q += s * (a - rho * (y @ q))
+        d = -q
+        slope = g @ d
+        if slope >= 0:                      # not a descent direction: restart
+            S, Y, RHO = [], [], []
+            d, slope = -g, -(g @ g)
+        step = 1.0
+        while True:
+            x_new = x + step * d
+            f_new, g_new = fun(x_new)
+            if f_new <= f + 1e-4 * step * slope or step < 1e-10:
+                break
+            step *= 0.5
+        s, y = x_new - x, g_new - g
+        sy = s @ y
+        if sy > 1e-12:
+            S.append(s), Y.append(y), RHO.append(1.0 / sy)
+            if len(S) > memory:
+                S.pop(0), Y.pop(0), RHO.pop(0)
+        done = abs(f - f_new) <= rtol * max(1.0, abs(f))
+        x, f, g = x_new, f_new, g_new
+        if done:
+            break
+    return x, it
