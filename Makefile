@@ -65,9 +65,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install featcache with its dependencies
 
+# An image folder's files and sub-folders are prerequisites of its feature file: adding,
+# removing or editing an image re-runs stage one, which refuses the stale file (rebuild it
+# with FEATURES_EXTRA=--force) or finds it up to date. Registry datasets add nothing here.
+DATASET_FILES := $(if $(wildcard $(DATASET)/.),$(shell find $(DATASET) -print 2>/dev/null))
+
 features: $(FEATURE_FILE) ## stage one: cache backbone features (no-op when up to date)
 
-$(FEATURE_FILE): | $(STAMP)
+$(FEATURE_FILE): $(DATASET_FILES) | $(STAMP)
 	$(FEATCACHE) features $(FEATURE_ARGS) $(FEATURES_EXTRA)
 
 heads: $(REPORT_DIR)/results.json ## stage two: train and compare heads, write the report
