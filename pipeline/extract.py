@@ -67,6 +67,15 @@ class ExtractResult:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM; ``ru_maxrss`` would include a
+    parent's peak inherited across fork+exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

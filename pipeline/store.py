@@ -269,6 +269,11 @@ class FeatureWriter:
             return "is truncated or unreadable"
         if old.get("schema_version") is None:
             return "is not a featcache feature file"
+        if int(old["schema_version"]) > SCHEMA_VERSION:
+            # never suggest --force here: that would destroy a newer featcache's work
+            raise CorruptFeatureFile(
+                f"{path} was written by a newer featcache (schema {old['schema_version']}, this "
+                f"one writes {SCHEMA_VERSION}); upgrade featcache, or choose another output name")
         if int(old["schema_version"]) != SCHEMA_VERSION:
             return f"has schema {old['schema_version']} (this featcache writes {SCHEMA_VERSION})"
         if old.get("config_sha256") != attrs["config_sha256"]:

@@ -159,3 +159,15 @@ def test_writing_past_the_preallocated_rows_is_an_error(tmp_path):
             w.write("train", np.zeros((3, D), "float32"), np.zeros(3))
         with pytest.raises(CacheError, match="cannot mark it complete"):
             w.mark_complete()
+
+
+def test_newer_schema_at_the_output_path_is_never_offered_to_force(tmp_path):
+    path = tmp_path / "x.h5"
+    _write(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = store.SCHEMA_VERSION + 1
+    before = path.read_bytes()
+    with pytest.raises(CorruptFeatureFile, match="newer featcache.*upgrade") as err:
+        _write(path, sha="b" * 64)
+    assert "--force" not in str(err.value)
+    assert path.read_bytes() == before
