@@ -89,11 +89,14 @@ def _flip_rows(mode: str, has_flip: bool) -> list[tuple[bool, bool]]:
 
 
 def select(spec, data: _Data, *, train_flip: bool, tta: bool, seed: int, label: str):
-    """Score the grid on validation; return (best params, [(params, val accuracy)…])."""
+    """Score the grid on validation. Returns (best params, [(params, val accuracy)…],
+    warm start): the last is the best grid point's solution (linear heads), from which the
+    refit on all training rows starts."""
     X_fit, y_fit, Xf_fit = data.part("fit", train_flip)
     X_val, y_val, Xf_val = data.part("val", tta)
     grid = list(spec.grid) or [{}]
     est = spec.make(random_state=seed)
+    warm = None
     if hasattr(est, "score_grid"):
         scores = est.score_grid(grid, X_fit, y_fit, X_val, y_val, Xf_fit, Xf_val)
     else:
@@ -106,9 +109,11 @@ def select(spec, data: _Data, *, train_flip: bool, tta: bool, seed: int, label: 
             acc = float(np.mean(est.predict(X_val, Xf_val) == y_val))
             log.info("  %s %s: validation %.4f (%.1f s)", label, _fmt(params), acc,
                      time.perf_counter() - t)
+            if hasattr(est, "coef_std_") and acc > max((s for _, s in scores), default=-1):
+                warm = (est.coef_std_.copy(), est.intercept_std_.copy())
             scores.append((dict(params), acc))
     best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))
-    return scores[best][0], scores
+    return scores[best][0], scores, warm
 
 
 def _fmt(params: dict) -> str:
@@ -123,12 +128,17 @@ def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
     label = name + ("+flip" if train_flip and tta else "+fliptrain" if train_flip
                     else "+tta" if tta else "")
     t0 = time.perf_counter()
-    params, scores = select(spec, data, train_flip=train_flip, tta=tta, seed=seed,
-                            label=label)
+    params, scores, warm = select(spec, data, train_flip=train_flip, tta=tta, seed=seed,
+                                  label=label)
     select_s = time.perf_counter() - t0
     t = time.perf_counter()
-    head = spec.make(random_state=seed, **params).fit(
-        data.X, data.y, data.Xf if train_flip else None)
+    head = spec.make(random_state=seed, **params)
+    if warm is not None:   # start from the best validation solution (fit rows only)
+        head.set_params(warm_start=True)
+        head.coef_std_, head.intercept_std_ = warm
+    head.fit(data.X, data.y, data.Xf if train_flip else None)
+    if warm is not None:
+        head.set_params(warm_start=False)
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
     pred = head.predict(data.X_test, data.Xf_test if tta else None)
