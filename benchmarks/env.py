@@ -89,16 +89,20 @@ def find_cifar10(explicit: str | None) -> Path | None:
 
 
 def find_weights(backbone_file: str, work_dir: Path) -> Path | None:
-    """A writable KERAS_HOME holding ``models/<backbone_file>``; sets ``$KERAS_HOME``."""
+    """A writable KERAS_HOME holding ``models/<backbone_file>``; sets ``$KERAS_HOME``.
+
+    ``$KERAS_HOME`` or ``~/.keras`` are used as they are (the user's own); from
+    ``../shared/keras`` the file is copied into ``<work_dir>/keras_home`` so that Keras
+    never writes into the shared folder.
+    """
     env = os.environ.get("KERAS_HOME")
-    if env and (Path(env) / "models" / backbone_file).is_file() and os.access(env, os.W_OK):
-        return Path(env)
-    for src in ([Path(env)] if env else []) + [SHARED / "keras", Path.home() / ".keras"]:
+    for own in ([Path(env)] if env else []) + [Path.home() / ".keras"]:
+        if (own / "models" / backbone_file).is_file() and os.access(own, os.W_OK):
+            os.environ["KERAS_HOME"] = str(own)
+            return own
+    for src in ([Path(env)] if env else []) + [SHARED / "keras"]:
         if (src / "models" / backbone_file).is_file():
-            if os.access(src, os.W_OK):
-                os.environ["KERAS_HOME"] = str(src)
-                return src
-            dst = work_dir / "keras_home"
+            dst = Path(work_dir).resolve() / "keras_home"
             (dst / "models").mkdir(parents=True, exist_ok=True)
             if not (dst / "models" / backbone_file).is_file():
                 shutil.copy2(src / "models" / backbone_file, dst / "models" / backbone_file)
