@@ -113,6 +113,10 @@ def select(spec, data: _Data, *, train_flip: bool, tta: bool, seed: int, label: 
                 warm = (est.coef_std_.copy(), est.intercept_std_.copy())
             scores.append((dict(params), acc))
     best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))
+    numeric = [k for k, v in grid[0].items() if isinstance(v, (int, float))]
+    if len(grid) > 2 and numeric and best in (0, len(grid) - 1):
+        log.warning("  %s: the best value (%s) is at the edge of the grid; a wider grid "
+                    "might do better", label, _fmt(scores[best][0]))
     return scores[best][0], scores, warm
 
 
@@ -168,11 +172,11 @@ def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
     return row, pred, head
 
 
-def _load(cfg: HeadsConfig):
+def _load(cfg: HeadsConfig, *, flip: bool = True):
     """The feature set, checked for train/test splits and labels in range."""
     from .store import load_features
 
-    fs = load_features(cfg.feature_file)
+    fs = load_features(cfg.feature_file, flip=flip)
     for split in ("train", "test"):
         if split not in fs.splits:
             raise DataError(f"{cfg.feature_file} has no {split!r} split (it has "
@@ -263,7 +267,7 @@ def label_curve(cfg: HeadsConfig, sizes=CURVE_SIZES, *, write: bool = True) -> d
 
     t0 = time.perf_counter()
     names = resolve_heads(cfg.heads)
-    fs = _load(cfg)
+    fs = _load(cfg, flip=False)
     tr, te = fs["train"], fs["test"]
     points = []
     for size in sizes:
