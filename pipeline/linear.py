@@ -163,6 +163,7 @@ def lbfgs(fun, x0: np.ndarray, *, max_iter: int = 300, tol: float = 1e-4, memory
     for it in range(1, max_iter + 1):
         if np.max(np.abs(g)) < tol:
             return x, it - 1
+        S_before = len(S)
         q = g.copy()
         alphas = []
         for s, y, rho in zip(reversed(S), reversed(Y), reversed(RHO)):
@@ -179,6 +180,7 @@ def lbfgs(fun, x0: np.ndarray, *, max_iter: int = 300, tol: float = 1e-4, memory
         slope = g @ d
         if slope >= 0:                      # not a descent direction: restart
             S, Y, RHO = [], [], []
+            S_before = 0
             d, slope = -g, -(g @ g)
         step = 1.0
         while True:
@@ -193,7 +195,9 @@ def lbfgs(fun, x0: np.ndarray, *, max_iter: int = 300, tol: float = 1e-4, memory
             S.append(s), Y.append(y), RHO.append(1.0 / sy)
             if len(S) > memory:
                 S.pop(0), Y.pop(0), RHO.pop(0)
-        done = abs(f - f_new) <= rtol * max(1.0, abs(f))
+        # No stalling test on a steepest-descent step (first iteration, restart): from a
+        # warm start its unit-length step may change f very little without being converged.
+        done = bool(S_before) and abs(f - f_new) <= rtol * max(1.0, abs(f))
         x, f, g = x_new, f_new, g_new
         if done:
             break

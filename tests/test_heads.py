@@ -161,3 +161,18 @@ def test_adding_a_head_is_one_decorated_function(data):
         assert est.predict(data[3]).shape == (len(data[3]),)
     finally:
         del HEADS["dummy_test_head"]
+
+
+@pytest.mark.parametrize("name", ["logreg", "rbf_svm"])
+def test_warm_start_reaches_the_cold_solution(name):
+    """Selection walks C with warm starts: each step must really optimise (a regression:
+    a warm start once stopped after one tiny step and kept the previous C's solution)."""
+    X, y, _ = blobs(3000, dim=32, k=4, sep=0.5, seed=0)
+    kw = {"n_components": 2048, "n_pca": 16} if name == "rbf_svm" else {}
+    warm = _make(name, warm_start=True, **kw)
+    for C in (0.3, 1.0):
+        warm.set_params(C=C).fit(X, y)
+    cold = _make(name, C=1.0, **kw).fit(X, y)
+    assert warm.n_iter_ > 1
+    assert np.mean(warm.predict(X) == cold.predict(X)) > 0.99
+    np.testing.assert_allclose(warm.predict_proba(X), cold.predict_proba(X), atol=0.02)
