@@ -22,7 +22,10 @@ its own selection.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
+from pathlib import Path
 import numpy as np
 
 from .config import HeadsConfig
@@ -210,7 +213,13 @@ def compare_heads(cfg: HeadsConfig, *, write: bool = True) -> dict:
     fs = _load(cfg)
     data, has_flip = _split_data(fs, cfg)
     extra = _flip_rows(cfg.flip, has_flip)
-    out_dir = cfg.report_dir if write else None
+    # Fitted heads go to a staging folder while the comparison runs and are moved into
+    # place only at the end, just before results.json: an interrupted run leaves the previous
+    # report and the heads it names untouched.
+    staging = cfg.report_dir / ".staging" if write else None
+    if staging is not None and staging.exists():
+        shutil.rmtree(staging)
+    out_dir = staging
     log.info("%s: %d train rows (%d fit + %d validation), %d test, %d features, heads: %s%s",
              cfg.feature_file, len(data.y), data.n_fit, len(data.y) - data.n_fit,
              len(data.y_test), data.X.shape[1], ", ".join(names),
@@ -242,8 +251,20 @@ def compare_heads(cfg: HeadsConfig, *, write: bool = True) -> dict:
     }
     results["wall_s"] = time.perf_counter() - t0
     if write:
+        _publish_heads(staging, cfg.report_dir)
         report.write_report(results, preds, data.y_test, cfg.report_dir)
     return results
+
+
+def _publish_heads(staging: Path, report_dir: Path) -> None:
+    """Move the staged fitted heads into ``report_dir/heads`` (each an atomic rename)."""
+    src = staging / "heads"
+    dst = report_dir / "heads"
+    dst.mkdir(parents=True, exist_ok=True)
+    if src.exists():
+        for f in sorted(src.iterdir()):
+            os.replace(f, dst / f.name)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- curve

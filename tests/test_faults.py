@@ -664,3 +664,32 @@ def test_keras_dense_head_and_svms_are_deterministic_too(toy_report):
     a = compare_heads(cfg, write=False)
     b = compare_heads(cfg, write=False)
     assert _strip_timing(a) == _strip_timing(b)
+
+
+def test_heads_killed_while_fitting_leave_report_and_saved_heads_untouched(tmp_path, toy_report,
+                                                                           monkeypatch):
+    """Killed after the first head is fitted and saved, during the second: the previous
+    report and every fitted head it names are byte-identical (new heads wait in a staging
+    folder until all are done), so results.json never points at heads from another run."""
+    from dataclasses import replace as dc_replace
+
+    from pipeline import heads as heads_mod
+    from pipeline.compare import compare_heads
+
+    cfg0, before = toy_report
+    report = tmp_path / "report"
+    shutil.copytree(cfg0.report_dir, report)
+    cfg = dc_replace(cfg0, out_dir=str(report), seed=1)
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(heads_mod.CosineKNNHead, "fit", killed)   # knn runs after logreg
+    with pytest.raises(KeyboardInterrupt):
+        compare_heads(cfg)
+    visible = {f: h for f, h in _snapshot(report).items() if not f.startswith(".staging")}
+    assert visible == before
+    monkeypatch.undo()
+    compare_heads(cfg)   # the next run cleans the staging folder and publishes
+    assert not (report / ".staging").exists()
+    assert json.loads((report / "results.json").read_text())["config"]["seed"] == 1
