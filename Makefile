@@ -45,7 +45,7 @@ REPORT_DIR   := $(basename $(FEATURE_FILE))
 
 export KERAS_HOME
 
-.PHONY: help install features heads curve export test test-fast bench bench-quick clean distclean clean-features
+.PHONY: FORCE help install features heads curve export test test-fast bench bench-quick clean distclean clean-features
 
 help: ## this list
 	@echo "featcache — run a pretrained backbone once, cache features, compare heads"
@@ -77,7 +77,12 @@ $(FEATURE_FILE): $(DATASET_FILES) | $(STAMP)
 
 heads: $(REPORT_DIR)/results.json ## stage two: train and compare heads, write the report
 
-$(REPORT_DIR)/results.json: $(FEATURE_FILE) | $(STAMP)
+# The heads settings are a prerequisite too: `make heads HEADS=logreg` after a full run re-runs.
+HEADS_SETTINGS := $(REPORT_DIR)/.make-heads-settings
+$(HEADS_SETTINGS): FORCE
+	@mkdir -p $(@D); echo '$(HEADS) $(HEADS_EXTRA)' | cmp -s - $@ || echo '$(HEADS) $(HEADS_EXTRA)' > $@
+
+$(REPORT_DIR)/results.json: $(FEATURE_FILE) $(HEADS_SETTINGS) | $(STAMP)
 	$(FEATCACHE) heads $(FEATURE_FILE) $(if $(HEADS),--heads $(HEADS)) $(HEADS_EXTRA)
 
 curve: $(FEATURE_FILE) | $(STAMP) ## label-efficiency curve: accuracy vs labelled examples per class
