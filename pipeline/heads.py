@@ -395,15 +395,21 @@ class DenseHead(_Head):
     validation accuracy and records the best epoch count in ``best_epochs_``; the refit on
     all training rows then runs exactly ``epochs``. With ``X_flip`` every sample is drawn
     plain or mirrored at random each epoch (augmentation at no extra cost per epoch).
+
+    ``members > 1`` trains that many such networks (seeds ``random_state + i``) and
+    averages their probabilities inside one Keras model (``model_``), so the ensemble
+    saves, loads and exports like a single dense head; ``best_epochs_`` is then the
+    members' mean best epoch.
     """
 
     def __init__(self, hidden=1024, dropout=0.5, learning_rate=1e-3, batch_size=512,
-                 epochs=30, patience=3, random_state=0):
+                 epochs=30, patience=3, members=1, random_state=0):
         self.hidden, self.dropout, self.learning_rate = hidden, dropout, learning_rate
         self.batch_size, self.epochs, self.patience = batch_size, epochs, patience
+        self.members = members
         self.random_state = random_state
 
-    def _build(self, dim: int, n_classes: int, mean, var):
+    def _build(self, dim: int, n_classes: int, mean, var, name="featcache_dense_head"):
         import keras
 
         inp = keras.Input((dim,), dtype="float32", name="features")
@@ -412,7 +418,7 @@ class DenseHead(_Head):
         if self.dropout:
             x = keras.layers.Dropout(self.dropout, name="dropout")(x)
         out = keras.layers.Dense(n_classes, activation="softmax", name="proba")(x)
-        model = keras.Model(inp, out, name="featcache_dense_head")
+        model = keras.Model(inp, out, name=name)
         model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         return model
@@ -420,13 +426,34 @@ class DenseHead(_Head):
     def fit(self, X, y, X_flip=None, validation_data=None):
         import keras
 
-        keras.utils.set_random_seed(int(self.random_state))
         blocks = _blocks(X, X_flip)
         yi = self._encode(y)
         scaler = Scaler.fit(blocks)
-        self.model_ = self._build(blocks[0].shape[1], len(self.classes_), scaler.mean,
-                                  scaler.scale ** 2)
-        data = _Batches(blocks, yi, self.batch_size, self.random_state)
+        models, epochs = [], []
+        for i in range(max(1, int(self.members))):
+            seed = int(self.random_state) + i
+            name = "featcache_dense_head" if self.members <= 1 else f"member_{i}"
+            model, best = self._fit_one(blocks, yi, scaler, seed, validation_data, name)
+            models.append(model)
+            epochs.append(best)
+        if len(models) == 1:
+            self.model_ = models[0]
+        else:
+            inp = keras.Input((blocks[0].shape[1],), dtype="float32", name="features")
+            outs = [m(inp) for m in models]
+            self.model_ = keras.Model(inp, keras.layers.Average(name="proba")(outs),
+                                      name="featcache_dense_ensemble")
+        self.best_epochs_ = int(round(float(np.mean(epochs))))
+        self.n_features_in_ = blocks[0].shape[1]
+        return self
+
+    def _fit_one(self, blocks, yi, scaler, seed, validation_data, name):
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        model = self._build(blocks[0].shape[1], len(self.classes_), scaler.mean,
+                            scaler.scale ** 2, name)
+        data = _Batches(blocks, yi, self.batch_size, seed)
         callbacks, val = [], None
         if validation_data is not None:
             Xv, yv = validation_data[:2]
@@ -434,12 +461,10 @@ class DenseHead(_Head):
             val = _Batches([_f32(Xv)], yv, 4096, shuffle=False)
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_accuracy", patience=self.patience, restore_best_weights=True))
-        hist = self.model_.fit(data, epochs=self.epochs, validation_data=val,
-                               callbacks=callbacks, verbose=0)
+        hist = model.fit(data, epochs=self.epochs, validation_data=val,
+                         callbacks=callbacks, verbose=0)
         acc = hist.history.get("val_accuracy")
-        self.best_epochs_ = int(np.argmax(acc)) + 1 if acc else int(self.epochs)
-        self.n_features_in_ = blocks[0].shape[1]
-        return self
+        return model, (int(np.argmax(acc)) + 1 if acc else int(self.epochs))
 
     def _proba(self, X):
         out = np.empty((len(X), len(self.classes_)), np.float32)
@@ -502,6 +527,12 @@ class _Batches:
 @register_head("dense", grid=[{"dropout": 0.5}])
 def dense(random_state=0, **params):
     """Keras Dense(1024, relu) -> Dense(n_classes, softmax), Adam, early-stopped epochs."""
+    return DenseHead(random_state=random_state, **params)
+
+
+@register_head("dense_ens", default=False, grid=[{"dropout": 0.5}], members=3)
+def dense_ens(random_state=0, **params):
+    """Three `dense` heads (seeds differ), probabilities averaged in one Keras model; 3x the time."""
     return DenseHead(random_state=random_state, **params)
 
 

@@ -176,3 +176,22 @@ def test_warm_start_reaches_the_cold_solution(name):
     assert warm.n_iter_ > 1
     assert np.mean(warm.predict(X) == cold.predict(X)) > 0.99
     np.testing.assert_allclose(warm.predict_proba(X), cold.predict_proba(X), atol=0.02)
+
+
+def test_dense_ensemble_is_one_keras_model_that_saves_and_reloads(tmp_path):
+    """``dense_ens`` trains several seeded members and averages them inside one Keras model:
+    its probabilities are the members' mean, and it saves/loads/exports like ``dense``."""
+    from pipeline.heads import HEADS, load_head, save_head
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(240, 12)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int) + 2 * (X[:, 1] > 0)
+    ens = HEADS["dense_ens"].make(random_state=0, epochs=3, hidden=16).fit(X, y)
+    assert ens.members == 3
+    singles = [HEADS["dense"].make(random_state=s, epochs=3, hidden=16).fit(X, y) for s in range(3)]
+    mean = np.mean([h.predict_proba(X) for h in singles], axis=0)
+    np.testing.assert_allclose(ens.predict_proba(X), mean, atol=1e-5)
+    assert not np.allclose(singles[0].predict_proba(X), mean, atol=1e-3)  # members differ
+    again = load_head(save_head(ens, tmp_path, "dense_ens"))
+    np.testing.assert_allclose(again.predict_proba(X), ens.predict_proba(X), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ens.to_keras()(X)), ens.predict_proba(X), atol=1e-6)
