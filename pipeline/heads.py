@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from .atomic import write_text
 from .errors import ConfigError
 from .linear import Scaler, decision, fit_linear, folded, softmax
 
@@ -553,7 +554,7 @@ def save_head(estimator, directory, name: str) -> Path:
         meta = {"class": "DenseHead", "params": estimator.get_params(),
                 "classes": estimator.classes_.tolist(), "best_epochs": estimator.best_epochs_,
                 "n_features_in": estimator.n_features_in_}
-        _atomic_text(directory / f"{name}.json", json.dumps(meta, indent=2))
+        write_text(directory / f"{name}.json", json.dumps(meta, indent=2))
         return path
     path = directory / f"{name}.joblib"
     tmp = directory / f".{name}.tmp.joblib"
@@ -580,9 +581,3 @@ def load_head(path):
     import joblib
 
     return joblib.load(path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -17,26 +17,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_bytes, write_text
+
 CSV_FIELDS = ("name", "head", "test_accuracy", "ci95_low", "ci95_high", "macro_f1",
               "val_accuracy", "select_s", "fit_s", "predict_s_per_1000", "params", "saved")
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    _atomic_bytes(path, text.encode("utf-8"))
 
 
 def _params(p: dict) -> str:
@@ -127,7 +115,7 @@ def _plt():
 def _save_fig(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _atomic_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def plot_accuracy(results: dict, path: Path) -> None:
@@ -180,7 +168,7 @@ def write_report(results: dict, predictions: dict, y_test, report_dir) -> dict:
     buf = io.BytesIO()
     np.savez_compressed(buf, y_test=np.asarray(y_test),
                         **{k.replace("+", "_"): v for k, v in predictions.items()})
-    _atomic_bytes(d / "predictions.npz", buf.getvalue())
+    write_bytes(d / "predictions.npz", buf.getvalue())
     best = next(r for r in results["rows"] if r["name"] == results["best_row"])
     plot_accuracy(results, d / "accuracy.png")
     plot_confusion(best["confusion"], results["classes"],
@@ -189,9 +177,9 @@ def write_report(results: dict, predictions: dict, y_test, report_dir) -> dict:
     results["plots"] = {"accuracy": "accuracy.png", "confusion": "confusion.png"}
     results["files"] = ["results.csv", "report.md", "predictions.npz", "accuracy.png",
                         "confusion.png", "results.json"]
-    _atomic_text(d / "results.csv", results_csv(results))
-    _atomic_text(d / "report.md", report_markdown(results))
-    _atomic_text(d / "results.json", json.dumps(results, indent=2, sort_keys=False))
+    write_text(d / "results.csv", results_csv(results))
+    write_text(d / "report.md", report_markdown(results))
+    write_text(d / "results.json", json.dumps(results, indent=2, sort_keys=False))
     return results
 
 
@@ -241,10 +229,10 @@ def write_curve(results: dict, report_dir) -> dict:
     for p in results["points"]:
         w.writerow([p["head"], p["per_class"], p["n_train"], p["test_accuracy"],
                     p["ci95"][0], p["ci95"][1], p["fit_s"], json.dumps(p["params"])])
-    _atomic_text(d / "curve.csv", buf.getvalue())
-    _atomic_text(d / "curve.md", f"# Label efficiency on `{results['feature_file']}`\n\n"
+    write_text(d / "curve.csv", buf.getvalue())
+    write_text(d / "curve.md", f"# Label efficiency on `{results['feature_file']}`\n\n"
                  f"Test accuracy by labelled training images per class (selection on a "
                  f"validation split of the same labelled subset).\n\n{curve_table(results)}\n\n"
                  f"![curve](curve.png)\n")
-    _atomic_text(d / "curve.json", json.dumps(results, indent=2))
+    write_text(d / "curve.json", json.dumps(results, indent=2))
     return results
