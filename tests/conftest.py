@@ -2,8 +2,9 @@
 
 - CIFAR-10: ``$FEATCACHE_REAL_DATA`` (a folder holding ``cifar-10-batches-py``), else
   ``../shared/data`` beside the checkout.
-- ImageNet weights: ``$KERAS_HOME/models`` if it holds the MobileNetV2 file, else a
-  writable per-session copy of ``../shared/keras``.
+- ImageNet weights: ``$KERAS_HOME/models`` if it is writable and holds the MobileNetV2
+  file, else a writable per-session copy of ``../shared/keras``, made when this file is
+  imported (Keras reads ``KERAS_HOME`` once, when it is first imported).
 
 They skip, saying why, when the files are absent — unless ``FEATCACHE_REQUIRE_REAL=1``
 (set by ``.ci/run``), where a missing file is a failure: in CI they must run.
@@ -11,8 +12,10 @@ They skip, saying why, when the files are absent — unless ``FEATCACHE_REQUIRE_
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,30 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MOBILENET_V2_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+
+def _usable_keras_home() -> Path | None:
+    env = os.environ.get("KERAS_HOME")
+    if env and (Path(env) / "models" / MOBILENET_V2_FILE).is_file() and os.access(env, os.W_OK):
+        return Path(env)
+    return None
+
+
+def _prepare_keras_home() -> None:
+    """Point KERAS_HOME at a writable copy of ../shared/keras *now*, before any test module
+    imports Keras: Keras reads KERAS_HOME once, at import, so setting it later (in a
+    fixture) would leave it looking in ~/.keras."""
+    if _usable_keras_home() is not None:
+        return
+    src = SHARED / "keras" / "models"
+    if (src / MOBILENET_V2_FILE).is_file():
+        dst = Path(tempfile.mkdtemp(prefix="featcache-keras-home-"))
+        atexit.register(shutil.rmtree, dst, ignore_errors=True)
+        shutil.copytree(src, dst / "models")
+        os.environ["KERAS_HOME"] = str(dst)
+
+
+_prepare_keras_home()
 
 
 def _skip_or_fail(reason: str):
@@ -47,18 +74,14 @@ def real_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def keras_home(tmp_path_factory) -> Path:
-    """A writable KERAS_HOME with the real MobileNetV2 weights; sets the env var; skips if absent."""
-    env = os.environ.get("KERAS_HOME")
-    if env and (Path(env) / "models" / MOBILENET_V2_FILE).is_file() and os.access(env, os.W_OK):
-        return Path(env)
-    src = SHARED / "keras"
-    if not (src / "models" / MOBILENET_V2_FILE).is_file():
-        _skip_or_fail("real ImageNet weights not found: set KERAS_HOME or provide ../shared/keras")
-    dst = tmp_path_factory.mktemp("keras_home")
-    shutil.copytree(src / "models", dst / "models")
-    os.environ["KERAS_HOME"] = str(dst)
-    return dst
+def keras_home() -> Path:
+    """The writable KERAS_HOME with the real MobileNetV2 weights (set up at import, above);
+    skips if there is none."""
+    found = _usable_keras_home()
+    if found is None:
+        _skip_or_fail("real ImageNet weights not found: set KERAS_HOME (writable) or provide "
+                      "../shared/keras")
+    return found
 
 
 @pytest.fixture
