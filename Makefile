@@ -17,7 +17,8 @@ SIZE       ?=
 BATCH      ?= 64
 WEIGHTS    ?= imagenet
 PREPROCESS ?=
-PRECISION  ?= float32
+RUNTIME    ?=
+PRECISION  ?=
 DTYPE      ?= float32
 FLIP       ?= 1
 LIMIT      ?=
@@ -30,7 +31,8 @@ HEADS_EXTRA ?=
 
 FEATURE_ARGS = --dataset $(DATASET) --data-dir $(DATA_DIR) --backbone $(BACKBONE) \
   $(if $(SIZE),--size $(SIZE)) --batch $(BATCH) --weights $(WEIGHTS) \
-  $(if $(PREPROCESS),--preprocess $(PREPROCESS)) --precision $(PRECISION) --dtype $(DTYPE) \
+  $(if $(PREPROCESS),--preprocess $(PREPROCESS)) $(if $(RUNTIME),--runtime $(RUNTIME)) \
+  $(if $(PRECISION),--precision $(PRECISION)) --dtype $(DTYPE) \
   $(if $(filter 1 yes true,$(FLIP)),--flip) $(if $(LIMIT),--limit $(LIMIT)) \
   $(if $(VARIANT),--variant $(VARIANT)) --out-dir $(OUT_DIR)
 
@@ -54,7 +56,7 @@ help: ## this list
 	@echo
 	@echo "Settings (make VAR=value): DATASET=$(DATASET) DATA_DIR=$(DATA_DIR) BACKBONE=$(BACKBONE)"
 	@echo "  SIZE=$(SIZE) BATCH=$(BATCH) WEIGHTS=$(WEIGHTS) PREPROCESS=$(PREPROCESS) FLIP=$(FLIP)"
-	@echo "  PRECISION=$(PRECISION) DTYPE=$(DTYPE) LIMIT=$(LIMIT) VARIANT=$(VARIANT) HEADS=$(HEADS)"
+	@echo "  RUNTIME=$(RUNTIME) PRECISION=$(PRECISION) DTYPE=$(DTYPE) LIMIT=$(LIMIT) VARIANT=$(VARIANT) HEADS=$(HEADS)"
 	@echo "  KERAS_HOME=$(KERAS_HOME)  -> $(FEATURE_FILE)"
 
 $(STAMP): pyproject.toml

@@ -43,8 +43,9 @@ def options(configure: Callable):
 # ---------------------------------------------------------------------------- stage one
 
 def _extract_options(p: argparse.ArgumentParser) -> None:
-    from .backbones import BACKBONES, POOLINGS, PRECISIONS, PREPROCESS_MODES
+    from .backbones import BACKBONES, POOLINGS, PREPROCESS_MODES
     from .config import DEFAULT_BACKBONE, DEFAULT_BATCH
+    from .runtime import DEFAULT_PRECISION, DEFAULT_RUNTIME, PRECISIONS, RUNTIMES
 
     env = os.environ.get
     p.add_argument("--dataset", default=env("FEATCACHE_DATASET", "cifar10"),
@@ -63,9 +64,13 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", choices=POOLINGS, default="avg")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="stored feature dtype")
-    p.add_argument("--precision", choices=PRECISIONS, default="float32",
-                   help="compute policy: mixed_bfloat16 (CPUs with AVX512-BF16/AMX), "
-                        "mixed_float16 (GPUs)")
+    p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                   help="what runs the backbone: auto = openvino on a CPU, tensorflow when "
+                        "a GPU is visible")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="auto = bf16 with openvino on a CPU with AVX512-BF16/AMX, else "
+                        "float32; bf16 (openvino), mixed_bfloat16 / mixed_float16 (tensorflow "
+                        "Keras policies)")
     p.add_argument("--flip", action="store_true",
                    help="also store features of horizontally flipped images")
     p.add_argument("--xla", action="store_true", help="compile the forward pass with XLA")
@@ -91,7 +96,8 @@ def _extract_config(args):
     return ExtractConfig(
         dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone, size=args.size,
         batch=args.batch, weights=args.weights, preprocess=args.preprocess,
-        pooling=args.pooling, dtype=args.dtype, precision=args.precision, flip=args.flip,
+        pooling=args.pooling, dtype=args.dtype, runtime=args.runtime,
+        precision=args.precision, flip=args.flip,
         xla=args.xla, limit=args.limit, val_fraction=args.val_fraction, seed=args.seed,
         out_dir=args.out_dir, variant=args.variant, output=args.output,
         shard=parse_shard(args.shard), download=not args.no_download, force=args.force,

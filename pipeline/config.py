@@ -5,9 +5,13 @@ before any virtualenv exists).
 
 File names: ``<out_dir>/<dataset>_<backbone>_<size>[_<variant>].h5``. When no variant is
 given, every setting that changes the numbers and differs from its default is spelled into
-the variant (``scale01``, ``flip``, ``f16``, ``bf16``, ``n5000``…), so different
+the variant (``scale01``, ``ov``, ``bf16``, ``f16``, ``flip``, ``n5000``…), so different
 configurations land in different files and the cache key check only has to catch what a
-name cannot show (changed data, changed weights).
+name cannot show (changed data, changed weights, another runtime version). The runtime is
+spelled as resolved: ``ov`` for OpenVINO, nothing for TensorFlow (so files made before
+runtimes existed keep their names), and ``bf16`` is the precision of either runtime
+(OpenVINO's ``bf16``, TensorFlow's ``mixed_bfloat16``); ``--runtime``/``--precision auto``
+are resolved cheaply (:mod:`pipeline.runtime`) so naming still needs no TensorFlow.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .backbones import PRECISIONS, PREPROCESS_MODES, POOLINGS, get_backbone, weights_tag
+from .backbones import PREPROCESS_MODES, POOLINGS, get_backbone, weights_tag
 from .errors import ConfigError
+from .runtime import DEFAULT_PRECISION, DEFAULT_RUNTIME, resolve_precision, resolve_runtime
 
 DEFAULT_BACKBONE = "mobilenet_v2"
 DEFAULT_BATCH = 64
@@ -58,7 +63,8 @@ class ExtractConfig:
     preprocess: str | None = None    # None: the backbone's own
     pooling: str = "avg"
     dtype: str = "float32"           # stored feature dtype
-    precision: str = "float32"       # compute policy
+    runtime: str = DEFAULT_RUNTIME   # auto | tensorflow | openvino
+    precision: str = DEFAULT_PRECISION  # auto | float32 | bf16 (OpenVINO) | mixed_* (Keras)
     flip: bool = False
     xla: bool = False
     limit: int | None = None         # at most this many rows per split
@@ -71,6 +77,7 @@ class ExtractConfig:
     download: bool = True
     force: bool = False
     wait: bool = False
+    threads: int | None = None       # OpenVINO inference threads (None: all cores)
 
     def resolved(self) -> "ExtractConfig":
         spec = get_backbone(self.backbone)
@@ -82,16 +89,22 @@ class ExtractConfig:
         if pre not in PREPROCESS_MODES:
             raise ConfigError(f"unknown preprocessing {pre!r}; choose one of "
                               f"{', '.join(PREPROCESS_MODES)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}; choose one of "
-                              f"{', '.join(PRECISIONS)}")
+        runtime = resolve_runtime(self.runtime)
+        precision = resolve_precision(self.precision, runtime)
+        if self.xla and runtime != "tensorflow":
+            raise ConfigError("--xla compiles TensorFlow's graph; it needs --runtime tensorflow")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"unknown pooling {self.pooling!r}; choose one of {POOLINGS}")
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"--dtype must be float32 or float16, not {self.dtype!r}")
         if self.batch < 1:
             raise ConfigError(f"--batch must be at least 1, not {self.batch}")
-        return replace(self, size=size, preprocess=pre)
+        return replace(self, size=size, preprocess=pre, runtime=runtime, precision=precision)
+
+    @property
+    def keras_precision(self) -> str:
+        """The Keras dtype policy the backbone is built with (OpenVINO converts float32)."""
+        return self.precision if self.runtime == "tensorflow" else "float32"
 
     # -- naming -------------------------------------------------------------------------
     def auto_variant(self) -> str:
@@ -104,8 +117,11 @@ class ExtractConfig:
             parts.append(f"{self.pooling}pool")
         if self.weights != "imagenet":
             parts.append("random" if self.weights == "none" else weights_tag(self.weights))
+        if self.runtime == "openvino":
+            parts.append("ov")
         if self.precision != "float32":
-            parts.append({"mixed_bfloat16": "bf16", "mixed_float16": "mf16"}[self.precision])
+            parts.append({"mixed_bfloat16": "bf16", "mixed_float16": "mf16",
+                          "bf16": "bf16"}[self.precision])
         if self.dtype != "float32":
             parts.append("f16")
         if self.flip:
@@ -138,10 +154,17 @@ class ExtractConfig:
         return replace(self, shard=None).output_path
 
     # -- cache key ----------------------------------------------------------------------
-    def cache_key(self, *, dataset_sha256: str, weights_sha256: str) -> dict:
-        """Everything that changes the numbers (batch size, XLA, paths do not)."""
+    def cache_key(self, *, dataset_sha256: str, weights_sha256: str,
+                  runtime_version: str | None) -> dict:
+        """Everything that changes the numbers (batch size, XLA, paths do not).
+
+        ``runtime_version=None`` gives the key of files made before runtimes were recorded
+        (no ``runtime``/``runtime_version``): a TensorFlow run still accepts those.
+        """
         cfg = self.resolved()
-        return {
+        runtime = {} if runtime_version is None else {"runtime": cfg.runtime,
+                                                      "runtime_version": runtime_version}
+        return {**runtime,
             "dataset": dataset_name(cfg.dataset), "dataset_sha256": dataset_sha256,
             "backbone": cfg.backbone, "weights": weights_tag(cfg.weights),
             "weights_sha256": weights_sha256, "image_size": cfg.size,

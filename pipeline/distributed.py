@@ -92,7 +92,7 @@ def _absolute(cfg: ExtractConfig) -> ExtractConfig:
 
 
 def _run_part(cfg: ExtractConfig, threads: int) -> PartResult:
-    """One Ray task: extract one shard with ``threads`` TensorFlow threads."""
+    """One Ray task: extract one shard with ``threads`` TensorFlow (or OpenVINO) threads."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -107,7 +107,7 @@ def _run_part(cfg: ExtractConfig, threads: int) -> PartResult:
     from .extract import extract_features
 
     import socket
-    r = extract_features(cfg)
+    r = extract_features(replace(cfg, threads=threads))
     return PartResult(str(r.path), r.images, r.seconds, r.cached, r.peak_rss_mb,
                       socket.gethostname())
 

@@ -47,6 +47,10 @@ class CorruptFeatureFile(CacheError):
     """The feature file is truncated, unreadable, of a newer schema, or holds NaN/Inf."""
 
 
+class ConversionError(FeatcacheError):
+    """OpenVINO could not convert or compile a backbone; the TensorFlow runtime still can."""
+
+
 class DiskFullError(FeatcacheError):
     """Writing failed for lack of space; what was written so far is kept and resumable."""
 

@@ -3,11 +3,15 @@
 Reads a dataset (:mod:`pipeline.datasets`) and backbone weights (:mod:`pipeline.backbones`);
 writes one feature file through :mod:`pipeline.store` (or one part file with ``shard``).
 
-Per batch: uint8 images go into one compiled ``tf.function`` that casts, resizes to the
-configured size, applies the backbone's own preprocessing and runs the backbone with
-``training=False``; the pooled features come back as float32 and are written at once. A
-reader thread keeps the next batches ready while the backbone runs. Nothing of size N
-is ever held: peak memory is a few batches plus the model.
+Per batch: uint8 images go into one compiled graph (:func:`step_graph`) that casts,
+resizes to the configured size, applies the backbone's own preprocessing and runs the
+backbone with ``training=False`` (and again on the mirrored images with ``--flip``); the
+pooled features come back as float32 and are written at once. The runtime
+(:mod:`pipeline.runtime`) decides what runs that graph: TensorFlow (a ``tf.function``), or
+OpenVINO (the same graph converted once and cached on disk, compiled for a fixed batch
+size, with two infer requests in flight so the next batch runs while this one is
+written). A reader thread keeps the next batches ready while the backbone runs. Nothing
+of size N is ever held: peak memory is a few batches plus the model.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import __version__
+from . import __version__, runtime as runtimes
 from .backbones import build_backbone, get_backbone, preprocess, weights_sha256
 from .config import ExtractConfig, config_sha256
 from .datasets import Dataset, open_dataset
@@ -81,32 +85,59 @@ def peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------------------- the graph
 
-def make_step(model, *, size: int, mode: str, flip: bool = False, xla: bool = False):
-    """A compiled ``images -> (features, flipped features or None)`` function.
+def step_graph(model, *, size: int, mode: str, flip: bool = False):
+    """The whole step as TensorFlow ops: ``images -> {"features"[, "features_flip"]}``.
 
-    ``images``: (B, H, W, 3) uint8 or float32 RGB 0-255, any H, W (resized to ``size``).
+    ``images``: (B, H, W, 3) uint8 or float32 RGB 0-255, any H, W (resized to ``size``,
+    bilinear). Both runtimes run exactly this graph.
     """
     import tensorflow as tf
 
     def forward(x):
         return tf.cast(model(x, training=False), tf.float32)
 
-    @tf.function(jit_compile=xla, reduce_retracing=True)
-    def step(images):
+    def graph(images):
         x = tf.cast(images, tf.float32)
         if x.shape[1] != size or x.shape[2] != size:
             x = tf.image.resize(x, (size, size), method="bilinear")
         x = preprocess(x, mode)
-        feats = forward(x)
+        out = {"features": forward(x)}
         if flip:
-            return feats, forward(tf.reverse(x, axis=[2]))
-        return feats, tf.zeros((0,), tf.float32)
+            out["features_flip"] = forward(tf.reverse(x, axis=[2]))
+        return out
+
+    return graph
+
+
+def make_step(model, *, size: int, mode: str, flip: bool = False, xla: bool = False):
+    """TensorFlow's compiled ``images -> (features, flipped features or None)`` function
+    (with a ``stream`` method like :class:`~pipeline.runtime.OpenVINOStep`'s)."""
+    import tensorflow as tf
+
+    step = tf.function(step_graph(model, size=size, mode=mode, flip=flip), jit_compile=xla,
+                       reduce_retracing=True)
 
     def run(images: np.ndarray):
-        f, ff = step(images)
-        return f.numpy(), (ff.numpy() if flip else None)
+        out = step(images)
+        return out["features"].numpy(), (out["features_flip"].numpy() if flip else None)
 
+    run.stream = lambda batches: ((labels, *run(images)) for images, labels in batches)
     return run
+
+
+def make_runtime_step(cfg: ExtractConfig, model, ds: Dataset, *, batch: int,
+                      weights_sha: str):
+    """The step of ``cfg.runtime`` for ``model`` on ``ds``'s images at ``batch``."""
+    if cfg.runtime == "tensorflow":
+        return make_step(model, size=cfg.size, mode=cfg.preprocess, flip=cfg.flip, xla=cfg.xla)
+    first = next(s for s, n in ds.splits.items() if n)
+    probe, _ = next(iter(ds.batches(first, 0, 1, 1)))
+    key = runtimes.conversion_key(
+        backbone=cfg.backbone, weights_sha256=weights_sha, input_shape=probe.shape[1:],
+        input_dtype=str(probe.dtype), image_size=cfg.size, preprocess=cfg.preprocess,
+        pooling=cfg.pooling, flip=cfg.flip, precision=cfg.precision)
+    graph = step_graph(model, size=cfg.size, mode=cfg.preprocess, flip=cfg.flip)
+    return runtimes.openvino_step(graph, key, batch=batch, threads=cfg.threads)
 
 
 def _prefetch(it: Iterator, depth: int = 3) -> Iterator:
@@ -184,11 +215,24 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     log.info("fingerprinting dataset %s (%s)", ds.name,
              ", ".join(f"{k}: {v}" for k, v in ds.splits.items()))
     ds_sha = ds.fingerprint()
-    log.info("building %s (weights: %s, %s)", spec.name, cfg.weights, cfg.precision)
+    log.info("building %s (weights: %s; runtime: %s, %s)", spec.name, cfg.weights,
+             cfg.runtime, cfg.precision)
+    if config.runtime == "auto" and cfg.runtime == "tensorflow" \
+            and not tf.config.list_physical_devices("GPU"):
+        log.warning("a GPU is visible but TensorFlow does not see it (install featcache[gpu]); "
+                    "TensorFlow runs on the CPU, where --runtime openvino is faster")
     model = build_backbone(spec, weights=cfg.weights, pooling=cfg.pooling,
-                           precision=cfg.precision, seed=cfg.seed)
+                           precision=cfg.keras_precision, seed=cfg.seed)
     w_sha = weights_sha256(model)
-    key = cfg.cache_key(dataset_sha256=ds_sha, weights_sha256=w_sha)
+    version = runtimes.runtime_version(cfg.runtime)
+    key = cfg.cache_key(dataset_sha256=ds_sha, weights_sha256=w_sha, runtime_version=version)
+    accept = None
+    if cfg.runtime == "tensorflow":
+        # files made before runtimes were recorded: TensorFlow's, under the key without them
+        legacy = config_sha256(cfg.cache_key(dataset_sha256=ds_sha, weights_sha256=w_sha,
+                                             runtime_version=None))
+        accept = lambda old: ("runtime" not in old and old.get("config_sha256") == legacy  # noqa: E731
+                              and old.get("tensorflow_version") == version)
     dim = int(model.output_shape[-1])
     attrs = dict(key)
     attrs.update(
@@ -204,10 +248,13 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
         attrs["total_rows"] = [ds.splits[s] for s in ds.splits]
     specs = {s: SplitSpec(hi - lo, lo) for s, (lo, hi) in ranges.items()}
     path = cfg.output_path
+    step = None
+    if not path.exists():  # convert before any file is made; a final file is complete
+        step = make_runtime_step(cfg, model, ds, batch=cfg.batch, weights_sha=w_sha)
 
     with FeatureWriter.open(path, attrs=attrs, classes=ds.classes, splits=specs, dim=dim,
                             dtype=cfg.dtype, flip=cfg.flip, force=cfg.force,
-                            wait=cfg.wait) as writer:
+                            wait=cfg.wait, accept=accept) as writer:
         if writer.complete:
             return ExtractResult(path, 0, time.perf_counter() - t0, True, peak_rss_mb(),
                                  path.stat().st_size / 2**20)
@@ -215,7 +262,8 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
         if batch != cfg.batch:
             log.info("resuming with the file's batch size %d (not %d) so batches line up",
                      batch, cfg.batch)
-        step = make_step(model, size=cfg.size, mode=cfg.preprocess, flip=cfg.flip, xla=cfg.xla)
+        if step is None or batch != cfg.batch:
+            step = make_runtime_step(cfg, model, ds, batch=batch, weights_sha=w_sha)
         todo = sum(writer.rows(s) - writer.rows_done(s) for s in ds.splits)
         done = 0
         t_start = time.perf_counter()
@@ -226,8 +274,8 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
                 if start >= hi:
                     continue
                 log.info("%s: rows %d..%d of %d", split, start, hi, ds.splits[split])
-                for images, labels in _prefetch(ds.batches(split, start, hi, batch)):
-                    feats, flipped = step(images)
+                for labels, feats, flipped in step.stream(
+                        _prefetch(ds.batches(split, start, hi, batch))):
                     writer.write(split, feats.astype(cfg.dtype, copy=False), labels,
                                  None if flipped is None else flipped.astype(cfg.dtype, copy=False))
                     done += len(labels)

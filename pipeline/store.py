@@ -32,7 +32,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import h5py
 import numpy as np
@@ -56,9 +56,17 @@ FEATURE_DTYPES = ("float32", "float16")
 PROVENANCE_KEYS = (
     "schema_version", "complete", "splits", "rows_done", "dataset", "dataset_sha256",
     "backbone", "weights", "weights_sha256", "image_size", "preprocess", "pooling", "dtype",
-    "precision", "flip", "batch_size", "tensorflow_version", "keras_version", "created_utc",
-    "config_sha256",
+    "precision", "runtime", "runtime_version", "flip", "batch_size", "tensorflow_version",
+    "keras_version", "created_utc", "config_sha256",
 )
+
+
+def _legacy_defaults(attrs: dict) -> dict:
+    """Files written before runtimes were recorded were all computed by TensorFlow."""
+    if "runtime" not in attrs:
+        attrs["runtime"] = "tensorflow"
+        attrs["runtime_version"] = attrs.get("tensorflow_version")
+    return attrs
 
 
 def chunk_rows(dim: int, itemsize: int) -> int:
@@ -187,7 +195,7 @@ def read_attrs(path: str | os.PathLike) -> dict:
     path = Path(path)
     with _open_h5(path, "r") as f:
         _check_schema(path, f.attrs)
-        return _attrs_dict(f.attrs)
+        return _legacy_defaults(_attrs_dict(f.attrs))
 
 
 # --------------------------------------------------------------------------- writing
@@ -219,11 +227,13 @@ class FeatureWriter:
     @classmethod
     def open(cls, path: str | os.PathLike, *, attrs: Mapping, classes: Iterable[str],
              splits: Mapping[str, SplitSpec | int], dim: int, dtype: str = "float32",
-             flip: bool = False, force: bool = False, wait: bool = False) -> "FeatureWriter":
+             flip: bool = False, force: bool = False, wait: bool = False,
+             accept: Callable[[dict], bool] | None = None) -> "FeatureWriter":
         """Open ``path`` for writing under ``attrs['config_sha256']``.
 
         - no file: create it (preallocated) and start from row 0;
-        - same config hash: reuse it (``complete`` tells whether anything is left to do);
+        - same config hash, or ``accept(its attrs)`` true (an older file of the same
+          configuration): reuse it (``complete`` tells whether anything is left to do);
         - another hash, or an unreadable file: refuse, unless ``force`` (then rebuild).
         """
         path = Path(path)
@@ -237,7 +247,7 @@ class FeatureWriter:
             for existing in (path, partial):
                 if not existing.exists():
                     continue
-                reason = cls._reusable(existing, attrs)
+                reason = cls._reusable(existing, attrs, accept)
                 if reason is None:
                     # a complete file is only read: a no-op must not touch it (make, mtimes)
                     h5 = h5py.File(existing, "r" if existing == path else "r+")
@@ -260,7 +270,8 @@ class FeatureWriter:
             raise
 
     @staticmethod
-    def _reusable(path: Path, attrs: Mapping) -> str | None:
+    def _reusable(path: Path, attrs: Mapping,
+                  accept: Callable[[dict], bool] | None = None) -> str | None:
         """None if the file at ``path`` was made with the same config, else why not."""
         try:
             with h5py.File(path, "r") as f:
@@ -276,10 +287,12 @@ class FeatureWriter:
                 f"one writes {SCHEMA_VERSION}); upgrade featcache, or choose another output name")
         if int(old["schema_version"]) != SCHEMA_VERSION:
             return f"has schema {old['schema_version']} (this featcache writes {SCHEMA_VERSION})"
-        if old.get("config_sha256") != attrs["config_sha256"]:
+        if old.get("config_sha256") != attrs["config_sha256"] and not (accept and accept(old)):
+            _legacy_defaults(old)
             changed = [k for k in ("dataset", "dataset_sha256", "backbone", "weights",
                                    "weights_sha256", "image_size", "preprocess", "pooling",
-                                   "dtype", "precision", "flip", "shard")
+                                   "dtype", "precision", "runtime", "runtime_version", "flip",
+                                   "shard")
                        if k in attrs and _json_safe(old.get(k)) != _json_safe(attrs[k])]
             what = ", ".join(changed) if changed else "settings"
             return f"was made with a different configuration ({what} differ)"
@@ -458,7 +471,7 @@ def load_features(path: str | os.PathLike, splits: Iterable[str] | None = None, 
     path = Path(path)
     with _open_h5(path, "r") as f:
         _check_schema(path, f.attrs)
-        attrs = _attrs_dict(f.attrs)
+        attrs = _legacy_defaults(_attrs_dict(f.attrs))
         if require_complete and not attrs.get("complete"):
             done = dict(zip(attrs.get("splits", []), attrs.get("rows_done", [])))
             raise IncompleteFeatureFile(
@@ -598,7 +611,8 @@ def _check_parts(parts: list[_Part]) -> None:
             if "config_sha256" in bad:
                 changed = [k for k in ("dataset", "dataset_sha256", "backbone", "weights",
                                        "weights_sha256", "image_size", "preprocess", "pooling",
-                                       "dtype", "precision", "flip", "limit", "seed")
+                                       "dtype", "precision", "runtime", "runtime_version",
+                                       "flip", "limit", "seed")
                            if p.attrs.get(k) != first.attrs.get(k)]
                 detail = f" ({', '.join(changed)} differ)" if changed else ""
             raise CacheError(

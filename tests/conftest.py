@@ -2,6 +2,7 @@
 
 - CIFAR-10: ``$FEATCACHE_REAL_DATA`` (a folder holding ``cifar-10-batches-py``), else
   ``../shared/data`` beside the checkout.
+- OpenVINO conversions: ``$FEATCACHE_CACHE_DIR``, a per-session temporary folder unless set.
 - ImageNet weights: ``$KERAS_HOME/models`` if it is writable and holds the MobileNetV2
   file, else a writable per-session copy of ``../shared/keras``, made when this file is
   imported (Keras reads ``KERAS_HOME`` once, when it is first imported).
@@ -49,6 +50,18 @@ def _prepare_keras_home() -> None:
 
 
 _prepare_keras_home()
+
+
+def _prepare_conversion_cache() -> None:
+    """One OpenVINO conversion cache for the whole session (subprocesses inherit it), so
+    tests share conversions and never write into the user's ~/.cache."""
+    if not os.environ.get("FEATCACHE_CACHE_DIR"):
+        d = tempfile.mkdtemp(prefix="featcache-cache-")
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
+        os.environ["FEATCACHE_CACHE_DIR"] = d
+
+
+_prepare_conversion_cache()
 
 
 def _skip_or_fail(reason: str):

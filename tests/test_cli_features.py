@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import ExtractConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,10 @@ def test_path_needs_no_tensorflow():
             "sys.argv = ['featcache', 'path', '--size', '96', '--flip'];"
             "runpy.run_module('pipeline', run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == "features/cifar10_mobilenet_v2_96_flip.h5", out.stderr
+    # the default runtime and precision as resolved here (_ov, _ov_bf16 or nothing)
+    want = ExtractConfig(size=96, flip=True).output_path
+    assert out.stdout.strip() == str(want), out.stderr
+    assert want.name.startswith("cifar10_mobilenet_v2_96") and want.name.endswith("_flip.h5")
 
 
 @pytest.mark.parametrize("args, msg", [

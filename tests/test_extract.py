@@ -87,13 +87,22 @@ def test_changed_dataset_is_stale(tmp_path):
 
 
 def test_file_names_spell_out_non_default_settings():
-    c = ExtractConfig()
+    tf = dict(runtime="tensorflow")
+    c = ExtractConfig(**tf)
     assert str(c.output_path) == "features/cifar10_mobilenet_v2_224.h5"
-    c = ExtractConfig(size=32, preprocess="scale01", flip=True, dtype="float16", limit=500)
+    c = ExtractConfig(size=32, preprocess="scale01", flip=True, dtype="float16", limit=500, **tf)
     assert c.output_path.name == "cifar10_mobilenet_v2_32_scale01_f16_flip_n500.h5"
-    assert ExtractConfig(backbone="inception_v3").output_path.name == "cifar10_inception_v3_299.h5"
+    assert ExtractConfig(backbone="inception_v3", **tf).output_path.name == \
+        "cifar10_inception_v3_299.h5"
     assert ExtractConfig(variant="x", shard=(1, 4)).output_path.name == \
         "cifar10_mobilenet_v2_224_x.part1of4.h5"
+    # the runtime and precision are spelled as resolved: OpenVINO files are never
+    # TensorFlow's, a bf16 file is never a float32 one
+    ov = dict(runtime="openvino", flip=True)
+    assert ExtractConfig(precision="float32", **ov).output_path.name == \
+        "cifar10_mobilenet_v2_224_ov_flip.h5"
+    assert ExtractConfig(precision="mixed_bfloat16", flip=True, **tf).output_path.name == \
+        "cifar10_mobilenet_v2_224_bf16_flip.h5"
     assert ExtractConfig(output="/tmp/o.h5").output_path.as_posix() == "/tmp/o.h5"
 
 
@@ -126,8 +135,8 @@ def test_make_step_accepts_uint8_of_any_size():
 
 
 def test_bfloat16_precision_stores_float32_close_to_float32(tmp_path):
-    f32 = store.load_features(extract_features(_cfg(tmp_path)).path)["test"].features
-    r = extract_features(_cfg(tmp_path, precision="mixed_bfloat16"))
+    f32 = store.load_features(extract_features(_cfg(tmp_path, runtime="tensorflow")).path)["test"].features
+    r = extract_features(_cfg(tmp_path, runtime="tensorflow", precision="mixed_bfloat16"))
     assert "bf16" in r.path.name
     bf = store.load_features(r.path)["test"].features
     assert bf.dtype == np.float32

@@ -123,7 +123,9 @@ def sha256(path: Path) -> str:
 
 
 def output_path(out_dir: Path) -> Path:
-    return out_dir / "faulty_mobilenet_025_32_random.h5"
+    """``faulty_mobilenet_025_32_random[_ov[_bf16]].h5``: the default runtime's name."""
+    return ExtractConfig(dataset="faulty", backbone="mobilenet_025", weights="none", size=32,
+                         batch=BATCH, out_dir=str(out_dir)).output_path
 
 
 def wait_for_rows(path: Path, proc: subprocess.Popen, timeout: float = 180) -> dict:

@@ -277,6 +277,14 @@ def test_file_broken_after_opening_is_a_clear_error(folder):
 
 # ---------------------------------------------------------------------------- stage one
 
+def _name(folder) -> str:
+    """``pets_mobilenet_025_32_random[_ov[_bf16]].h5``: the default runtime's name."""
+    from pipeline.config import ExtractConfig
+
+    return ExtractConfig(dataset=str(folder), backbone="mobilenet_025", weights="none",
+                         size=32).output_path.name
+
+
 def _extract(folder, out, **kw):
     from pipeline.config import ExtractConfig
     from pipeline.extract import extract_features
@@ -290,7 +298,7 @@ def test_extract_folder_end_to_end_and_staleness(folder, tmp_path):
     from pipeline.store import load_features
 
     res = _extract(folder, tmp_path / "out")
-    assert res.path.name == "pets_mobilenet_025_32_random.h5" and not res.cached
+    assert res.path.name == _name(folder) and not res.cached
     fs = load_features(res.path)
     assert fs.classes == list(CLASSES)
     ds = FolderDataset(folder, image_size=32)
@@ -319,7 +327,7 @@ def test_cli_features_on_a_folder(folder, tmp_path, capsys):
                "--weights", "none", "--size", "32", "--batch", "16",
                "--out-dir", str(tmp_path / "o")])
     assert rc == 0
-    assert "pets_mobilenet_025_32_random.h5" in capsys.readouterr().out
+    assert _name(folder) in capsys.readouterr().out
     rc = main(["features", "-q", "--dataset", str(tmp_path / "o"), "--backbone",
                "mobilenet_025", "--weights", "none", "--size", "32",
                "--out-dir", str(tmp_path / "o2")])
