@@ -46,6 +46,8 @@ class Settings:
     tp_warmup: int = 2             # batches excluded from the steady-state window
     matmul_n: int = 4096
     matmul_reps: int = 2           # matmuls timed per round
+    rt_images: int = 1024          # section 6: images per pipeline repetition (with mirrors)
+    rt_reps: int = 2               # section 6: alternating rounds over the runtimes
     #: section 3: (input size, --limit per split) runs, consecutive pairs compared
     rss_runs: tuple = ((224, 500), (224, 2500), (32, 2500), (32, None))
     stage2_feature_file: str | None = None  # None: section 1's own feature file
@@ -63,6 +65,7 @@ class Settings:
     @classmethod
     def quick(cls, **kw) -> "Settings":
         base = dict(mode="quick", size=64, n_train=128, n_test=64, tp_images=384, tp_reps=2,
+                    rt_images=256, rt_reps=2,
                     matmul_n=1024, matmul_reps=3, rss_runs=((64, 50), (64, 200)))
         base.update(kw)
         return cls(**base)

@@ -82,6 +82,15 @@ def headline_rows(r: dict) -> list[tuple[str, str, str]]:
                      f"{len(c['rows'])} rows, selection on validation, refit, test) on "
                      f"{c['n_train']:,} cached training rows",
                      f"{_f(c['seconds'])} s", f"best `{c.get('best')}`"))
+    if "s6" in r:
+        rows6 = r["s6"]["rows"]
+        rows.append((f"Stage one by runtime, {r['s6']['flops']['size']} px with mirrors, images/s (pipeline; "
+                     + ", ".join(x["label"] for x in rows6) + ")",
+                     " vs ".join(_f(x["pipeline_images_per_s"]) for x in rows6),
+                     " / ".join(f"**{x['vs_tensorflow']:.2f}x**" for x in rows6)
+                     + " of TensorFlow's"))
+        rows.append(("... each runtime's pipeline vs its own bare engine (goal >= 0.95)",
+                     ", ".join(f"{x['label']} {x['ratio']:.3f}" for x in rows6), ""))
     if "s5" in r:
         d = r["s5"]
         rows.append(("Repeated stage one with nothing changed: `make features` / "
@@ -155,8 +164,11 @@ def markdown(r: dict, chart_rel: str | None) -> str:
                       f"float32, {s['matmul_reps']} per round"],
         ["section 3", ", ".join(f"{a} px / --limit {b or 'none'}" for a, b in s["rss_runs"])],
         ["section 4 file", r.get("s4", {}).get("file", "n/a")],
+        ["section 6", f"{s.get('rt_reps', 'n/a')} alternating rounds of {s.get('rt_images', 0):,} "
+                      f"images with mirrors per runtime (pipeline and bare engine)"],
     ])
-    for key, fn in (("s1", _s1), ("s2", _s2), ("s3", _s3), ("s4", _s4), ("s5", _s5)):
+    for key, fn in (("s1", _s1), ("s2", _s2), ("s3", _s3), ("s4", _s4), ("s5", _s5),
+                    ("s6", _s6)):
         if key in r:
             L += [""] + fn(r[key], r) + [""]
             if key in load:
@@ -275,6 +287,34 @@ def _s5(d: dict, r: dict) -> list[str]:
     if "make_note" in d:
         L += ["", f"`make features`: {d['make_note']}"]
     L += ["", f"Command: `{d['cli_cmd']}`"]
+    return L
+
+
+def _s6(d: dict, r: dict) -> list[str]:
+    fl = d["flops"]
+    L = ["## 6. Stage one runtimes", "",
+         f"Each runtime in {len(d['rows'][0]['pipeline'])} alternating rounds on the same "
+         f"{d['images_per_rep']:,} images: the **pipeline** (`extract_features --flip` through "
+         f"that runtime, steady state; conversion done once before the rounds and cached) and "
+         f"its **bare engine** (the backbone alone in the same engine on a pre-made, "
+         f"preprocessed {fl['size']} px batch and its mirror). FLOP/s count "
+         f"{2 * fl['flops'] / 1e9:.3f} GFLOP per image (the image and its mirror) against the "
+         f"median {d['matmul_n']}x{d['matmul_n']} float32 matmul of the same rounds "
+         f"({_f(d['matmul_gflops_median'])} GFLOP/s).", ""]
+    L += _table(["runtime", "pipeline img/s", "vs TensorFlow float32", "bare engine img/s",
+                 "pipeline / bare", "pipeline GFLOP/s", "fraction of matmul",
+                 "rounds (pipeline img/s)"],
+                [[x["label"], f"**{_f(x['pipeline_images_per_s'])}**",
+                  f"**{x['vs_tensorflow']:.2f}x**", _f(x["bare_images_per_s"]),
+                  f"{x['ratio']:.3f}", _f(x["pipeline_gflops"]),
+                  f"{x['pipeline_flops_ratio']:.3f}",
+                  ", ".join(_f(p["images_per_s"]) for p in x["pipeline"])]
+                 for x in d["rows"]])
+    for why in d.get("skipped", []):
+        L += ["", f"Not run: {why}."]
+    L += ["", "Setup before the rounds (first run: model build, and for OpenVINO the "
+          "conversion into the cache), s: "
+          + ", ".join(f"{k} {_f(v)}" for k, v in d["setup_s"].items()) + "."]
     return L
 
 

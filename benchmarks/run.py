@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--out BENCHMARKS.md]``: run the five sections, print
+"""``python -m benchmarks [--quick] [--out BENCHMARKS.md]``: run the six sections, print
 what was measured as it goes, write the markdown report, its chart and a JSON dump.
 
 Writes ``--out`` (default ``BENCHMARKS.md``), ``--chart`` (default ``docs/bench.png``
@@ -20,7 +20,7 @@ from pathlib import Path
 from . import env
 
 SECTIONS = {1: "tutorial vs featcache", 2: "stage one vs bare backbone",
-            3: "peak RSS", 4: "stage two", 5: "cache hit"}
+            3: "peak RSS", 4: "stage two", 5: "cache hit", 6: "stage one runtimes"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feature-file", default=None,
                    help="stage two on this file (default, full mode: "
                         "features/cifar10_mobilenet_v2_224_flip.h5 when present)")
-    p.add_argument("--sections", default="1,2,3,4,5",
-                   help="comma-separated subset of 1-5 (default: all)")
+    p.add_argument("--sections", default="1,2,3,4,5,6",
+                   help="comma-separated subset of 1-6 (default: all)")
     return p.parse_args(argv)
 
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     except ValueError:
         sections = [0]
     if not sections or not set(sections) <= set(SECTIONS):
-        print(f"benchmarks: error: --sections takes numbers from 1-5, not {args.sections}",
+        print(f"benchmarks: error: --sections takes numbers from 1-6, not {args.sections}",
               file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     for note in s.notes:
         print(f"NOTE: {note}")
 
-    from . import processes, stage2, throughput, tutorial
+    from . import processes, runtimes, stage2, throughput, tutorial
 
     def section(n: int, fn):
         if n not in sections:
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     if 5 in sections:
         mem = res.get("s3") or processes.run_memory(s)
         section(5, lambda: processes.run_cache_hit(s, mem))
+
+    section(6, lambda: runtimes.run(s))
 
     res["total_s"] = time.perf_counter() - t_start
     res["load_end"] = env.load()

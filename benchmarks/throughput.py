@@ -1,6 +1,7 @@
 """Section 2: stage one vs the bare backbone, and the backbone vs the machine's matmul peak.
 
-- **Pipeline** (A): :func:`pipeline.extract.extract_features` end to end on uint8 32 px
+- **Pipeline** (A): :func:`pipeline.extract.extract_features` (TensorFlow runtime; section 6
+  compares the runtimes) end to end on uint8 32 px
   images (read, resize and preprocess in the graph, forward, write to HDF5), timed over
   its steady state: from the end of batch ``tp_warmup`` to the end of the last batch
   (progress callbacks), so model building, tracing and file creation are excluded (and
@@ -99,8 +100,12 @@ def matmul_gflops(n: int, reps: int, *, state: dict) -> list[float]:
     return out
 
 
-def pipeline_rep(s: Settings, ds, out: Path) -> dict:
-    """One full ``extract_features`` run into a fresh file; steady-state images/s."""
+def pipeline_rep(s: Settings, ds, out: Path, *, runtime: str = "tensorflow",
+                 precision: str = "float32", flip: bool = False) -> dict:
+    """One full ``extract_features`` run into a fresh file; steady-state images/s.
+
+    Section 2 times the TensorFlow runtime (its bare side is a ``tf.function``); section 6
+    (:mod:`benchmarks.runtimes`) passes each runtime."""
     from pipeline.config import ExtractConfig
     from pipeline.extract import extract_features
     from pipeline.store import partial_path
@@ -110,7 +115,8 @@ def pipeline_rep(s: Settings, ds, out: Path) -> dict:
     stamps: list[tuple[float, int]] = []
     cfg = ExtractConfig(dataset=ds.name, data_dir=s.data_dir, backbone=s.backbone,
                         size=s.size, batch=s.batch, weights=s.weights, seed=s.seed,
-                        output=str(out), download=False)
+                        runtime=runtime, precision=precision, flip=flip, output=str(out),
+                        download=False)
     t0 = time.perf_counter()
     res = extract_features(cfg, dataset=ds,
                            progress=lambda p: stamps.append((time.perf_counter(), p.done)))

@@ -175,14 +175,23 @@ def _convert(graph: Callable, input_shape: tuple, input_dtype: str):
     return ov.convert_model(fn)
 
 
-def load_or_convert(key: dict, graph: Callable, *, root: Path | None = None):
+def _conversion_error(key: dict, exc: BaseException) -> ConversionError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConversionError(
+        f"OpenVINO could not convert {key['backbone']} ({first[:200]}); run it with "
+        f"--runtime tensorflow (make: RUNTIME=tensorflow)")
+
+
+def load_or_convert(key: dict, graph: Callable, *, root: Path | None = None, core=None):
     """The converted ``ov.Model`` for ``key``: from the cache, else converted and cached.
 
-    Returns ``(model, converted)``. A damaged or mismatching entry is converted again.
+    Returns ``(model, converted)``. A damaged or mismatching entry is converted again; a
+    cache that cannot be written is warned about and the conversion used all the same.
+    A failed conversion is a :class:`ConversionError` naming the TensorFlow fallback.
     """
     import openvino as ov
 
-    core = ov.Core()
+    core = core or ov.Core()
     entry = (root or cache_dir()) / "openvino" / _key_hash(key)[:24]
     manifest = entry / "key.json"
     if entry.exists():
@@ -203,10 +212,15 @@ def load_or_convert(key: dict, graph: Callable, *, root: Path | None = None):
     t0 = time.perf_counter()
     log.info("converting %s to OpenVINO (once per key; cached in %s)", key["backbone"],
              entry.parent)
-    model = _convert(graph, tuple(key["input_shape"]), key["input_dtype"])
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp", dir=entry.parent))
     try:
+        model = _convert(graph, tuple(key["input_shape"]), key["input_dtype"])
+    except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
+        raise _conversion_error(key, exc) from None
+    log.info("converted in %.1f s", time.perf_counter() - t0)
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp", dir=entry.parent))
         ov.save_model(model, tmp / "model.xml", compress_to_fp16=False)
         sums = {n: _file_sha256(tmp / n) for n in ("model.xml", "model.bin")}
         (tmp / "key.json").write_text(json.dumps({"key": key, "sha256": sums}, indent=1,
@@ -215,10 +229,15 @@ def load_or_convert(key: dict, graph: Callable, *, root: Path | None = None):
             os.rename(tmp, entry)
         except OSError:  # another process cached the same key meanwhile: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        log.warning("could not cache the conversion in %s (%s); it is converted again next "
+                    "time", entry.parent, exc)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("converted in %.1f s", time.perf_counter() - t0)
     return model, True
 
 
@@ -283,30 +302,24 @@ def openvino_step(graph: Callable, key: dict, *, batch: int, threads: int | None
                   root: Path | None = None) -> OpenVINOStep:
     """Convert (or load from the cache) and compile ``graph`` for ``key`` at ``batch``.
 
-    Any failure to convert or compile becomes one :class:`ConversionError` line that names
+    A failure to convert or compile becomes one :class:`ConversionError` line that names
     the TensorFlow fallback.
     """
     import openvino as ov
 
     precision = key["precision"]
+    core = ov.Core()
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise ConfigError("--precision bf16: OpenVINO reports no bfloat16 support on this "
+                          "CPU; use --precision float32")
+    model, _ = load_or_convert(key, graph, root=root, core=core)
+    config = {"PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
     try:
-        core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU",
-                                                                   "OPTIMIZATION_CAPABILITIES"):
-            raise ConfigError("--precision bf16: OpenVINO reports no bfloat16 support on this "
-                              "CPU; use --precision float32")
-        model, _ = load_or_convert(key, graph, root=root)
         model.reshape({model.inputs[0]: [batch, *key["input_shape"]]})
-        config = {"PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
         compiled = core.compile_model(model, "CPU", config)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(
-            f"OpenVINO could not convert {key['backbone']} ({first[:200]}); run it with "
-            f"--runtime tensorflow (make: RUNTIME=tensorflow)") from None
+    except Exception as exc:  # noqa: BLE001 - an op the CPU plugin cannot compile
+        raise _conversion_error(key, exc) from None
     return OpenVINOStep(compiled, batch=batch, flip=key["flip"], input_dtype=key["input_dtype"])

@@ -40,7 +40,7 @@ def _positive(x) -> bool:
 def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
     md, r = quick_run["md"], quick_run["json"]
     for heading in ("## Headline", "## Settings", "## 1. ", "## 2. ", "## 3. ", "## 4. ",
-                    "## 5. "):
+                    "## 5. ", "## 6. "):
         assert heading in md, heading
     # settings, device and the loud fallback notes are printed with the numbers
     assert "**Device used:** CPU (no GPU" in md or "**Device used:** GPU: " in md
@@ -77,6 +77,20 @@ def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
     s5 = r["s5"]
     assert _positive(s5["cli_repeat_s"]) and _positive(s5["cli_first_s"])
     assert "make_repeat_s" in s5 or "make_note" in s5
+
+    s6 = r["s6"]
+    labels = [x["label"] for x in s6["rows"]]
+    assert labels[:2] == ["TensorFlow float32", "OpenVINO float32"]
+    assert labels[2:] in ([], ["OpenVINO bf16"])
+    assert bool(s6["skipped"]) == (len(labels) == 2)   # bf16 is said to be left out, not hidden
+    for x in s6["rows"]:
+        assert _positive(x["pipeline_images_per_s"]) and _positive(x["bare_images_per_s"])
+        assert _positive(x["ratio"]) and _positive(x["pipeline_flops_ratio"])
+        assert len(x["pipeline"]) == len(x["bare"]) == r["settings"]["rt_reps"]
+        for p, b in zip(x["pipeline"], x["bare"]):
+            assert p["batches"] == b["batches"] > 0
+        assert f"{x['ratio']:.3f}" in md
+    assert s6["rows"][0]["vs_tensorflow"] == 1.0
 
     # the ratios in the headline table are the ones in the JSON
     assert f"**{s2['ratio']:.3f}**" in md and f"**{pairs[0]['rss_ratio']:.3f}**" in md

@@ -1,0 +1,47 @@
+"""Ad-hoc measurement: does the exported ``.keras`` model (which runs in Keras/TensorFlow)
+predict what the pipeline predicts when stage one ran on OpenVINO?
+
+Extracts the first N training and N test CIFAR-10 images with the default runtime (OpenVINO
+on a CPU), fits ``logreg`` on them (``featcache heads``), exports it (``featcache export``),
+then compares on the N test images the head's predictions on the cached OpenVINO features
+with the exported model's predictions on the raw images: top-1 agreement, and each one's
+accuracy.
+
+Run: ``KERAS_HOME=... python benchmarks/agreement.py [N]`` (CIFAR-10 from
+FEATCACHE_REAL_DATA or ../shared/data); writes under ``bench-out/agreement/``.
+"""
+import os
+import sys
+
+import numpy as np
+
+from pipeline.compare import compare_heads
+from pipeline.config import ExtractConfig, HeadsConfig
+from pipeline.datasets import open_dataset
+from pipeline.export import export_model, load_classifier, resolve_head
+from pipeline.extract import extract_features
+from pipeline.heads import load_head
+from pipeline.store import load_features
+
+DATA = os.environ.get("FEATCACHE_REAL_DATA", "../shared/data")
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+OUT = "bench-out/agreement"
+
+r = extract_features(ExtractConfig(data_dir=DATA, limit=N, out_dir=OUT, download=False))
+fs = load_features(r.path)
+print(f"features: {r.path} (runtime {fs.attrs['runtime']} {fs.attrs['runtime_version']}, "
+      f"precision {fs.attrs['precision']})")
+hc = HeadsConfig(feature_file=str(r.path), heads=("logreg",), flip="off")
+compare_heads(hc)
+_, head_path, _ = resolve_head(hc.report_dir, "logreg")
+pipe = np.asarray(load_head(head_path).predict(fs["test"].features))
+exported = export_model(r.path, head="logreg")
+clf = load_classifier(exported.path)
+ds = open_dataset("cifar10", data_dir=DATA, download=False, limit=N)
+keras_pred = np.concatenate([clf.probabilities(images).argmax(1)
+                             for images, _ in ds.batches("test", 0, N, 64)])
+labels = fs["test"].labels
+print(f"exported model {exported.path} (Keras {__import__('keras').__version__})")
+print(f"{N} test images: top-1 agreement exported vs pipeline {np.mean(keras_pred == pipe):.4f} "
+      f"({int(np.sum(keras_pred != pipe))} differ); accuracy pipeline {np.mean(pipe == labels):.4f}, "
+      f"exported {np.mean(keras_pred == labels):.4f}")

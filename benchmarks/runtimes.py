@@ -1,0 +1,151 @@
+"""Section 6: stage one's runtimes side by side — TensorFlow float32, OpenVINO float32 and
+OpenVINO bf16 (where the CPU has it).
+
+For each runtime, in alternating rounds on the same images:
+
+- **pipeline**: :func:`pipeline.extract.extract_features` end to end with ``--flip`` (as
+  ``make features`` runs it) through that runtime, steady-state images/s from the progress
+  callback (:func:`benchmarks.throughput.pipeline_rep`); the conversion, when there is one,
+  is done once before the rounds (the on-disk cache), so it is outside every window;
+- **bare engine**: the backbone alone in that engine — a ``tf.function`` of the Keras model,
+  or the backbone converted by ``ov.convert_model`` and compiled with the same hints — on
+  one pre-made, resized and preprocessed float32 batch and its mirror (two forward passes
+  per image, as the pipeline does), same batch size and number of batches.
+
+Achieved FLOP/s = FLOPs per image (x2 for the mirror) x images/s, against the median
+FLOP/s of the float32 matmul timed in the same rounds
+(:func:`benchmarks.throughput.matmul_gflops`). Writes ``<work_dir>/s6_<runtime>.h5``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from .env import Settings, open_subset
+from .throughput import count_flops, matmul_gflops, pipeline_rep
+
+log = logging.getLogger(__name__)
+
+
+def engines() -> list[tuple[str, str]]:
+    """(runtime, precision) pairs this machine can run."""
+    from pipeline.runtime import cpu_has_bf16
+
+    out = [("tensorflow", "float32"), ("openvino", "float32")]
+    if cpu_has_bf16():
+        out.append(("openvino", "bf16"))
+    return out
+
+
+def label(runtime: str, precision: str) -> str:
+    return f"{'TensorFlow' if runtime == 'tensorflow' else 'OpenVINO'} {precision}"
+
+
+class BareEngine:
+    """The backbone alone in one engine, on one pre-made preprocessed batch and its mirror."""
+
+    def __init__(self, s: Settings, ds, runtime: str, precision: str):
+        import numpy as np
+        import tensorflow as tf
+
+        from pipeline.backbones import build_backbone, get_backbone, preprocess
+
+        spec = get_backbone(s.backbone)
+        model = build_backbone(spec, weights=s.weights, seed=s.seed)
+        images, _ = next(ds.batches("train", 0, s.batch, s.batch))
+        x = tf.image.resize(tf.cast(images, tf.float32), (s.size, s.size), method="bilinear")
+        x = preprocess(x, spec.preprocess).numpy()
+        self.inputs = [x, np.ascontiguousarray(x[:, :, ::-1])]
+        if runtime == "tensorflow":
+            fn = tf.function(lambda t: tf.cast(model(t, training=False), tf.float32))
+            consts = [tf.constant(v) for v in self.inputs]
+            self.run = lambda: [fn(c).numpy() for c in consts]
+        else:
+            import openvino as ov
+
+            from pipeline.runtime import _convert
+
+            graph = lambda t: {"features": tf.cast(model(t, training=False), tf.float32)}  # noqa: E731
+            m = _convert(graph, (s.size, s.size, 3), "float32")
+            m.reshape({m.inputs[0]: [s.batch, s.size, s.size, 3]})
+            compiled = ov.Core().compile_model(m, "CPU", {
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"})
+            req = compiled.create_infer_request()
+
+            def run():
+                out = []
+                for v in self.inputs:
+                    req.infer({0: v})
+                    out.append(req.get_output_tensor(0).data.copy())
+                return out
+            self.run = run
+        self.run()  # trace / first inference
+        self.batch, self.warmup = s.batch, s.tp_warmup
+
+    def rep(self, batches: int) -> dict:
+        for _ in range(self.warmup):
+            self.run()
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            self.run()
+        dt = time.perf_counter() - t0
+        return {"images_per_s": batches * self.batch / dt, "images": batches * self.batch,
+                "batches": batches, "seconds": dt}
+
+
+def run(s: Settings) -> dict:
+    """Section 6: every engine's pipeline and bare rates, ratios, FLOP/s vs matmul."""
+    work = Path(s.work_dir)
+    ds = open_subset(s, {"train": s.rt_images})
+    flops = count_flops(s.backbone, s.size)
+    todo = engines()
+    bares, t_setup = {}, {}
+    for rt, prec in todo:
+        t0 = time.perf_counter()
+        # the first pipeline run converts (OpenVINO) and fills the conversion cache
+        pipeline_rep(s, ds, work / f"s6_{rt}_{prec}.h5", runtime=rt, precision=prec, flip=True)
+        bares[(rt, prec)] = BareEngine(s, ds, rt, prec)
+        t_setup[f"{rt}/{prec}"] = time.perf_counter() - t0
+    pipe = {e: [] for e in todo}
+    bare = {e: [] for e in todo}
+    mm, mm_state = [], {}
+    for r in range(s.rt_reps):
+        order = todo if r % 2 == 0 else todo[::-1]
+        for e in order:
+            steps = ("pipe", "bare") if r % 2 == 0 else ("bare", "pipe")
+            for which in steps:
+                if which == "pipe":
+                    pipe[e].append(pipeline_rep(s, ds, work / f"s6_{e[0]}_{e[1]}.h5",
+                                                runtime=e[0], precision=e[1], flip=True))
+                else:
+                    n = pipe[e][-1]["batches"] if pipe[e] else \
+                        -(-s.rt_images // s.batch) - s.tp_warmup
+                    bare[e].append(bares[e].rep(n))
+        mm.extend(matmul_gflops(s.matmul_n, s.matmul_reps, state=mm_state))
+        log.info("round %d: %s", r, ", ".join(
+            f"{label(*e)} {pipe[e][-1]['images_per_s']:.1f}/{bare[e][-1]['images_per_s']:.1f}"
+            for e in todo))
+    mm_med = statistics.median(mm)
+    per_image = 2 * flops["flops"]  # the image and its mirror
+    rows = []
+    base = None
+    for e in todo:
+        p = statistics.median(x["images_per_s"] for x in pipe[e])
+        b = statistics.median(x["images_per_s"] for x in bare[e])
+        base = base or p
+        rows.append({"runtime": e[0], "precision": e[1], "label": label(*e),
+                     "pipeline": pipe[e], "bare": bare[e],
+                     "pipeline_images_per_s": p, "bare_images_per_s": b, "ratio": p / b,
+                     "vs_tensorflow": p / base,
+                     "pipeline_gflops": p * per_image / 1e9, "bare_gflops": b * per_image / 1e9,
+                     "pipeline_flops_ratio": p * per_image / 1e9 / mm_med,
+                     "bare_flops_ratio": b * per_image / 1e9 / mm_med})
+    skipped = [] if len(todo) == 3 else [
+        "OpenVINO bf16: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16)"]
+    return {"rows": rows, "flops": flops, "matmul_gflops": mm, "matmul_gflops_median": mm_med,
+            "matmul_n": s.matmul_n, "images_per_rep": s.rt_images, "setup_s": t_setup,
+            "skipped": skipped, "flip": True}
