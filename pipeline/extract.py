@@ -9,8 +9,7 @@ backbone with ``training=False`` (and again on the mirrored images with ``--flip
 pooled features come back as float32 and are written at once. The runtime
 (:mod:`pipeline.runtime`) decides what runs that graph: TensorFlow (a ``tf.function``), or
 OpenVINO (the same graph converted once and cached on disk, compiled for a fixed batch
-size, with two infer requests in flight so the next batch runs while this one is
-written). A reader thread keeps the next batches ready while the backbone runs. Nothing
+size; a short last batch is padded). A reader thread keeps the next batches ready while the backbone runs. Nothing
 of size N is ever held: peak memory is a few batches plus the model.
 """
 
@@ -110,8 +109,7 @@ def step_graph(model, *, size: int, mode: str, flip: bool = False):
 
 
 def make_step(model, *, size: int, mode: str, flip: bool = False, xla: bool = False):
-    """TensorFlow's compiled ``images -> (features, flipped features or None)`` function
-    (with a ``stream`` method like :class:`~pipeline.runtime.OpenVINOStep`'s)."""
+    """TensorFlow's compiled ``images -> (features, flipped features or None)`` function."""
     import tensorflow as tf
 
     step = tf.function(step_graph(model, size=size, mode=mode, flip=flip), jit_compile=xla,
@@ -121,7 +119,6 @@ def make_step(model, *, size: int, mode: str, flip: bool = False, xla: bool = Fa
         out = step(images)
         return out["features"].numpy(), (out["features_flip"].numpy() if flip else None)
 
-    run.stream = lambda batches: ((labels, *run(images)) for images, labels in batches)
     return run
 
 
@@ -274,8 +271,8 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
                 if start >= hi:
                     continue
                 log.info("%s: rows %d..%d of %d", split, start, hi, ds.splits[split])
-                for labels, feats, flipped in step.stream(
-                        _prefetch(ds.batches(split, start, hi, batch))):
+                for images, labels in _prefetch(ds.batches(split, start, hi, batch)):
+                    feats, flipped = step(images)
                     writer.write(split, feats.astype(cfg.dtype, copy=False), labels,
                                  None if flipped is None else flipped.astype(cfg.dtype, copy=False))
                     done += len(labels)

@@ -83,7 +83,7 @@ def results_csv(results: dict) -> str:
 def report_markdown(results: dict) -> str:
     prov = results["provenance"]
     keys = ("dataset", "backbone", "weights", "image_size", "preprocess", "pooling", "flip",
-            "dataset_sha256", "config_sha256", "created_utc")
+            "runtime", "precision", "dataset_sha256", "config_sha256", "created_utc")
     rows = results["rows"]
     return "\n".join([
         f"# Heads on `{results['feature_file']}`", "",

@@ -69,8 +69,9 @@ def extracted(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("exp")
     folder = make_image_folder(root / "pets", copies=2)
+    # float32 on every CPU: the exported model (Keras, float32) is compared at 1e-4
     cfg = ExtractConfig(dataset=str(folder), backbone="mobilenet_025", weights="none", size=32,
-                        batch=8, flip=True, out_dir=str(root / "features"))
+                        batch=8, flip=True, precision="float32", out_dir=str(root / "features"))
     path = extract_features(cfg).path
     fs = load_features(path)
     head = LinearStandIn().fit(fs["train"].features, fs["train"].labels)
@@ -225,7 +226,7 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
     assert set(per_class.values()) == {50}
 
     cfg = ExtractConfig(dataset=str(folder), backbone="mobilenet_v2", size=224, batch=50,
-                        val_fraction=0.4, out_dir=str(tmp_path / "features"))
+                        val_fraction=0.4, precision="float32", out_dir=str(tmp_path / "features"))
     fs = load_features(extract_features(cfg).path)
     assert len(fs["train"]) == 300 and len(fs["test"]) == 200
     from pipeline.heads import get_head
