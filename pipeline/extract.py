@@ -9,8 +9,9 @@ backbone with ``training=False`` (and again on the mirrored images with ``--flip
 pooled features come back as float32 and are written at once. The runtime
 (:mod:`pipeline.runtime`) decides what runs that graph: TensorFlow (a ``tf.function``), or
 OpenVINO (the same graph converted once and cached on disk, compiled for a fixed batch
-size; a short last batch is padded). A reader thread keeps the next batches ready while the backbone runs. Nothing
-of size N is ever held: peak memory is a few batches plus the model.
+size; a short last batch is padded). A reader thread keeps the next batches ready while
+the backbone runs. Nothing of size N is ever held: peak memory is a few batches plus the
+model (and, with OpenVINO, its compiled copy).
 """
 
 from __future__ import annotations
