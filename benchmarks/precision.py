@@ -1,4 +1,4 @@
-"""Ad-hoc measurement of --precision mixed_bfloat16 vs float32 (speed on the same batches,
+"""Ad-hoc measurement of TensorFlow's --precision mixed_bfloat16 vs float32 (--runtime tensorflow; speed on the same batches,
 alternating, and the accuracy of a logistic probe on 1,000/1,000 real CIFAR-10 images).
 Run: KERAS_HOME=... python benchmarks/precision.py (CIFAR-10 from FEATCACHE_REAL_DATA or ../shared/data)."""
 import time, numpy as np, os
@@ -26,7 +26,7 @@ for bb in ["mobilenet_v2", "resnet50"]:
     print(bb, {p: round(float(np.median(v)), 1) for p, v in t.items()}, "bf16/f32 speed ratio", round(np.median(t["mixed_bfloat16"]) / np.median(t["float32"]), 2))
 accs = {}
 for p in ("float32", "mixed_bfloat16"):
-    r = extract_features(ExtractConfig(data_dir=DATA, precision=p, limit=1000, out_dir="bench-out/precision", download=False))
+    r = extract_features(ExtractConfig(data_dir=DATA, runtime="tensorflow", precision=p, limit=1000, out_dir="bench-out/precision", download=False))
     fs = load_features(r.path)
     sc = StandardScaler().fit(fs["train"].features)
     clf = LogisticRegression(C=0.01, max_iter=1000).fit(sc.transform(fs["train"].features), fs["train"].labels)
