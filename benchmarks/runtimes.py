@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from .env import Settings, open_subset
-from .throughput import count_flops, matmul_gflops, pipeline_rep
+from .throughput import Bare, count_flops, matmul_gflops, pipeline_rep
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ def label(runtime: str, precision: str) -> str:
     return f"{'TensorFlow' if runtime == 'tensorflow' else 'OpenVINO'} {precision}"
 
 
-class BareEngine:
-    """The backbone alone in one engine, on one pre-made preprocessed batch and its mirror."""
+class BareEngine(Bare):
+    """The backbone alone in one engine, on one pre-made preprocessed batch and its mirror
+    (timed by :meth:`Bare.rep`)."""
 
     def __init__(self, s: Settings, ds, runtime: str, precision: str):
         import numpy as np
@@ -62,7 +63,7 @@ class BareEngine:
         if runtime == "tensorflow":
             fn = tf.function(lambda t: tf.cast(model(t, training=False), tf.float32))
             consts = [tf.constant(v) for v in self.inputs]
-            self.run = lambda: [fn(c).numpy() for c in consts]
+            self._run = lambda: [fn(c).numpy() for c in consts]
         else:
             import openvino as ov
 
@@ -82,19 +83,12 @@ class BareEngine:
                     req.infer({0: v})
                     out.append(req.get_output_tensor(0).data.copy())
                 return out
-            self.run = run
-        self.run()  # trace / first inference
+            self._run = run
+        self.step()  # trace / first inference
         self.batch, self.warmup = s.batch, s.tp_warmup
 
-    def rep(self, batches: int) -> dict:
-        for _ in range(self.warmup):
-            self.run()
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            self.run()
-        dt = time.perf_counter() - t0
-        return {"images_per_s": batches * self.batch / dt, "images": batches * self.batch,
-                "batches": batches, "seconds": dt}
+    def step(self):
+        return self._run()
 
 
 def run(s: Settings) -> dict:

@@ -142,15 +142,19 @@ class Bare:
         x = tf.image.resize(tf.cast(images, tf.float32), (s.size, s.size), method="bilinear")
         self.x = tf.constant(preprocess(x, spec.preprocess))
         self.fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
-        self.fn(self.x).numpy()  # trace
+        self.step()  # trace
         self.batch, self.warmup = s.batch, s.tp_warmup
+
+    def step(self):
+        """One batch through the engine, results fetched."""
+        return self.fn(self.x).numpy()
 
     def rep(self, batches: int) -> dict:
         for _ in range(self.warmup):
-            self.fn(self.x).numpy()
+            self.step()
         t0 = time.perf_counter()
         for _ in range(batches):
-            self.fn(self.x).numpy()
+            self.step()
         dt = time.perf_counter() - t0
         return {"images_per_s": batches * self.batch / dt, "images": batches * self.batch,
                 "batches": batches, "seconds": dt}
