@@ -37,11 +37,13 @@ reported on its own and the others still get their result.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
-import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -322,7 +324,9 @@ def _write(model, fixed, out: Path, fmt: str) -> float:
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.export(str(tmp), format="tf_saved_model", verbose=False)
-        got = tf.saved_model.load(str(tmp)).serve(tf.constant(probe)).numpy()
+        loaded = tf.saved_model.load(str(tmp))  # keep it referenced while serve runs
+        got = loaded.serve(tf.constant(probe)).numpy()
+        del loaded
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -332,7 +336,9 @@ def _write(model, fixed, out: Path, fmt: str) -> float:
     else:
         converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
         try:
-            data = converter.convert()
+            # the converter saves a temporary SavedModel and prints its signature to stdout
+            with contextlib.redirect_stdout(io.StringIO()), _quiet_native():
+                data = converter.convert()
         except Exception as exc:  # noqa: BLE001 - the converter raises many types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"TFLite conversion failed ({first[:200]}); export --format "
@@ -441,6 +447,26 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
 
 # ---------------------------------------------------------------------------- predict
 
+@contextlib.contextmanager
+def _quiet_native():
+    """File descriptor 2 to /dev/null while native code runs that logs on its own, e.g.
+    TFLite's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." — when TensorFlow's
+    INFO lines are off too (``TF_CPP_MIN_LOG_LEVEL`` >= 1, as the CLI sets it unless
+    ``--verbose``)."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        yield
+        return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def _tflite_interpreter(**kw):
     """A TFLite interpreter: LiteRT's (``ai_edge_litert``) where installed, else
     TensorFlow's own ``tf.lite.Interpreter`` (its deprecation warning silenced)."""
@@ -456,18 +482,20 @@ def _tflite_interpreter(**kw):
 
 
 def _tflite_runner(**kw) -> Callable[[np.ndarray], np.ndarray]:
-    it = _tflite_interpreter(**kw)
+    with _quiet_native():
+        it = _tflite_interpreter(**kw)
     inp, = it.get_input_details()
     out, = it.get_output_details()
     state = {"n": None}
 
     def run(x: np.ndarray) -> np.ndarray:
-        if state["n"] != len(x):
-            it.resize_tensor_input(inp["index"], list(x.shape))
-            it.allocate_tensors()
-            state["n"] = len(x)
-        it.set_tensor(inp["index"], np.ascontiguousarray(x, np.float32))
-        it.invoke()
+        with _quiet_native():
+            if state["n"] != len(x):
+                it.resize_tensor_input(inp["index"], list(x.shape))
+                it.allocate_tensors()
+                state["n"] = len(x)
+            it.set_tensor(inp["index"], np.ascontiguousarray(x, np.float32))
+            it.invoke()
         return np.array(it.get_tensor(out["index"]))
 
     return run
@@ -556,8 +584,8 @@ def _runner(path: Path, fmt: str, size: int) -> Callable[[np.ndarray], np.ndarra
         fn = tf.function(lambda x: model(x, training=False), input_signature=spec)
         return lambda x: fn(x).numpy()
     if fmt == "savedmodel":
-        serve = tf.saved_model.load(str(path)).serve
-        return lambda x: serve(tf.constant(x)).numpy()
+        loaded = tf.saved_model.load(str(path))  # the closure keeps its variables alive
+        return lambda x: loaded.serve(tf.constant(x)).numpy()
     if fmt == "tflite":
         return _tflite_runner(model_path=str(path))
     raise DataError(f"{sidecar_path(path)} names an unknown format {fmt!r}")
