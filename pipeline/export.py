@@ -214,6 +214,29 @@ def _keras_head(estimator, name: str):
         raise _not_exportable(name, str(exc)) from None
 
 
+def _inference_only(head_model):
+    """``head_model`` without its training-only layers (Dropout, noise): a saved model is
+    called as ``model(x)`` by users, and a SavedModel's ``serve`` was traced, with
+    ``training`` unset — and Keras then ran the dense head's Dropout (probabilities changed
+    by up to 1.0 between two calls). The other layers are reused, weights and all."""
+    import keras
+
+    L = keras.layers
+    noise = (L.Dropout, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout)
+    if not any(isinstance(layer, noise) for layer in _all_layers(head_model)):
+        return head_model
+    return keras.models.clone_model(
+        head_model, recursive=True,
+        clone_function=lambda layer: L.Identity(name=layer.name)
+        if isinstance(layer, noise) else layer)
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _all_layers(layer)
+
+
 def _probe(estimator, head_model, X: np.ndarray) -> float:
     """Max |Keras head - predict_proba| on ``X``, rows of the feature file (real features:
     random ones can be far outside what a head was fitted on, where e.g. rbf_svm's cosine
@@ -386,7 +409,7 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
         from .heads import load_head
 
         estimator = load_head(path)
-    head_model = _keras_head(estimator, name)
+    head_model = _inference_only(_keras_head(estimator, name))
     backbone = rebuild_backbone(attrs, weights)
     dim = int(backbone.output_shape[-1])
     if int(head_model.input_shape[-1]) != dim:

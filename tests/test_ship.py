@@ -88,8 +88,9 @@ PLAIN_RUNTIME = textwrap.dedent("""
     if fmt == "keras":
         import keras
         model = keras.saving.load_model(model_path)      # safe_mode, no custom objects
-        # any size, uint8 straight in (cast by the model's float32 input), one at a time
-        probs = [np.asarray(model(im[None], training=False))[0] for im in images]
+        # as a user calls it: any size, uint8 straight in (cast by the model's float32
+        # input), one at a time, `training` not given
+        probs = [np.asarray(model(im[None]))[0] for im in images]
     elif fmt == "savedmodel":
         loaded = tf.saved_model.load(model_path)   # keep it: serve needs its variables
         probs = [loaded.serve(tf.constant(im[None], tf.float32)).numpy()[0] for im in images]
@@ -113,7 +114,7 @@ PLAIN_RUNTIME = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    """A folder, its features (flip), a head comparison (logreg, logreg+flip)."""
+    """A folder, its features (flip), a head comparison (logreg, dense, and their +flip)."""
     from pipeline.compare import compare_heads
     from pipeline.config import ExtractConfig, HeadsConfig
     from pipeline.extract import extract_features
@@ -124,7 +125,7 @@ def shipped(tmp_path_factory):
         dataset=str(folder), backbone="mobilenet_025", weights="none", size=32, batch=8,
         flip=True, out_dir=str(root / "features"))).path
     report = path.with_suffix("")
-    results = compare_heads(HeadsConfig(feature_file=str(path), heads=("logreg",)))
+    results = compare_heads(HeadsConfig(feature_file=str(path), heads=("logreg", "dense")))
     return folder, path, report, results
 
 
@@ -144,7 +145,7 @@ def _pipeline_probs(folder, path, report, row):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt,row", [("keras", "logreg+flip"), ("savedmodel", "logreg"),
+@pytest.mark.parametrize("fmt,row", [("keras", "dense+flip"), ("savedmodel", "dense"),
                                      ("tflite", "logreg+flip")])
 def test_export_each_format_runs_without_featcache(shipped, tmp_path, fmt, row):
     folder, path, report, _ = shipped
@@ -156,7 +157,7 @@ def test_export_each_format_runs_without_featcache(shipped, tmp_path, fmt, row):
     assert not TF_NOISE.search(r.stderr), r.stderr
     side = json.loads(Path(str(out) + ".json").read_text())
     assert side["format"] == fmt and side["class_names"] == list(CLASSES)
-    assert side["metadata"]["tta"] is (row == "logreg+flip")
+    assert side["metadata"]["tta"] is row.endswith("+flip")
 
     want, images, files = _pipeline_probs(folder, path, report, row)
     np.savez(tmp_path / "images.npz", **{f"img{i}": im for i, im in enumerate(images)})
