@@ -326,13 +326,14 @@ def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
         p.add_argument("--list", action="store_true", help="list the head registry and exit")
 
 
-def _report_lock(path, wait: bool):
-    """The lock stage one takes (``<path>.lock``, :class:`pipeline.store.FileLock`), around
-    one stage-two run that writes ``path``: a second run on the same report refuses (one
-    line naming the holder's pid) or, with ``--wait``, queues behind the first."""
+def _report_lock(report_dir, wait: bool):
+    """The lock stage one takes (:class:`pipeline.store.FileLock`), on ``<report dir>.lock``
+    beside the report folder (so a refused run creates no folder), around one stage-two
+    run: a second ``heads``/``curve`` on the same report refuses (one line naming the
+    holder's pid) or, with ``--wait``, queues behind the first."""
     from .store import FileLock
 
-    return FileLock(path, wait=wait)
+    return FileLock(report_dir, wait=wait)
 
 
 def _heads_config(args):
@@ -372,7 +373,7 @@ def cmd_heads(args) -> int:
     from .report import format_mcnemar, format_table
 
     t0 = time.perf_counter()
-    with _report_lock(cfg.report_dir / "results.json", args.wait):
+    with _report_lock(cfg.report_dir, args.wait):
         results = compare_heads(cfg)
     print(format_table(results))
     print()
@@ -405,7 +406,7 @@ def cmd_curve(args) -> int:
     from .compare import label_curve
     from .report import curve_table
 
-    with _report_lock(cfg.report_dir / "curve.json", args.wait):
+    with _report_lock(cfg.report_dir, args.wait):
         results = label_curve(cfg, sizes=tuple(sizes))
     print(curve_table(results))
     print(f"{results['wall_s']:.1f} s; plot: {cfg.report_dir}/curve.png, "

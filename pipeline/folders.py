@@ -3,8 +3,11 @@
 Reads ``<root>/<class>/**/<image>`` (the split drawn per class, seeded and stratified), or
 ``<root>/train/<class>/…`` and ``<root>/test/<class>/…`` when the folder holds both
 ``train/`` and ``test/``. Images in sub-folders of a class folder belong to that class
-("nested classes"); hidden files and folders (``.name``) and files that are not
-``.jpg .jpeg .png .bmp .gif`` are ignored. Writes nothing.
+("nested classes"); symlinked folders are followed, each real folder read once (loops
+are safe); hidden files and folders (``.name``) and files that are not
+``.jpg .jpeg .png .bmp .gif`` are ignored. A folder needs two classes or more and every
+class ``MIN_TRAIN_PER_CLASS`` usable training images (stage two fits on some and
+validates on others). Writes nothing.
 
 Decoding is Pillow's, for every format: EXIF orientation applied, the first frame of an
 animated GIF, grayscale / RGBA (alpha dropped) / palette / 16-bit images made 8-bit RGB.

@@ -377,12 +377,13 @@ def test_two_heads_runs_on_one_report_lock_or_queue(tmp_path):
 
     path = make_feature_file(tmp_path / "f.h5", n_train=80, n_test=40)
     report = tmp_path / "f" / "results.json"
-    lock = FileLock(report).acquire()   # another run holds the report
+    lock = FileLock(report.parent).acquire()   # another run holds the report folder
     try:
         r = cli("heads", path, "--heads", "logreg")
-        one_line_error(r, f"{report} is being written by another featcache process",
+        one_line_error(r, f"{report.parent} is being written by another featcache process",
                        f"pid {os.getpid()}", "--wait")
-        assert not report.exists()
+        assert not report.parent.exists()      # refused before anything was made
+        one_line_error(cli("curve", path, "--heads", "logreg"), "is being written")
         waiting = subprocess.Popen([sys.executable, "-m", "pipeline", "heads", str(path),
                                     "--heads", "logreg", "--wait"], cwd=ROOT, env=user_env(),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
