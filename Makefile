@@ -90,8 +90,8 @@ $(REPORT_DIR)/results.json: $(FEATURE_FILE) $(HEADS_SETTINGS) | $(STAMP)
 curve: $(FEATURE_FILE) | $(STAMP) ## label-efficiency curve: accuracy vs labelled examples per class
 	$(FEATCACHE) curve $(FEATURE_FILE) $(if $(HEADS),--heads $(HEADS))
 
-export: $(REPORT_DIR)/results.json | $(STAMP) ## one Keras model: raw images -> classes (best head)
-	$(FEATCACHE) export $(FEATURE_FILE) $(if $(HEAD),--head $(HEAD))
+export: $(REPORT_DIR)/results.json | $(STAMP) ## one model: raw images -> classes (best head; FORMAT=keras|savedmodel|tflite)
+	$(FEATCACHE) export $(FEATURE_FILE) $(if $(HEAD),--head $(HEAD)) $(if $(FORMAT),--format $(FORMAT))
 
 test: $(STAMP) ## run the test suite (real-data tests run when ../shared or FEATCACHE_REAL_DATA is there)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -64,6 +64,30 @@ def preprocess(x, mode: str):
     raise ConfigError(f"unknown preprocessing {mode!r}; choose one of {sorted(PREPROCESS_MODES)}")
 
 
+def preprocess_affine(mode: str):
+    """``mode`` as a per-channel affine map ``x @ W + b`` on RGB 0-255 pixels, as numpy
+    float32 ``(W (3, 3), b (3,))``, or ``None`` for ``none`` (identity). Every mode is one:
+    a scale and an offset per channel, ``caffe`` with the RGB->BGR permutation folded into
+    ``W``. Exported models run it as a frozen ``Dense(3)`` (a built-in Keras layer); it agrees
+    with :func:`preprocess` to float32 rounding (tests compare them)."""
+    import numpy as np
+
+    if mode == "none":
+        return None
+    if mode == "caffe":
+        W = np.eye(3, dtype=np.float32)[::-1].copy()   # out channel c = in channel 2 - c
+        return W, -np.asarray(_CAFFE_MEAN_BGR, np.float32)
+    if mode == "tf":
+        return np.eye(3, dtype=np.float32) / np.float32(127.5), -np.ones(3, np.float32)
+    if mode == "torch":
+        std, mean = np.asarray(_TORCH_STD, np.float64), np.asarray(_TORCH_MEAN, np.float64)
+        return (np.diag(1.0 / (255.0 * std)).astype(np.float32),
+                (-mean / std).astype(np.float32))
+    if mode == "scale01":
+        return np.eye(3, dtype=np.float32) / np.float32(255.0), np.zeros(3, np.float32)
+    raise ConfigError(f"unknown preprocessing {mode!r}; choose one of {sorted(PREPROCESS_MODES)}")
+
+
 # ---------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)

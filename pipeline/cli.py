@@ -222,8 +222,14 @@ def _export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", default=None,
                    help="a head fitted by `featcache heads` (default: the comparison's best)")
     p.add_argument("--head-file", default=None, help="a saved head file instead (.joblib/.keras)")
+    p.add_argument("--format", default=None, choices=("keras", "savedmodel", "tflite"),
+                   help="keras (one .keras file, the default), savedmodel (a TensorFlow "
+                        "SavedModel folder) or tflite (takes images resized to the model's "
+                        "size); default: from --output's suffix, else keras")
     p.add_argument("--output", default=None,
-                   help="the .keras file to write (default: <report dir>/<stem>_<head>.keras)")
+                   help="the model to write, ending in .keras, .savedmodel or .tflite "
+                        "(default: <report dir>/<stem>_<head>.<format>); its class names go "
+                        "beside it in <output>.json")
     p.add_argument("--report-dir", default=None,
                    help="where results.json is (default: the feature file's path without .h5)")
     p.add_argument("--weights", default=None,
@@ -234,47 +240,83 @@ def _export_options(p: argparse.ArgumentParser) -> None:
     tta.add_argument("--no-tta", dest="tta", action="store_false")
 
 
-@command("export", help="one Keras model: raw images -> resize -> backbone -> fitted head")
+@command("export", help="one model (Keras, SavedModel or TFLite): raw images -> resize -> "
+                        "backbone -> fitted head, plus <model>.json with the class names")
 @options(_export_options)
 def cmd_export(args) -> int:
     from .export import export_model
 
     result = export_model(args.feature_file, head=args.head, head_file=args.head_file,
                           output=args.output, report_dir=args.report_dir,
-                          weights=args.weights, tta=args.tta)
+                          weights=args.weights, tta=args.tta, format=args.format)
     print(result.summary())
     return 0
 
 
 def _predict_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a .keras model written by `featcache export`")
+    p.add_argument("model", help="a model written by `featcache export` (.keras, .savedmodel "
+                                 "or .tflite, with its <model>.json beside it)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG/PNG/BMP/GIF)")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image")
+    p.add_argument("--batch", type=int, default=32, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print JSON (one list) for machines")
+
+
+def escape_name(name: str) -> str:
+    """A file name on one line of text output: backslash and control characters (a newline
+    in a name) are written as escapes (``\\n``, ``\\x1b``); other characters as they are."""
+    out = []
+    for ch in str(name):
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 @command("predict", help="classify image files with an exported model (top-k classes)")
 @options(_predict_options)
 def cmd_predict(args) -> int:
-    from .export import predict_images
+    """Rows are printed batch by batch as they are done; a file that cannot be read gets
+    one line on stderr and the rest still run; the exit status is 2 if any failed."""
+    from .export import iter_predictions
 
-    rows = predict_images(args.model, args.images, top_k=args.top_k)
+    bad = done = 0
     if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
+        print("[", flush=True)
+    for rows in iter_predictions(args.model, args.images, top_k=args.top_k, batch=args.batch):
         for row in rows:
-            tops = "  ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in row["top"])
-            print(f"{row['image']}: {tops}")
-    return 0
+            if "error" in row:
+                bad += 1
+                print(f"featcache: error: {escape_name(row['error'])}", file=sys.stderr)
+            elif args.json:
+                print(("," if done else "") + json.dumps(row))
+                done += 1
+            else:
+                tops = "  ".join(f"{t['class']} {100 * t['probability']:.1f}%"
+                                 for t in row["top"])
+                print(f"{escape_name(row['image'])}: {tops}")
+                done += 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if args.json:
+        print("]")
+    return 2 if bad else 0
 
 
 # ---------------------------------------------------------------------------- stage two: heads and curve (issue #3)
 
 def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
     p.add_argument("feature_file", nargs="?", help="a complete feature file (.h5)")
-    p.add_argument("--heads", default="",
+    p.add_argument("--heads", default=None,
                    help="comma-separated heads (default: the registry's defaults; "
                         "`featcache heads --list` shows them)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for another run writing the same report instead of refusing")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="stratified share of the training rows used for selection")
     p.add_argument("--seed", type=int, default=0)
@@ -290,6 +332,16 @@ def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
         p.add_argument("--list", action="store_true", help="list the head registry and exit")
 
 
+def _report_lock(report_dir, wait: bool):
+    """The lock stage one takes (:class:`pipeline.store.FileLock`), on ``<report dir>.lock``
+    beside the report folder (so a refused run creates no folder), around one stage-two
+    run: a second ``heads``/``curve`` on the same report refuses (one line naming the
+    holder's pid) or, with ``--wait``, queues behind the first."""
+    from .store import FileLock
+
+    return FileLock(report_dir, wait=wait)
+
+
 def _heads_config(args):
     from .config import HeadsConfig
     from .errors import ConfigError
@@ -297,7 +349,11 @@ def _heads_config(args):
     if not args.feature_file:
         raise ConfigError("give a feature file, e.g. featcache heads "
                           "features/cifar10_mobilenet_v2_224_flip.h5")
-    heads = tuple(h for h in args.heads.replace(" ", "").split(",") if h)
+    heads = tuple(h for h in (args.heads or "").replace(" ", "").split(",") if h)
+    if args.heads is not None and not heads:
+        raise ConfigError(f"--heads {args.heads!r} names no head; give comma-separated names "
+                          f"(`featcache heads --list` shows them), or leave --heads out for "
+                          f"the defaults")
     return HeadsConfig(feature_file=args.feature_file, heads=heads,
                        val_fraction=args.val_fraction, seed=args.seed,
                        flip=getattr(args, "flip", "off"), out_dir=args.out_dir)
@@ -323,7 +379,8 @@ def cmd_heads(args) -> int:
     from .report import format_mcnemar, format_table
 
     t0 = time.perf_counter()
-    results = compare_heads(cfg)
+    with _report_lock(cfg.report_dir, args.wait):
+        results = compare_heads(cfg)
     print(format_table(results))
     print()
     sig = [p for p in results["mcnemar"] if p["significant"]]
@@ -355,7 +412,8 @@ def cmd_curve(args) -> int:
     from .compare import label_curve
     from .report import curve_table
 
-    results = label_curve(cfg, sizes=tuple(sizes))
+    with _report_lock(cfg.report_dir, args.wait):
+        results = label_curve(cfg, sizes=tuple(sizes))
     print(curve_table(results))
     print(f"{results['wall_s']:.1f} s; plot: {cfg.report_dir}/curve.png, "
           f"table: {cfg.report_dir}/curve.md")
@@ -375,19 +433,64 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (fn, configure, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="debug logging, and TensorFlow's own start-up lines")
         configure(p)
         p.set_defaults(func=fn)
     return parser
 
 
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+class _QuietTensorFlowImport:
+    """A one-shot import hook: the first ``import tensorflow`` (wherever a command makes it,
+    directly or through Keras) runs with file descriptor 2 pointed at /dev/null.
+
+    TensorFlow's C++ libraries print their start-up lines ("WARNING: All log messages
+    before absl::InitializeLog() ...", "cudart_stub.cc ... Could not find cuda drivers",
+    "cpu_feature_guard.cc ... This TensorFlow binary is optimized ...") while they load,
+    before anything reads TF_CPP_MIN_LOG_LEVEL, so no environment variable hides them; the
+    later ones (oneDNN, cuInit) obey TF_CPP_MIN_LOG_LEVEL=3. Python errors raised by the
+    import still show (they are printed after fd 2 is restored)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow":
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quiet_exec(module):
+            sys.stderr.flush()
+            saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, 2)
+                exec_module(module)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                os.close(null)
+
+        spec.loader.exec_module = quiet_exec
+        return spec
+
+
+def _quiet_tensorflow(verbose: bool) -> None:
+    """Only featcache's own lines on stderr: TF_CPP_MIN_LOG_LEVEL=3 (unless set) and the
+    import hook above. ``--verbose`` leaves TensorFlow's lines alone."""
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules and \
+            not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_tensorflow()
     args = build_parser().parse_args(argv)
+    _quiet_tensorflow(args.verbose)  # before any command imports TensorFlow
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -186,9 +186,31 @@ def _load(cfg: HeadsConfig, *, flip: bool = True):
                             f"{', '.join(fs.splits)}); stage two needs train and test")
     tr, te = fs["train"], fs["test"]
     n_classes = len(fs.classes)
+    for split, part in (("train", tr), ("test", te)):
+        if not len(part):
+            raise DataError(f"{cfg.feature_file} has no {split} rows; stage two needs both "
+                            f"splits: re-extract from a data set with more images")
     if tr.labels.min() < 0 or max(tr.labels.max(), te.labels.max()) >= n_classes:
         raise DataError(f"{cfg.feature_file}: labels outside 0..{n_classes - 1}; re-extract")
+    check_classes(tr.labels, fs.classes, cfg.feature_file)
     return fs
+
+
+def check_classes(y: np.ndarray, classes: list[str], where) -> None:
+    """Refuse training labels with fewer than two classes, or a class with fewer than two
+    rows (it would get no validation row): every head would look perfect, or untested."""
+    counts = np.bincount(y, minlength=len(classes))
+    present = [i for i in np.flatnonzero(counts)]
+    if len(present) < 2:
+        names = ", ".join(str(classes[i]) for i in present) or "none"
+        raise DataError(f"{where}: the training rows hold {len(present)} class ({names}); "
+                        f"a classifier needs at least two: extract a data set with two or "
+                        f"more classes")
+    few = [f"{classes[i]} ({counts[i]})" for i in present if counts[i] < 2]
+    if few:
+        raise DataError(f"{where}: too few training rows for class {', '.join(few)}; every "
+                        f"class needs at least 2 (one to fit, one to validate): re-extract "
+                        f"with more images of it (or a larger --limit)")
 
 
 def _split_data(fs, cfg: HeadsConfig) -> tuple[_Data, bool]:

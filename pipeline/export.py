@@ -1,88 +1,83 @@
-"""Export and predict: one Keras model from raw images of any size to class probabilities.
+"""Export and predict: one model from raw images to class probabilities, in three formats.
 
 ``export_model`` reads a feature file's provenance and class names (:mod:`pipeline.store`),
 rebuilds the backbone it was extracted with (:mod:`pipeline.backbones`; the weights are
 checked against the file's ``weights_sha256``), loads a fitted head (:mod:`pipeline.heads`,
-by default the best head of ``<report_dir>/results.json``) and writes one ``.keras`` file:
+by default the best head of ``<report_dir>/results.json``) and writes it as one model of
+built-in Keras layers only, so it loads anywhere Keras/TensorFlow does, without featcache:
 
-    uint8 (None, None, None, 3) -> cast -> resize to image_size (bilinear, antialiased, the
-    same op as the folder pipeline) -> the backbone's preprocessing -> backbone -> head
-    (-> with ``tta``: the same for the mirrored image, probabilities averaged)
-    -> ``FeatcacheLabels`` (identity; carries the class names and provenance).
+    float32 RGB 0-255 images (None, H, W, 3), any H and W (uint8 arrays are cast)
+    -> keras.layers.Resizing to image_size (bilinear; antialiased exactly when stage one's
+       resize was: image folders yes, registry data sets such as CIFAR-10 no)
+    -> the backbone's preprocessing as a frozen Dense(3) (a per-channel affine map, RGB->BGR
+       folded in for caffe; none for backbones that rescale inside)
+    -> backbone -> head (Dense/Softmax; dense: its Keras model; rbf_svm: Dense + a cosine
+       built from built-in layers)
+    (-> with ``tta``: the same for the mirrored image, a frozen anti-diagonal Dense over
+       the width, probabilities averaged)
+    -> probabilities (None, classes)
 
-Only heads with ``to_keras()`` (Keras-expressible: linear ones, the dense head) can be
-exported. ``predict_images`` reads such a ``.keras`` file and image files (decoded like
-stage one's folders, :func:`pipeline.folders.decode_image`) and returns the top-k classes.
-Loading an exported model elsewhere needs ``import pipeline.export`` first: it registers
-the two small custom layers.
+Formats (``FORMATS``): ``keras`` (one ``.keras`` file), ``savedmodel`` (a TensorFlow
+SavedModel folder ``.savedmodel``, signature ``serve``), ``tflite`` (one ``.tflite`` file).
+TFLite has no antialiased resize (``ScaleAndTranslate`` is not a TFLite op), so the TFLite
+model takes images already resized to ``image_size`` x ``image_size`` (float32, not
+rounded) and has no resize inside; ``predict`` resizes with the same function as stage
+one (:func:`pipeline.folders.resize_images`).
+
+The class names (in column order), the input contract and the provenance travel in a small
+JSON beside every format: ``<model>.json`` (``m.keras.json``, ``m.savedmodel.json``,
+``m.tflite.json``), which ``predict`` reads. Only heads with ``to_keras()`` (linear ones,
+rbf_svm, the dense heads) can be exported.
+
+``predict_images``/``iter_predictions`` read such a model and image files (decoded like
+stage one's folders, :func:`pipeline.folders.decode_image`, resized like them), run them
+through the model in batches and return the top-k classes; a file that cannot be read is
+reported on its own and the others still get their result.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import os
+import shutil
+import sys
 import time
-from dataclasses import dataclass
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
-import keras
 import numpy as np
 
 from . import __version__
+from .atomic import write_bytes, write_text
 from .errors import ConfigError, DataError, WeightsError
 
 log = logging.getLogger(__name__)
 
-LABELS_LAYER = "featcache_labels"
+FORMATS = ("keras", "savedmodel", "tflite")
+SUFFIXES = {"keras": ".keras", "savedmodel": ".savedmodel", "tflite": ".tflite"}
+SIDECAR_VERSION = 1
+PREDICT_BATCH = 32
 
 
-# ---------------------------------------------------------------------------- layers
-
-@keras.saving.register_keras_serializable(package="featcache")
-class ImagePreprocess(keras.layers.Layer):
-    """uint8/float RGB 0-255 images of any size -> resized, preprocessed float32 input."""
-
-    def __init__(self, size: int, mode: str, flip: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.size, self.mode, self.flip = int(size), str(mode), bool(flip)
-
-    def call(self, images):
-        import tensorflow as tf
-
-        from .backbones import preprocess
-        from .folders import resize_images
-
-        x = resize_images(tf.cast(images, tf.float32), self.size)
-        x = preprocess(x, self.mode)
-        return tf.reverse(x, axis=[2]) if self.flip else x
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.size, self.size, 3)
-
-    def get_config(self):
-        return {**super().get_config(), "size": self.size, "mode": self.mode, "flip": self.flip}
+def sidecar_path(model_path) -> Path:
+    """Where the class names and input contract of an exported model are: ``<model>.json``."""
+    return Path(str(Path(model_path)) + ".json")
 
 
-@keras.saving.register_keras_serializable(package="featcache")
-class FeatcacheLabels(keras.layers.Layer):
-    """Identity on the class probabilities; its config carries the class names (in column
-    order) and the provenance of the model, so a saved model needs nothing else."""
-
-    def __init__(self, class_names, metadata=None, **kwargs):
-        super().__init__(**kwargs)
-        self.class_names = [str(c) for c in class_names]
-        self.metadata = dict(metadata or {})
-
-    def call(self, probabilities):
-        return keras.ops.cast(probabilities, "float32")
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "class_names": self.class_names,
-                "metadata": self.metadata}
+def format_of(output=None, fmt: str | None = None) -> str:
+    """The export format: ``fmt`` if given, else from ``output``'s suffix, else keras."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        return fmt
+    suffix = Path(output).suffix if output else ""
+    return next((f for f, s in SUFFIXES.items() if s == suffix), "keras")
 
 
 # ---------------------------------------------------------------------------- export
@@ -98,13 +93,25 @@ class ExportResult:
     head_max_abs_diff: float   # |Keras head - predict_proba| on probe features
     seconds: float
     chosen: str = ""           # why this head (e.g. "the best validation accuracy")
+    format: str = "keras"
+    sidecar: Path | None = None
+    format_max_abs_diff: float = 0.0  # |written model - Keras model| on probe images
 
     def summary(self) -> str:
         why = f" ({self.chosen})" if self.chosen else ""
+        conv = "" if self.format == "keras" else \
+            f"; the {self.format} model matches the Keras model to {self.format_max_abs_diff:.1e}"
         return (f"exported {self.backbone} ({self.image_size} px) + head {self.head}{why}"
                 f"{' with flip TTA' if self.tta else ''}, {len(self.classes)} classes -> "
-                f"{self.path} ({self.path.stat().st_size / 2**20:.1f} MiB, {self.seconds:.1f} s; "
-                f"Keras head matches the fitted head to {self.head_max_abs_diff:.1e})")
+                f"{self.path} ({_size_mib(self.path):.1f} MiB, {self.format}) and "
+                f"{self.sidecar.name} (class names) in {self.seconds:.1f} s; Keras head "
+                f"matches the fitted head to {self.head_max_abs_diff:.1e}{conv}")
+
+
+def _size_mib(path: Path) -> float:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+    return path.stat().st_size / 2**20
 
 
 def keras_heads() -> list[str]:
@@ -207,10 +214,33 @@ def _keras_head(estimator, name: str):
         raise _not_exportable(name, str(exc)) from None
 
 
-def _probe(estimator, head_model, dim: int, seed: int = 0) -> float:
-    """Max |Keras head - predict_proba| on random non-negative features (like pooled ReLU
-    outputs): the Keras form must be the same function as the fitted head."""
-    X = np.random.default_rng(seed).gamma(1.0, 1.0, size=(64, dim)).astype(np.float32)
+def _inference_only(head_model):
+    """``head_model`` without its training-only layers (Dropout, noise): a saved model is
+    called as ``model(x)`` by users, and a SavedModel's ``serve`` was traced, with
+    ``training`` unset — and Keras then ran the dense head's Dropout (probabilities changed
+    by up to 1.0 between two calls). The other layers are reused, weights and all."""
+    import keras
+
+    L = keras.layers
+    noise = (L.Dropout, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout)
+    if not any(isinstance(layer, noise) for layer in _all_layers(head_model)):
+        return head_model
+    return keras.models.clone_model(
+        head_model, recursive=True,
+        clone_function=lambda layer: L.Identity(name=layer.name)
+        if isinstance(layer, noise) else layer)
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _all_layers(layer)
+
+
+def _probe(estimator, head_model, X: np.ndarray) -> float:
+    """Max |Keras head - predict_proba| on ``X``, rows of the feature file (real features:
+    random ones can be far outside what a head was fitted on, where e.g. rbf_svm's cosine
+    arguments are meaningless): the Keras form must be the same function as the fitted head."""
     want = np.asarray(estimator.predict_proba(X), np.float32)
     got = np.asarray(head_model(X, training=False), np.float32)
     if got.shape != want.shape:
@@ -219,23 +249,133 @@ def _probe(estimator, head_model, dim: int, seed: int = 0) -> float:
     return float(np.abs(got - want).max())
 
 
-def assemble(backbone, head_model, *, size: int, mode: str, class_names: list[str],
-             metadata: dict, tta: bool = False):
-    """uint8 images -> probabilities, with the labels layer (see the module docstring)."""
-    inp = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    probs = head_model(backbone(ImagePreprocess(size, mode, name="preprocess")(inp)))
+def _probe_rows(feature_file: Path, dim: int, n: int = 64) -> np.ndarray:
+    """Up to ``n`` rows of each split of the feature file (float32), for :func:`_probe`."""
+    from .store import load_features
+
+    fs = load_features(feature_file, flip=False, max_rows=n)
+    rows = [np.asarray(s.features[:n], np.float32) for s in fs.splits.values() if len(s)]
+    X = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+    if X.shape[1:] != (dim,):
+        raise ConfigError(f"{feature_file} holds {X.shape[1:]} features, the backbone gives "
+                          f"{dim}; the file does not belong to this backbone")
+    return X
+
+
+def _mirror(x, size: int, name: str):
+    """Horizontal flip of (N, size, size, C) as built-in layers: the width axis goes last,
+    a frozen anti-diagonal Dense(size) reverses it (exact: one 1 per column), and back."""
+    import keras
+
+    L = keras.layers
+    t = L.Permute((1, 3, 2), name=f"{name}_width_last")(x)
+    rev = L.Dense(size, use_bias=False, trainable=False, name=f"{name}_reverse")
+    t = rev(t)
+    rev.set_weights([np.eye(size, dtype=np.float32)[::-1].copy()])
+    return L.Permute((1, 3, 2), name=f"{name}_width_back")(t)
+
+
+def assemble(backbone, head_model, *, size: int, mode: str, tta: bool = False,
+             antialias: bool = True, resize: bool = True):
+    """float32 images -> probabilities, built-in layers only (see the module docstring).
+
+    ``resize=False``: the input is (None, size, size, 3), already resized (TFLite)."""
+    import keras
+
+    from .backbones import preprocess_affine
+
+    L = keras.layers
+    shape = (None, None, 3) if resize else (size, size, 3)
+    inp = keras.Input(shape=shape, dtype="float32", name="image")
+    x = L.Resizing(size, size, interpolation="bilinear", antialias=antialias,
+                   name="resize")(inp) if resize else inp
+    affine = preprocess_affine(mode)
+    if affine is not None:
+        pre = L.Dense(3, trainable=False, name=f"preprocess_{mode}")
+        x = pre(x)
+        pre.set_weights([affine[0], affine[1]])
+    probs = head_model(backbone(x))
     if tta:
-        flipped = head_model(backbone(ImagePreprocess(size, mode, flip=True,
-                                                      name="preprocess_flip")(inp)))
-        probs = keras.layers.Average(name="tta_average")([probs, flipped])
-    out = FeatcacheLabels(class_names, metadata, name=LABELS_LAYER)(probs)
+        flipped = head_model(backbone(_mirror(x, size, "mirror")))
+        probs = L.Average(name="tta_average")([probs, flipped])
+    out = L.Identity(name="probabilities")(probs)
     return keras.Model(inp, out, name="featcache_classifier")
+
+
+def _uses_antialias(attrs: dict) -> bool:
+    """Whether stage one's resize for this file was antialiased: image folders record
+    ``resize = "bilinear, antialias=True"``; registry data sets (CIFAR-10, synthetic) are
+    resized by :func:`pipeline.extract.make_step` without antialias."""
+    return "antialias=true" in str(attrs.get("resize", "")).replace(" ", "").lower()
+
+
+def _check_output(out: Path, fmt: str) -> None:
+    """Refuse, before the backbone is built, an output that cannot be written."""
+    suffix = SUFFIXES[fmt]
+    if out.suffix != suffix:
+        raise ConfigError(f"--output for --format {fmt} must end in {suffix}, not {out.name}")
+    if fmt == "savedmodel":
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--output {out} is a file; a SavedModel is a folder: give a new "
+                              f"name ending in .savedmodel")
+    elif out.is_dir():
+        raise ConfigError(f"--output {out} is a folder; give a file name ending in {suffix}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {out.parent} ({exc.strerror or exc}); choose "
+                          f"another --output") from None
+
+
+def _write(model, fixed, out: Path, fmt: str) -> float:
+    """Write ``model`` (``fixed``: its fixed-size twin, for TFLite) as ``fmt`` at ``out``
+    (atomically: a temporary name, then a rename); return max |written - Keras| on probes."""
+    import tensorflow as tf
+
+    size = int(fixed.input_shape[1])
+    probe = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    if fmt == "keras":
+        tmp = out.with_name(f".{out.stem}.tmp.keras")
+        model.save(tmp)
+        os.replace(tmp, out)
+        return 0.0
+    want = np.asarray(model(probe, training=False))
+    if fmt == "savedmodel":
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        loaded = tf.saved_model.load(str(tmp))  # keep it referenced while serve runs
+        got = loaded.serve(tf.constant(probe)).numpy()
+        del loaded
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
+        try:
+            # the converter saves a temporary SavedModel and prints its signature to stdout
+            with contextlib.redirect_stdout(io.StringIO()), _quiet_native():
+                data = converter.convert()
+        except Exception as exc:  # noqa: BLE001 - the converter raises many types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"TFLite conversion failed ({first[:200]}); export --format "
+                              f"keras or savedmodel instead") from None
+        got = _tflite_runner(model_content=data)(probe)
+        write_bytes(out, data)
+    return float(np.abs(got - want).max())
 
 
 def export_model(feature_file, *, head=None, head_file=None, output=None, report_dir=None,
                  weights: str | None = None, tta: bool | None = None,
-                 tolerance: float = 1e-4) -> ExportResult:
-    """Write ``feature_file``'s backbone + a fitted head as one ``.keras`` model.
+                 tolerance: float = 1e-4, format: str | None = None) -> ExportResult:
+    """Write ``feature_file``'s backbone + a fitted head as one model in ``format``
+    (``FORMATS``; default: from ``output``'s suffix, else keras) and ``<model>.json``.
 
     ``head``: a head name from the comparison (default: its best head) or a fitted estimator
     object. ``head_file``: a saved head file instead (``pipeline.heads.load_head``).
@@ -244,6 +384,7 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     from .store import load_features
 
     t0 = time.perf_counter()
+    fmt = format_of(output, format)
     feature_file = Path(feature_file)
     fs = load_features(feature_file, splits=[])  # class names and provenance only
     attrs = fs.attrs
@@ -261,16 +402,20 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
                 chosen = f"best validation accuracy in {report_dir / 'results.json'}"
         if not path.exists():
             raise DataError(f"saved head {path} is missing; re-run `make heads`")
+    stem = f"{feature_file.stem}_{name.replace('+', '_')}"
+    out = Path(output) if output else report_dir / f"{stem}{SUFFIXES[fmt]}"
+    _check_output(out, fmt)
+    if head is None or isinstance(head, str):
         from .heads import load_head
 
         estimator = load_head(path)
-    head_model = _keras_head(estimator, name)
+    head_model = _inference_only(_keras_head(estimator, name))
     backbone = rebuild_backbone(attrs, weights)
     dim = int(backbone.output_shape[-1])
     if int(head_model.input_shape[-1]) != dim:
         raise ConfigError(f"head {name!r} takes {head_model.input_shape[-1]} features but "
                           f"{attrs['backbone']} gives {dim}; it was fitted on another file")
-    diff = _probe(estimator, head_model, dim)
+    diff = _probe(estimator, head_model, _probe_rows(feature_file, dim))
     if not diff <= tolerance:
         raise ConfigError(f"the Keras form of head {name!r} differs from the fitted head by "
                           f"{diff:.2e} (> {tolerance}); it cannot be exported faithfully")
@@ -278,93 +423,258 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     class_names = [fs.classes[int(c)] for c in columns]
     if tta is None:
         tta = bool(entry.get("tta")) and bool(attrs.get("flip"))
+    size, mode, antialias = int(attrs["image_size"]), str(attrs["preprocess"]), \
+        _uses_antialias(attrs)
     metadata = {
         "featcache_version": __version__, "feature_file": str(feature_file), "head": name,
         "tta": bool(tta), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **{k: attrs.get(k) for k in ("dataset", "dataset_sha256", "backbone", "weights",
                                      "weights_sha256", "image_size", "preprocess", "pooling",
-                                     "config_sha256") if k in attrs},
+                                     "resize", "config_sha256") if k in attrs},
     }
-    model = assemble(backbone, head_model, size=int(attrs["image_size"]),
-                     mode=str(attrs["preprocess"]), class_names=class_names,
-                     metadata=metadata, tta=bool(tta))
-    stem = f"{feature_file.stem}_{name.replace('+', '_')}"
-    out = Path(output) if output else report_dir / f"{stem}.keras"
-    if out.suffix != ".keras":
-        raise ConfigError(f"--output must end in .keras, not {out.name}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(out)
-    return ExportResult(out, name, class_names, str(attrs["backbone"]),
-                        int(attrs["image_size"]), bool(tta), diff, time.perf_counter() - t0,
-                        chosen)
+    kw = dict(size=size, mode=mode, tta=bool(tta), antialias=antialias)
+    model = assemble(backbone, head_model, **kw)
+    fixed = assemble(backbone, head_model, resize=False, **kw)
+    conv = _write(model, fixed, out, fmt)
+    if not conv <= max(tolerance, 1e-4) * 10:
+        raise ConfigError(f"the {fmt} model differs from the Keras model by {conv:.2e}; "
+                          f"it was not converted faithfully (try --format keras)")
+    in_model = fmt != "tflite"
+    sidecar = {
+        "featcache_export": SIDECAR_VERSION,
+        "format": fmt,
+        "model": out.name,
+        "class_names": class_names,
+        "input": {
+            "name": "image", "dtype": "float32",
+            "shape": [None, None, None, 3] if in_model else [None, size, size, 3],
+            "pixels": "RGB, 0-255 (uint8 values as float32, not rescaled)",
+            "image_size": size,
+            "resize": {"method": "bilinear", "antialias": antialias, "in_model": in_model,
+                       "how": ("inside the model: any H x W" if in_model else
+                               f"resize to {size} x {size} before the model: "
+                               f"tf.image.resize(x, ({size}, {size}), 'bilinear', "
+                               f"antialias={antialias}) on float32, not rounded")},
+        },
+        "output": {"dtype": "float32", "shape": [None, len(class_names)],
+                   "meaning": "class probabilities; column i is class_names[i]"},
+        "signature": {"keras": "model(x)", "savedmodel": "tf.saved_model.load(p).serve(x)",
+                      "tflite": "the interpreter's one input and one output"}[fmt],
+        "metadata": metadata,
+    }
+    side = sidecar_path(out)
+    write_text(side, json.dumps(sidecar, indent=2, default=str) + "\n")
+    return ExportResult(out, name, class_names, str(attrs["backbone"]), size, bool(tta), diff,
+                        time.perf_counter() - t0, chosen, fmt, side, conv)
 
 
 # ---------------------------------------------------------------------------- predict
 
-@dataclass
-class Classifier:
-    """A loaded exported model: ``model``, ``class_names``, ``metadata``."""
+@contextlib.contextmanager
+def _quiet_native():
+    """File descriptor 2 to /dev/null while native code runs that logs on its own, e.g.
+    TFLite's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." — when TensorFlow's
+    INFO lines are off too (``TF_CPP_MIN_LOG_LEVEL`` >= 1, as the CLI sets it unless
+    ``--verbose``)."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        yield
+        return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
-    model: object
-    class_names: list[str]
-    metadata: dict
 
-    def __post_init__(self):
+def _tflite_interpreter(**kw):
+    """A TFLite interpreter: LiteRT's (``ai_edge_litert``) where installed, else
+    TensorFlow's own ``tf.lite.Interpreter`` (its deprecation warning silenced)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
         import tensorflow as tf
 
-        self._fn = tf.function(lambda x: self.model(x, training=False),
-                               input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tf.lite.Interpreter(**kw)
+    return Interpreter(**kw)
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 -> (N, classes) float32."""
-        return self._fn(np.asarray(images, np.uint8)).numpy()
+
+def _tflite_runner(**kw) -> Callable[[np.ndarray], np.ndarray]:
+    with _quiet_native():
+        it = _tflite_interpreter(**kw)
+    inp, = it.get_input_details()
+    out, = it.get_output_details()
+    state = {"n": None}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with _quiet_native():
+            if state["n"] != len(x):
+                it.resize_tensor_input(inp["index"], list(x.shape))
+                it.allocate_tensors()
+                state["n"] = len(x)
+            it.set_tensor(inp["index"], np.ascontiguousarray(x, np.float32))
+            it.invoke()
+        return np.array(it.get_tensor(out["index"]))
+
+    return run
+
+
+@dataclass
+class Classifier:
+    """A loaded exported model: ``class_names``, ``metadata`` (provenance), ``format``,
+    ``image_size`` and ``antialias`` (its resize), ``sidecar`` (the whole JSON)."""
+
+    path: Path
+    format: str
+    class_names: list[str]
+    metadata: dict
+    image_size: int
+    antialias: bool
+    sidecar: dict = field(default_factory=dict)
+    run: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """One (H, W, 3) image -> (size, size, 3) float32 with the model's own resize (the
+        function stage one used for these features; identity at the model's size)."""
+        from .folders import resize_images
+
+        x = np.asarray(image, np.float32)
+        if x.shape[:2] == (self.image_size, self.image_size):
+            return x
+        return resize_images(x, self.image_size, self.antialias).numpy()
+
+    def probabilities(self, images) -> np.ndarray:
+        """(N, H, W, 3) images (uint8 or float32 RGB 0-255) -> (N, classes) float32.
+        Images not at the model's size are resized first with :meth:`resize`."""
+        images = np.asarray(images)
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            images = np.stack([self.resize(im) for im in images])
+        return np.asarray(self.run(np.asarray(images, np.float32)), np.float32)
+
+
+def _read_sidecar(path: Path) -> dict:
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise DataError(f"{path} has no {side.name} beside it (the class names and input "
+                        f"size): it is not one exported by featcache, or the .json was not "
+                        f"copied with it; export it again with `featcache export`")
+    try:
+        meta = json.loads(side.read_text())
+        meta["class_names"] = [str(c) for c in meta["class_names"]]
+        meta["input"]["image_size"] = int(meta["input"]["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{side} is not a featcache model description ({exc}); export the "
+                        f"model again with `featcache export`") from None
+    if int(meta.get("featcache_export", 0)) > SIDECAR_VERSION:
+        raise DataError(f"{side} was written by a newer featcache; upgrade featcache")
+    return meta
 
 
 def load_classifier(path) -> Classifier:
+    """An exported model (any format) and its ``<model>.json``, ready to classify."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"model {path} does not exist; make one with `featcache export`")
+    meta = _read_sidecar(path)
+    fmt = str(meta.get("format", "keras"))
+    size = meta["input"]["image_size"]
+    antialias = bool(meta["input"].get("resize", {}).get("antialias", True))
     try:
-        from .heads import keras_custom_objects  # layers inside some heads (rbf_svm)
-
-        custom = keras_custom_objects()
-    except (ImportError, AttributeError):  # pragma: no cover - heads without custom layers
-        custom = {}
-    try:
-        model = keras.saving.load_model(path, custom_objects=custom, compile=False)
-    except Exception as exc:  # noqa: BLE001 - Keras raises many types for bad archives
+        run = _runner(path, fmt, size)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Keras/TF raise many types for bad files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{path} is not a loadable .keras model ({first[:160]}); export it "
+        raise DataError(f"{path} is not a loadable {fmt} model ({first[:160]}); export it "
                         f"again with `featcache export`") from None
+    return Classifier(path, fmt, meta["class_names"], dict(meta.get("metadata", {})), size,
+                      antialias, meta, run)
+
+
+def _runner(path: Path, fmt: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
+    import tensorflow as tf
+
+    spec = [tf.TensorSpec([None, size, size, 3], tf.float32)]
+    if fmt == "keras":
+        import keras
+
+        model = keras.saving.load_model(path, compile=False)
+        fn = tf.function(lambda x: model(x, training=False), input_signature=spec)
+        return lambda x: fn(x).numpy()
+    if fmt == "savedmodel":
+        loaded = tf.saved_model.load(str(path))  # the closure keeps its variables alive
+        return lambda x: loaded.serve(tf.constant(x)).numpy()
+    if fmt == "tflite":
+        return _tflite_runner(model_path=str(path))
+    raise DataError(f"{sidecar_path(path)} names an unknown format {fmt!r}")
+
+
+def _load_image(clf: Classifier, image) -> tuple[np.ndarray | None, str | None]:
+    from .folders import decode_image
+
     try:
-        labels = model.get_layer(LABELS_LAYER)
-    except ValueError:
-        raise DataError(f"{path} is a Keras model but not one exported by featcache (no class "
-                        f"names inside); export it with `featcache export`") from None
-    return Classifier(model, list(labels.class_names), dict(labels.metadata))
+        return clf.resize(decode_image(Path(image))), None
+    except DataError as exc:
+        return None, str(exc)
+    except OSError as exc:  # e.g. a folder given as an image
+        return None, f"{image} cannot be read ({exc.strerror or exc})"
 
 
-def predict_images(model, images: Iterable, top_k: int = 3) -> list[dict]:
+def iter_predictions(model, images: Iterable, top_k: int = 3, batch: int = PREDICT_BATCH,
+                     workers: int | None = None) -> Iterator[list[dict]]:
+    """Classify ``images`` (paths) in batches; yield each batch's rows, in input order, as
+    soon as it is done: ``{"image", "top": [{"class", "probability"}]}``, or
+    ``{"image", "error"}`` for a file that cannot be read or decoded (the others go on).
+
+    Files are decoded and resized in ``workers`` threads, one batch ahead of the model."""
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, not {top_k}")
+    if batch < 1:
+        raise ConfigError(f"--batch must be at least 1, not {batch}")
+    clf = model if isinstance(model, Classifier) else load_classifier(model)
+    k = min(top_k, len(clf.class_names))
+    images = [str(i) for i in images]
+    workers = workers or min(8, (os.cpu_count() or 1) + 2)
+
+    def finish(chunk, futures) -> list[dict]:
+        loaded = [f.result() for f in futures]
+        good = [i for i, (x, _) in enumerate(loaded) if x is not None]
+        probs = clf.run(np.stack([loaded[i][0] for i in good])) if good else None
+        rows = [{"image": name, "error": err} for name, (_, err) in zip(chunk, loaded)]
+        for j, i in enumerate(good):
+            p = probs[j]
+            order = np.argsort(-p, kind="stable")[:k]
+            rows[i] = {"image": chunk[i],
+                       "top": [{"class": clf.class_names[c], "probability": float(p[c])}
+                               for c in order]}
+        return rows
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = None
+        for a in range(0, len(images), batch):
+            chunk = images[a:a + batch]
+            futures = [pool.submit(_load_image, clf, p) for p in chunk]
+            if pending is not None:
+                yield finish(*pending)
+            pending = (chunk, futures)
+        if pending is not None:
+            yield finish(*pending)
+
+
+def predict_images(model, images: Iterable, top_k: int = 3,
+                   batch: int = PREDICT_BATCH) -> list[dict]:
     """Top-k classes per image file: ``[{"image", "top": [{"class", "probability"}]}]``.
 
     ``model``: a path or a :class:`Classifier`. An image that cannot be decoded raises a
-    :class:`~pipeline.errors.DataError` naming it.
+    :class:`~pipeline.errors.DataError` naming it (``iter_predictions`` goes on instead).
     """
-    from .folders import decode_image
-
-    if top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, not {top_k}")
-    clf = model if isinstance(model, Classifier) else load_classifier(model)
-    k = min(top_k, len(clf.class_names))
-    out = []
-    for image in images:
-        pixels = decode_image(Path(image))
-        p = clf.probabilities(pixels[None])[0]
-        order = np.argsort(-p, kind="stable")[:k]
-        out.append({"image": str(image),
-                    "top": [{"class": clf.class_names[i], "probability": float(p[i])}
-                            for i in order]})
-    return out
-
+    rows = [r for rows in iter_predictions(model, images, top_k, batch) for r in rows]
+    bad = [r for r in rows if "error" in r]
+    if bad:
+        raise DataError(bad[0]["error"])
+    return rows

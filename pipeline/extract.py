@@ -34,7 +34,7 @@ from .backbones import build_backbone, get_backbone, preprocess, weights_sha256
 from .config import ExtractConfig, config_sha256
 from .datasets import Dataset, open_dataset
 from .errors import ConfigError, Interrupted
-from .store import FeatureWriter, SplitSpec
+from .store import FeatureWriter, SplitSpec, check_output
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     t0 = time.perf_counter()
     cfg = config.resolved()
     spec = get_backbone(cfg.backbone)
+    check_output(cfg.output_path)  # a folder there, or a read-only folder: refused before work
     ds = dataset or open_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                                  limit=cfg.limit, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                  image_size=cfg.size)

@@ -3,8 +3,11 @@
 Reads ``<root>/<class>/**/<image>`` (the split drawn per class, seeded and stratified), or
 ``<root>/train/<class>/…`` and ``<root>/test/<class>/…`` when the folder holds both
 ``train/`` and ``test/``. Images in sub-folders of a class folder belong to that class
-("nested classes"); hidden files and folders (``.name``) and files that are not
-``.jpg .jpeg .png .bmp .gif`` are ignored. Writes nothing.
+("nested classes"); symlinked folders are followed, each real folder read once (loops
+are safe); hidden files and folders (``.name``) and files that are not
+``.jpg .jpeg .png .bmp .gif`` are ignored. A folder needs two classes or more and every
+class ``MIN_TRAIN_PER_CLASS`` usable training images (stage two fits on some and
+validates on others). Writes nothing.
 
 Decoding is Pillow's, for every format: EXIF orientation applied, the first frame of an
 animated GIF, grayscale / RGBA (alpha dropped) / palette / 16-bit images made 8-bit RGB.
@@ -27,6 +30,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,18 +49,22 @@ MAX_LISTED_SKIPS = 200
 RESIZE_METHOD = "bilinear"
 RESIZE_ANTIALIAS = True
 FINGERPRINT_VERSION = b"featcache-folder-v1"
+#: every class needs this many usable training images: one to fit a head, one to validate it
+MIN_TRAIN_PER_CLASS = 2
+_BYTESIO_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 # ---------------------------------------------------------------------------- pixels
 
-def decode_image(source: bytes | str | os.PathLike) -> np.ndarray:
+def decode_image(source: bytes | str | os.PathLike, name: str | None = None) -> np.ndarray:
     """Decode an image file (path or bytes) to an (H, W, 3) uint8 RGB array.
 
-    Raises :class:`~pipeline.errors.DataError` when it cannot be decoded.
+    Raises :class:`~pipeline.errors.DataError` when it cannot be decoded; its message names
+    ``name`` (default: the path, or "image bytes").
     """
     from PIL import Image, ImageOps
 
-    name = "image bytes" if isinstance(source, bytes) else str(source)
+    name = name or ("image bytes" if isinstance(source, bytes) else str(source))
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             im.seek(0)  # the first frame of an animation
@@ -73,19 +81,24 @@ def decode_image(source: bytes | str | os.PathLike) -> np.ndarray:
         raise DataError(f"{name} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        # Pillow names the file it was given: for bytes that is "<_io.BytesIO object at 0x…>"
+        first = _BYTESIO_REPR.sub(lambda _: repr(name), first)
         raise DataError(f"{name} cannot be decoded as an image ({first[:120]})") from None
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise DataError(f"{name} is an empty image ({rgb.shape})")
     return np.ascontiguousarray(rgb)
 
 
-def resize_images(x, size: int):
+def resize_images(x, size: int, antialias: bool = RESIZE_ANTIALIAS):
     """Resize float32 images ((H, W, 3) or (N, H, W, 3), 0-255) to ``size`` x ``size``.
 
-    The one resize of the folder pipeline and of exported models (TensorFlow op)."""
+    The one resize of the folder pipeline and of ``featcache predict`` (TensorFlow op; an
+    exported model does the same with ``keras.layers.Resizing``). ``antialias=False`` is
+    stage one's resize of registry datasets (CIFAR-10), see :func:`pipeline.extract.make_step`.
+    """
     import tensorflow as tf
 
-    return tf.image.resize(x, (size, size), method=RESIZE_METHOD, antialias=RESIZE_ANTIALIAS)
+    return tf.image.resize(x, (size, size), method=RESIZE_METHOD, antialias=antialias)
 
 
 # ---------------------------------------------------------------------------- scanning
@@ -99,10 +112,26 @@ def _subdirs(d: Path) -> list[Path]:
 
 
 def _images_under(d: Path) -> tuple[list[Path], int]:
-    """Image files anywhere under ``d`` (sorted), and how many other files were ignored."""
+    """Image files anywhere under ``d`` (sorted), and how many other files were ignored.
+
+    Symlinked sub-folders are followed like real ones; a folder reached a second time (a
+    link back up the tree, or two links to one folder) is not walked again, with a warning
+    (its images are already counted once)."""
     found, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(d):  # symlinked sub-folders: not followed
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+    seen = {os.path.realpath(d)}
+    for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+        keep = []
+        for n in sorted(dirnames):
+            if n.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, n))
+            if real in seen:
+                log.warning("%s: not walking %s again (a symlink to a folder already read: "
+                            "%s)", d, os.path.join(dirpath, n), real)
+                continue
+            seen.add(real)
+            keep.append(n)
+        dirnames[:] = keep
         for n in sorted(filenames):
             if n.startswith("."):
                 continue
@@ -187,6 +216,7 @@ class FolderDataset(Dataset):
                 if lost:
                     raise DataError(f"{self.root}: no image of class {', '.join(lost)} in the "
                                     f"{split} split can be decoded; fix or remove those files")
+        self._check_train_rows()
         if skipped:
             shown = "; ".join(f"{p} ({why})" for p, why in skipped[:10])
             more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
@@ -202,6 +232,31 @@ class FolderDataset(Dataset):
             "skipped_files": listed,
             "resize": f"{RESIZE_METHOD}, antialias={RESIZE_ANTIALIAS}",
         }
+
+    def _check_train_rows(self) -> None:
+        """Every class needs ``MIN_TRAIN_PER_CLASS`` usable training images: stage two fits
+        on some and validates on others (a class with one row has no validation row)."""
+        counts = np.bincount(self.labels("train"), minlength=len(self.classes))
+        few = [f"{self.classes[i]} ({n})" for i, n in enumerate(counts)
+               if n < MIN_TRAIN_PER_CLASS]
+        if not few:
+            return
+        if self.limit is not None:
+            fix = "raise --limit"
+        elif self.layout == "train/test":
+            fix = "add images to train/<class>/ or remove the class"
+        else:  # the split also puts one image of every class of two or more into test
+            fix = (f"add images (a class needs {MIN_TRAIN_PER_CLASS + 1}: one goes to the "
+                   f"test split) or remove the class")
+        raise DataError(f"{self.root}: too few usable training images for class "
+                        f"{', '.join(few)}; every class needs at least {MIN_TRAIN_PER_CLASS} "
+                        f"(one to fit a head, one to validate it): {fix}")
+
+    @staticmethod
+    def _check_classes(root: Path, classes: list[str]) -> None:
+        if len(classes) < 2:
+            raise DataError(f"image folder {root} has only one class ({classes[0]}): a "
+                            f"classifier needs at least two class sub-folders")
 
     # -- listing ------------------------------------------------------------------------
     def _scan(self) -> dict[str, list[tuple[str, int]]]:
@@ -240,6 +295,7 @@ class FolderDataset(Dataset):
                     per_class.append([(p.relative_to(root).as_posix(), index[d.name])
                                       for p in files])
                 out[split] = _interleave(per_class)
+            self._check_classes(root / "train", self.classes)
             return out
 
         self.layout = "split"
@@ -260,6 +316,7 @@ class FolderDataset(Dataset):
             rel = [(p.relative_to(root).as_posix(), ci) for p in files]
             train.append([r for r, m in zip(rel, mask) if not m])
             test.append([r for r, m in zip(rel, mask) if m])
+        self._check_classes(root, self.classes)
         return {"train": _interleave(train), "test": _interleave(test)}
 
     def _validate(self, candidates):
@@ -274,9 +331,9 @@ class FolderDataset(Dataset):
                 return "", f"unreadable: {exc.strerror or exc}"
             digest = hashlib.sha256(data).hexdigest()
             try:
-                decode_image(data)
+                decode_image(data, name=rel)
             except DataError as exc:
-                return digest, str(exc).replace("image bytes ", "")
+                return digest, str(exc).removeprefix(f"{rel} ")
             return digest, None
 
         workers = self.workers or min(8, (os.cpu_count() or 1) + 2)

@@ -280,7 +280,7 @@ class RFFSVMHead(_Head):
         pca = keras.layers.Dense(self.proj_.shape[1], name="standardize_pca")
         rff = keras.layers.Dense(M, name="fourier")
         lin = keras.layers.Dense(len(self.classes_), name="linear")
-        x = lin(cosine_layer()(rff(pca(inp))))
+        x = lin(cosine_block(rff(pca(inp))))
         out = keras.layers.Softmax(name="proba")(x)
         pca.set_weights([self.proj_, self.proj_bias_])
         rff.set_weights([self.omega_, self.phase_])
@@ -288,29 +288,46 @@ class RFFSVMHead(_Head):
         return keras.Model(inp, out, name="featcache_rbf_svm_head")
 
 
-_COSINE = None
+#: cosine_block is exact (to float32 rounding) for |t| < 2 pi * _COS_PERIODS
+_COS_PERIODS = 64
+#: 2 pi in two float32 parts (Cody-Waite): k * _TWO_PI_HI is exact for |k| <= 2**10
+_TWO_PI_HI = 51472.0 / 8192.0
+_TWO_PI_LO = float(np.float32(2 * np.pi - _TWO_PI_HI))
+_COS_TERMS = 10  # Taylor terms in r**2: error < 1e-10 on [-pi, pi], below float32 rounding
 
 
-def cosine_layer():
-    """A ``Cosine`` Keras layer instance (registered as ``featcache>Cosine`` for loading)."""
-    global _COSINE
-    if _COSINE is None:
-        import keras
+def cosine_block(x, name: str = "cosine"):
+    """Elementwise ``cos(x)`` from built-in Keras layers only, so a saved model needs no
+    featcache code to load (Keras has no cosine layer or activation).
 
-        @keras.saving.register_keras_serializable(package="featcache")
-        class Cosine(keras.layers.Layer):
-            """Elementwise cosine (random Fourier features)."""
+    ``k = round(x / 2 pi)`` is a bucket index (``Discretization``, exact for
+    ``|x| < 2 pi * 64``; random-Fourier-feature arguments are about N(phase, 0.5), so that is
+    hundreds of standard deviations); ``r = x - 2 pi k`` in [-pi, pi] with 2 pi split in two
+    float32 parts; ``cos r`` by Horner on its Taylor series in ``r**2`` (``Multiply`` and
+    ``Rescaling``). Agrees with ``np.cos`` to ~1e-6; beyond the buckets ``r`` is clamped
+    (finite, not exact). TFLite converts it to builtin ops."""
+    import math
 
-            def call(self, x):
-                return keras.ops.cos(x)
+    import keras
 
-        _COSINE = Cosine
-    return _COSINE(name="cosine")
-
-
-def keras_custom_objects() -> dict:
-    """Custom layers a saved head/export model needs: pass to ``keras.models.load_model``."""
-    return {"featcache>Cosine": type(cosine_layer())}
+    L = keras.layers
+    M = _COS_PERIODS
+    bounds = [2 * math.pi * (k - 0.5) for k in range(-M + 1, M + 1)]
+    idx = L.Discretization(bin_boundaries=bounds, name=f"{name}_period")(x)  # round(x/2pi)+M
+    k = L.Rescaling(1.0, offset=-float(M), name=f"{name}_k")(idx)
+    r = L.Add(name=f"{name}_r_hi")([x, L.Rescaling(-_TWO_PI_HI, name=f"{name}_hi")(k)])
+    r = L.Add(name=f"{name}_r_lo")([r, L.Rescaling(-_TWO_PI_LO, name=f"{name}_lo")(k)])
+    # |x| beyond the buckets: clamp r to [-pi, pi] so the polynomial stays finite
+    r = L.ReLU(max_value=2 * math.pi, name=f"{name}_clamp")(
+        L.Rescaling(1.0, offset=math.pi, name=f"{name}_shift")(r))
+    r = L.Rescaling(1.0, offset=-math.pi, name=f"{name}_r")(r)
+    u = L.Multiply(name=f"{name}_r2")([r, r])
+    c = [(-1) ** j / math.factorial(2 * j) for j in range(_COS_TERMS)]
+    p = L.Rescaling(c[-1], offset=c[-2], name=f"{name}_h{_COS_TERMS - 2}")(u)
+    for j in range(_COS_TERMS - 3, -1, -1):
+        p = L.Multiply(name=f"{name}_m{j}")([p, u])
+        p = L.Rescaling(1.0, offset=c[j], name=f"{name}_h{j}")(p)
+    return p
 
 
 @register_head("rbf_svm", default=False, grid=[{"gamma": 0.25, "C": c} for c in (0.3, 1.0)])
@@ -573,7 +590,7 @@ def load_head(path):
 
         meta = json.loads(path.with_suffix(".json").read_text())
         head = DenseHead(**meta["params"])
-        head.model_ = keras.models.load_model(path, custom_objects=keras_custom_objects())
+        head.model_ = keras.models.load_model(path)
         head.classes_ = np.asarray(meta["classes"])
         head.best_epochs_ = meta["best_epochs"]
         head.n_features_in_ = meta["n_features_in"]

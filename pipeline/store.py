@@ -30,6 +30,7 @@ import fcntl
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -125,8 +126,13 @@ class FileLock:
         self._fd: int | None = None
 
     def acquire(self) -> "FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CacheError(f"cannot create the lock file {self.path} ({exc.strerror or exc}); "
+                             f"featcache needs a writable folder there, even for a no-op: "
+                             f"choose another folder (--out-dir/--output)") from None
         try:
             flags = fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB
             if self.wait:
@@ -158,6 +164,30 @@ class FileLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """Refuse at once, before any work, an output path that cannot be written: a folder
+    at the path (or at its ``.partial``), or a folder that does not exist and cannot be
+    made, is not a folder, or cannot be written (read-only, no permission). Creates the
+    output folder if needed; leaves nothing else behind."""
+    path = Path(path)
+    for p in (path, partial_path(path)):
+        if p.is_dir():
+            raise CacheError(f"the output path {p} is a folder, not a feature file; give "
+                             f"--output a file name ending in .h5 (or --out-dir for the folder)")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".featcache-write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CacheError(f"cannot write to the output folder {parent} "
+                         f"({exc.strerror or exc}); stage one needs a writable folder, even "
+                         f"to find a file up to date (it takes a lock): choose another "
+                         f"--out-dir/--output") from None
+    return path
 
 
 # --------------------------------------------------------------------------- opening
@@ -241,6 +271,7 @@ class FeatureWriter:
             raise CacheError(f"feature dtype must be one of {FEATURE_DTYPES}, not {dtype!r}")
         specs = {k: v if isinstance(v, SplitSpec) else SplitSpec(int(v))
                  for k, v in splits.items()}
+        check_output(path)
         lock = FileLock(path, wait=wait).acquire()
         partial = partial_path(path)
         try:
@@ -461,8 +492,8 @@ class FeatureSet:
 
 def load_features(path: str | os.PathLike, splits: Iterable[str] | None = None, *,
                   require_complete: bool = True, check_finite: bool = True,
-                  flip: bool = True) -> FeatureSet:
-    """Read a feature file for stage two.
+                  flip: bool = True, max_rows: int | None = None) -> FeatureSet:
+    """Read a feature file for stage two (``max_rows``: only the first rows of each split).
 
     Refuses (with a message naming the fix) a missing, truncated, newer-schema, incomplete
     (unless ``require_complete=False``) or non-finite file. Features come back in the
@@ -488,6 +519,7 @@ def load_features(path: str | os.PathLike, splits: Iterable[str] | None = None, 
                 g = f[name]
                 n = int(attrs["rows_done"][attrs["splits"].index(name)]) \
                     if not require_complete else g["labels"].shape[0]
+                n = n if max_rows is None else min(n, int(max_rows))
                 feats = g["features"][:n]
                 flipped = g["features_flip"][:n] if flip and "features_flip" in g else None
                 labels = g["labels"][:n]

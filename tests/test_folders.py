@@ -202,7 +202,9 @@ def test_corrupt_file_is_skipped_counted_listed_and_warned(folder, caplog):
     (lambda r: ((r / "cat").mkdir(), write_image(r / "cat" / "x.png", "cat", (8, 8), "RGB",
                                                  "PNG", 0), (r / "dog").mkdir()),
      "empty class: .*dog holds no images"),
-    (lambda r: ((r / "cat").mkdir(), (r / "cat" / "x.png").write_bytes(b"junk")),
+    (lambda r: ((r / "cat").mkdir(), (r / "cat" / "x.png").write_bytes(b"junk"),
+                [write_image(r / "dog" / f"{i}.png", "dog", (8, 8), "RGB", "PNG", i)
+                 for i in range(3)]),
      "no image of class cat"),
     (lambda r: ((r / "train" / "cat").mkdir(parents=True), (r / "test").mkdir(),
                 write_image(r / "train" / "cat" / "x.png", "cat", (8, 8), "RGB", "PNG", 0)),
