@@ -277,10 +277,6 @@ def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None,
                    help="report folder (default: features/<stem>/ beside the feature file)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes, one thread each (default: the cores available "
-                        "to this process; 0: everything in this process, one row after "
-                        "another)")
     p.add_argument("--search", choices=("fast", "exhaustive"), default="fast",
                    help="fast: stop a C path once validation accuracy falls, keep the "
                         "early-stopped dense model; exhaustive: every grid point, every "
@@ -292,6 +288,10 @@ def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
         p.add_argument("--flip", default="auto", choices=("auto", "off", "train", "tta", "both"),
                        help="rows using mirrored features: auto = '<head>+flip' rows (train on "
                             "plain+mirrored, average both at test) when the file has them")
+        p.add_argument("--workers", type=int, default=None,
+                       help="worker processes, one thread each (default: the cores available "
+                            "to this process; 0: everything in this process, one row after "
+                            "another); any count gives the same results")
         p.add_argument("--list", action="store_true", help="list the head registry and exit")
 
 
@@ -306,7 +306,7 @@ def _heads_config(args):
     return HeadsConfig(feature_file=args.feature_file, heads=heads,
                        val_fraction=args.val_fraction, seed=args.seed,
                        flip=getattr(args, "flip", "off"), out_dir=args.out_dir,
-                       workers=args.workers, search=args.search)
+                       workers=getattr(args, "workers", None), search=args.search)
 
 
 @command("heads", help="stage two: select, fit and compare heads on a feature file; "

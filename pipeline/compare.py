@@ -225,8 +225,8 @@ def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
     if report_dir is not None:
         path = save_head(head, report_dir / "heads", label.replace("+", "_"))
         row["saved"] = str(path.relative_to(report_dir))
-    log.info("%-16s test %.4f [%.4f, %.4f]  %s  select %.1f s, fit %.1f s", label,
-             row["test_accuracy"], lo, hi, _fmt(params), select_s, fit_s)
+    log.debug("%-16s test %.4f [%.4f, %.4f]  %s  select %.1f s, fit %.1f s", label,
+              row["test_accuracy"], lo, hi, _fmt(params), select_s, fit_s)
     return row, pred, head
 
 
