@@ -101,19 +101,26 @@ def _extract_config(args):
 class ProgressBar:
     """Draws ``split [#####.....] 1234/60000 115.2 img/s ETA 8m40s`` on stderr (stage one's
     ``Progress``), or ``heads [#####.....] 3/8 elapsed 0m41s ETA 1m02s`` for a progress
-    object with ``elapsed_s`` instead of ``images_per_s`` (stage two's ``HeadsProgress``)."""
+    object with ``elapsed_s`` instead of ``images_per_s`` (stage two's ``HeadsProgress``).
+    A progress object's ``message`` (e.g. a finished row) is printed on a line of its own
+    above the bar."""
 
     def __init__(self, stream=sys.stderr, width: int = 28):
         self.stream, self.width = stream, width
         self.tty = stream.isatty()
         self._last = 0.0
+        self._final = False
 
     def __call__(self, p) -> None:
         now = time.monotonic()
         final = p.done >= p.total
-        if not final and now - self._last < (0.2 if self.tty else 15.0):
+        message = getattr(p, "message", "")
+        if message:
+            self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
+        elif self._final or (not final and now - self._last < (0.2 if self.tty else 15.0)):
             return
         self._last = now
+        self._final = final
         frac = p.done / p.total if p.total else 1.0
         bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
         eta = "--" if p.eta_s == float("inf") else f"{int(p.eta_s // 60)}m{int(p.eta_s % 60):02d}s"

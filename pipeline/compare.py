@@ -265,6 +265,7 @@ class HeadsProgress:
     total: int          # rows to do
     elapsed_s: float
     eta_s: float        # inf until the first row is done
+    message: str = ""   # set once per finished row: its one-line summary
 
 
 @dataclass(frozen=True)
@@ -363,12 +364,11 @@ def compare_heads(cfg: HeadsConfig, *, write: bool = True, progress=None) -> dic
         state = {"rows": 0, "cost": 0.0, "eta": float("inf"), "at": time.monotonic()}
         start = time.monotonic()
 
-        def report_progress():
-            if progress is None:
-                return
+        def report_progress(message=""):
             now = time.monotonic()
             eta = max(0.0, state["eta"] - (now - state["at"]))
-            progress(HeadsProgress("heads", state["rows"], len(specs), now - start, eta))
+            progress(HeadsProgress("heads", state["rows"], len(specs), now - start, eta,
+                                   message))
 
         ticker = stack.enter_context(Ticker(report_progress if progress else None))
 
@@ -380,10 +380,16 @@ def compare_heads(cfg: HeadsConfig, *, write: bool = True, progress=None) -> dic
             state["eta"] = (now - start) * left / state["cost"] if state["cost"] else 0.0
             state["at"] = now
             for row, _ in result:
-                log.info("%-16s test %.4f [%.4f, %.4f]  %s  select %.1f s, fit %.1f s, "
-                         "predict %.1f s", row["name"], row["test_accuracy"], *row["ci95"],
-                         _fmt(row["params"]), row["select_s"], row["fit_s"],
-                         row["predict_s"])
+                line = (f"{row['name']:<16} test {row['test_accuracy']:.4f} "
+                        f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]  val "
+                        f"{row['val_accuracy']:.4f}  {_fmt(row['params'])}  select "
+                        f"{row['select_s']:.1f} s, fit {row['fit_s']:.1f} s, predict "
+                        f"{row['predict_s']:.1f} s")
+                if progress is None:
+                    log.info("%s", line)
+                else:
+                    with ticker.lock:
+                        report_progress(line)
             ticker()
 
         ticker()

@@ -119,7 +119,7 @@ def run_jobs(fn: Callable, jobs: Sequence, args: tuple = (), *, workers: int,
 
     order = sorted(range(n), key=lambda i: (-(costs[i] if costs else 0.0), i))
     with parallel_config(backend="loky", inner_max_num_threads=1):
-        par = Parallel(n_jobs=min(workers, n), return_as="generator_unordered",
+        par = Parallel(n_jobs=workers, return_as="generator_unordered",
                        batch_size=1, pre_dispatch="all")
         for i, result in par(delayed(_indexed)(i, fn, jobs[i], args) for i in order):
             results[i] = result
@@ -144,11 +144,11 @@ class Ticker:
         self.report, self.interval = report, interval
         self._stop = threading.Event()
         self._thread = None
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     def __call__(self) -> None:
         if self.report is not None:
-            with self._lock:
+            with self.lock:
                 self.report()
 
     def _loop(self) -> None:
@@ -165,10 +165,3 @@ class Ticker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-
-
-def clock(seconds: float) -> str:
-    """``75.2 -> '1m15s'``; ``inf -> '--'``."""
-    if seconds == float("inf") or seconds != seconds:
-        return "--"
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
