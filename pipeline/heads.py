@@ -158,7 +158,10 @@ class LinearHead(_Head):
         if self.warm_start and getattr(self, "coef_std_", None) is not None \
                 and self.coef_std_.shape == (blocks[0].shape[1], K):
             init = (self.coef_std_, self.intercept_std_)
-        self.scaler_ = Scaler.fit(blocks)
+        key = (id(blocks[0]), blocks[0].shape, len(blocks))
+        if not (self.warm_start and getattr(self, "_scaler_key", None) == key):
+            self.scaler_ = Scaler.fit(blocks)   # along a warm-started path: same rows, once
+            self._scaler_key = key
         W, b, self.n_iter_ = fit_linear(blocks, yi, K, scaler=self.scaler_, C=self.C,
                                         loss=self.loss, init=init, max_iter=self.max_iter,
                                         tol=self.tol)
