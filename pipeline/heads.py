@@ -609,14 +609,14 @@ class _Batches:
         return Batches()
 
 
-@register_head("dense", grid=[{"dropout": 0.5}], cost=1.5, tensorflow=True)
+@register_head("dense", grid=[{"dropout": 0.5}], cost=1.5, tensorflow=True, refit=False)
 def dense(random_state=0, **params):
     """Keras Dense(1024, relu) -> Dense(n_classes, softmax), Adam, early-stopped epochs."""
     return DenseHead(random_state=random_state, **params)
 
 
 @register_head("dense_ens", default=False, grid=[{"dropout": 0.5}], cost=4.5, tensorflow=True,
-               members=3)
+               refit=False, members=3)
 def dense_ens(random_state=0, **params):
     """Three `dense` heads (seeds differ), probabilities averaged in one Keras model; 3x the time."""
     return DenseHead(random_state=random_state, **params)

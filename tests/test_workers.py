@@ -45,14 +45,17 @@ def test_one_and_two_workers_give_identical_results(tmp_path):
 @pytest.mark.slow
 def test_dense_rows_identical_with_one_and_two_workers(tmp_path):
     """The TensorFlow head too: both of its rows run in one worker, single-threaded."""
-    path = make_feature_file(tmp_path / "f.h5", n_train=300, n_test=100, dim=16, seed=4)
+    path = make_feature_file(tmp_path / "f.h5", n_train=200, n_test=60, dim=8, seed=4)
     r1, p1 = _run(path, tmp_path / "w1", 1, heads=("dense", "logreg"))
     r2, p2 = _run(path, tmp_path / "w2", 2, heads=("dense", "logreg"))
     assert _choices(r1) == _choices(r2)
     for key in p1.files:
         np.testing.assert_array_equal(p1[key], p2[key])
-    dense_pids = {r["worker_pid"] for r in r2["rows"] if r["head"] == "dense"}
-    assert len(dense_pids) == 1                      # one TensorFlow import
+    dense = [r for r in r2["rows"] if r["head"] == "dense"]
+    assert len({r["worker_pid"] for r in dense}) == 1          # one TensorFlow import
+    # --search fast keeps the dense model early-stopped on the fit rows (no refit)
+    assert all(not r["refit"] for r in dense)
+    assert all(r["n_train"] == r["n_fit"] * (2 if r["train_flip"] else 1) for r in dense)
 
 
 def _describe(arr):
