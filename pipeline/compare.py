@@ -135,7 +135,7 @@ def select(spec, data: _Data, *, train_flip: bool, tta: bool, seed: int, label: 
     X_fit, y_fit, Xf_fit = data.part("fit", train_flip)
     X_val, y_val, Xf_val = data.part("val", tta)
     grid = list(spec.grid) or [{}]
-    est = spec.make(random_state=seed)
+    est = spec.make(random_state=seed, **(spec.fast_select if search == "fast" else {}))
     warm, skipped = None, []
     if hasattr(est, "score_grid"):
         scores = est.score_grid(grid, X_fit, y_fit, X_val, y_val, Xf_fit, Xf_val)

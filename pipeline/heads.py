@@ -56,6 +56,7 @@ class HeadSpec:
     cost: float = 1.0              # relative seconds per training row (job order, ETA)
     tensorflow: bool = False       # fitting imports TensorFlow: such rows share one worker
     refit: bool = True             # --search fast: refit the chosen point on all rows
+    fast_select: dict = field(default_factory=dict)  # --search fast: params while selecting
 
     def make(self, random_state: int = 0, **params) -> BaseEstimator:
         return self.factory(random_state=random_state, **{**self.fixed, **params})
@@ -66,7 +67,7 @@ HEADS: dict[str, HeadSpec] = {}
 
 def register_head(name: str, *, default: bool = True, grid=(), summary: str = "",
                   keras: bool = True, cost: float = 1.0, tensorflow: bool = False,
-                  refit: bool = True, **fixed):
+                  refit: bool = True, fast_select: dict | None = None, **fixed):
     """Register ``factory(random_state=..., **params) -> estimator`` under ``name``.
 
     ``grid`` is tried in order; a grid over one numeric parameter is a path (ordered, the
@@ -74,11 +75,14 @@ def register_head(name: str, *, default: bool = True, grid=(), summary: str = ""
     accuracy falls below its best. ``cost`` (relative seconds per training row) orders the
     jobs and the ETA; ``tensorflow=True`` puts the head's rows in one worker (one
     TensorFlow import); ``refit=False`` keeps, under ``--search fast``, the model selected
-    on the fit rows instead of refitting it on all training rows."""
+    on the fit rows instead of refitting it on all training rows; ``fast_select`` are
+    parameters used only while scoring the grid under ``--search fast`` (e.g. a looser
+    solver tolerance; the refit uses the head's own)."""
     def deco(factory):
         doc = summary or (factory.__doc__ or "").strip().splitlines()[0]
         HEADS[name] = HeadSpec(name, factory, default, tuple(dict(g) for g in grid), doc,
-                               keras, dict(fixed), float(cost), bool(tensorflow), bool(refit))
+                               keras, dict(fixed), float(cost), bool(tensorflow), bool(refit),
+                               dict(fast_select or {}))
         return factory
     return deco
 
@@ -187,13 +191,21 @@ class LinearHead(_Head):
         return keras.Model(inp, out, name=f"featcache_{self.loss}_head")
 
 
-@register_head("logreg", grid=[{"C": c} for c in (0.001, 0.003, 0.01)], cost=1.0)
+# --search fast scores the C path at gradient tolerance 3e-4 (the refit keeps 1e-4): on real
+# MobileNetV2 features it chose the same C for both heads with 33% / 21% fewer iterations
+# (benchmarks/stage2_parts.py --parts tol; docs/stage-two.md).
+FAST_PATH = {"tol": 3e-4}
+
+
+@register_head("logreg", grid=[{"C": c} for c in (0.001, 0.003, 0.01)], cost=1.0,
+               fast_select=FAST_PATH)
 def logreg(random_state=0, **params):
     """Multinomial logistic regression on standardized features (float32 L-BFGS)."""
     return LinearHead(loss="softmax", random_state=random_state, **params)
 
 
-@register_head("linear_svm", grid=[{"C": c} for c in (0.0001, 0.0003, 0.001)], cost=1.5)
+@register_head("linear_svm", grid=[{"C": c} for c in (0.0001, 0.0003, 0.001)], cost=1.5,
+               fast_select=FAST_PATH)
 def linear_svm(random_state=0, **params):
     """One-vs-rest linear SVM (squared hinge) on standardized features (float32 L-BFGS)."""
     return LinearHead(loss="squared_hinge", random_state=random_state, **params)
@@ -471,8 +483,9 @@ def knn(random_state=0, **params):
 class DenseHead(_Head):
     """The tutorial's head: Normalization -> Dense(hidden, relu) -> [Dropout] ->
     Dense(n_classes, softmax), Adam. With validation data (selection) it early-stops on
-    validation accuracy and records the best epoch count in ``best_epochs_``; the refit on
-    all training rows then runs exactly ``epochs``. With ``X_flip`` every sample is drawn
+    validation accuracy, restores the best epoch's weights and records that epoch count in
+    ``best_epochs_``; a refit on all training rows (``--search exhaustive``) then runs
+    exactly ``epochs``, while ``--search fast`` keeps the early-stopped model. With ``X_flip`` every sample is drawn
     plain or mirrored at random each epoch (augmentation at no extra cost per epoch).
 
     ``members > 1`` trains that many such networks (seeds ``random_state + i``) and
