@@ -242,7 +242,11 @@ class RFFSVMHead(_Head):
         V = evecs[:, ::-1][:, :p].astype(np.float32)
         self.proj_, self.proj_bias_ = folded(self.scaler_, V, np.zeros(p, np.float32))
         self.explained_variance_ratio_ = float(evals[::-1][:p].sum() / evals.sum())
-        self.proj_var_ = float(evals[::-1][:p].mean())
+        # Standardized features have variance ~1 along the kept directions; (near-)constant
+        # features (e.g. a random-weight backbone) leave ~0, which would scale the Fourier
+        # frequencies by ~1e17 and make cos() of the projections numerical noise.
+        var = float(evals[::-1][:p].mean())
+        self.proj_var_ = var if var > 1e-6 else 1.0
         self._proj_key = (id(blocks[0]), blocks[0].shape, len(blocks))
 
     def _random_features(self, X) -> np.ndarray:

@@ -296,5 +296,6 @@ def test_export_default_head_and_knn_refusal(compared, tmp_path, capsys):
     if best.startswith("knn"):
         assert rc != 0 and "cannot be exported" in capsys.readouterr().err
     else:
-        assert rc == 0 and f"head {best}" in capsys.readouterr().out
+        out, err = capsys.readouterr()
+        assert rc == 0 and f"head {best}" in out, err
         assert (tmp_path / "best.keras").is_file()
