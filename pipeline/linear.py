@@ -8,7 +8,7 @@ matrix as given, without any copy of it:
   accumulators of size D only). It is never *applied* to the matrix: :func:`fit_linear`
   folds it into the weights (``((X - mu) / sd) @ W == X @ (W / sd) - mu @ (W / sd)``).
 - :func:`fit_linear` minimises ``mean(loss) + ||W||^2 / (2 C n)`` (scikit-learn's ``C``
-  scaling) with full-batch L-BFGS (:func:`lbfgs`). Losses: multinomial cross-entropy
+  scaling) with full-batch L-BFGS (scipy's L-BFGS-B). Losses: multinomial cross-entropy
   (``softmax``) and one-vs-rest squared hinge (``squared_hinge``, LinearSVC's default).
   Several blocks (e.g. plain and mirrored features) are summed without concatenation.
 """
@@ -138,14 +138,15 @@ def objective(blocks, y: np.ndarray, n_classes: int, *, scaler: Scaler, C: float
 def fit_linear(blocks, y: np.ndarray, n_classes: int, *, scaler: Scaler, C: float,
                loss: str, init: tuple[np.ndarray, np.ndarray] | None = None,
                max_iter: int = 300, tol: float = 1e-4,
-               solver: str = "lbfgs") -> tuple[np.ndarray, np.ndarray, int]:
+               solver: str = "scipy") -> tuple[np.ndarray, np.ndarray, int]:
     """Minimise ``mean(loss(X_std @ W + b, y)) + ||W||^2 / (2 C n)`` over all blocks.
 
     ``blocks`` is a list of float32 (n, D) arrays that share the labels ``y`` (plain and
     mirrored features). Returns ``(W, b, iterations)`` on the *standardized* scale.
-    ``solver``: ``"lbfgs"`` (:func:`lbfgs`, the default) or ``"scipy"``
-    (``scipy.optimize.minimize(method="L-BFGS-B")`` on the same function; kept for the
-    comparison in ``benchmarks/solvers.py``).
+    ``solver``: ``"scipy"`` (the default: ``scipy.optimize.minimize(method="L-BFGS-B")``
+    on this float32 loss/gradient) or ``"lbfgs"`` (the hand-written :func:`lbfgs`, kept for
+    the comparison in ``benchmarks/stage2_parts.py``: same iterations and evaluations, not
+    measurably faster, so not the default; docs/stage-two.md).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}")
@@ -188,8 +189,8 @@ def scipy_lbfgs(fun, x0: np.ndarray, *, max_iter: int = 300, tol: float = 1e-4,
 def lbfgs(fun, x0: np.ndarray, *, max_iter: int = 300, tol: float = 1e-4, memory: int = 10,
           rtol: float = 1e-9) -> tuple[np.ndarray, int]:
     """Minimise a smooth convex ``fun(x) -> (value, gradient)``: L-BFGS two-loop recursion
-    with Armijo backtracking. (scipy's L-BFGS-B spends more time in its bound handling than
-    these objectives take to evaluate.) Stops when the gradient's max-norm is below
+    with Armijo backtracking (no longer the default: scipy's L-BFGS-B took the same number
+    of iterations and evaluations and was not slower). Stops when the gradient's max-norm is below
     ``tol`` or the value stops improving (relative ``rtol``)."""
     x = np.asarray(x0, dtype=np.float64).copy()
     f, g = fun(x)
