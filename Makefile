@@ -27,6 +27,7 @@ OUT_DIR    ?= features
 FEATURES_EXTRA ?=
 # ---- stage two settings --------------------------------------------------------------
 HEADS      ?=
+WORKERS    ?=
 HEADS_EXTRA ?=
 
 FEATURE_ARGS = --dataset $(DATASET) --data-dir $(DATA_DIR) --backbone $(BACKBONE) \
@@ -57,6 +58,7 @@ help: ## this list
 	@echo "Settings (make VAR=value): DATASET=$(DATASET) DATA_DIR=$(DATA_DIR) BACKBONE=$(BACKBONE)"
 	@echo "  SIZE=$(SIZE) BATCH=$(BATCH) WEIGHTS=$(WEIGHTS) PREPROCESS=$(PREPROCESS) FLIP=$(FLIP)"
 	@echo "  RUNTIME=$(RUNTIME) PRECISION=$(PRECISION) DTYPE=$(DTYPE) LIMIT=$(LIMIT) VARIANT=$(VARIANT) HEADS=$(HEADS)"
+	@echo "  WORKERS=$(WORKERS) (empty: featcache heads' default, the cores available)"
 	@echo "  KERAS_HOME=$(KERAS_HOME)  -> $(FEATURE_FILE)"
 
 $(STAMP): pyproject.toml
@@ -81,11 +83,12 @@ heads: $(REPORT_DIR)/results.json ## stage two: train and compare heads, write t
 
 # The heads settings are a prerequisite too: `make heads HEADS=logreg` after a full run re-runs.
 HEADS_SETTINGS := $(REPORT_DIR)/.make-heads-settings
+# (WORKERS is not a setting of the results: any count gives the same report.)
 $(HEADS_SETTINGS): FORCE
 	@mkdir -p $(@D); echo '$(HEADS) $(HEADS_EXTRA)' | cmp -s - $@ || echo '$(HEADS) $(HEADS_EXTRA)' > $@
 
 $(REPORT_DIR)/results.json: $(FEATURE_FILE) $(HEADS_SETTINGS) | $(STAMP)
-	$(FEATCACHE) heads $(FEATURE_FILE) $(if $(HEADS),--heads $(HEADS)) $(HEADS_EXTRA)
+	$(FEATCACHE) heads $(FEATURE_FILE) $(if $(HEADS),--heads $(HEADS)) $(if $(WORKERS),--workers $(WORKERS)) $(HEADS_EXTRA)
 
 curve: $(FEATURE_FILE) | $(STAMP) ## label-efficiency curve: accuracy vs labelled examples per class
 	$(FEATCACHE) curve $(FEATURE_FILE) $(if $(HEADS),--heads $(HEADS))

@@ -78,10 +78,27 @@ def headline_rows(r: dict) -> list[tuple[str, str, str]]:
                          f"**{pair['rss_ratio']:.3f}** ({_flatness(pair)})"))
     if "s4" in r and "seconds" in r["s4"]:
         c = r["s4"]
-        rows.append((f"Stage two: the full default head comparison (`featcache heads`: "
-                     f"{len(c['rows'])} rows, selection on validation, refit, test) on "
-                     f"{c['n_train']:,} cached training rows",
-                     f"{_f(c['seconds'])} s", f"best `{c.get('best')}`"))
+        runs = c.get("runs", {})
+        if "old" in runs:
+            rows.append((f"Stage two: the default head comparison (`featcache heads`, "
+                         f"{len(c['rows'])} rows, {runs['new']['workers']} workers, "
+                         f"--search fast) vs the protocol before issue 12 (`--workers 0 "
+                         f"--search exhaustive`), same file, wall time incl. start-up",
+                         f"{_f(c['seconds'])} s vs {_f(runs['old']['seconds'])} s; best "
+                         f"`{c.get('best')}` {_pct(_acc(runs['new']))} vs "
+                         f"`{runs['old']['best']}` {_pct(_acc(runs['old']))}",
+                         f"**{_f(c['speedup'])}x** faster"))
+        else:
+            rows.append((f"Stage two: the full default head comparison (`featcache heads`: "
+                         f"{len(c['rows'])} rows) on {c['n_train']:,} cached training rows",
+                         f"{_f(c['seconds'])} s", f"best `{c.get('best')}`"))
+        if "new_1worker" in runs:
+            rows.append((f"Peak memory of stage two (PSS of the whole process tree), "
+                         f"{runs['new']['workers']} workers vs 1 (must not grow with "
+                         f"workers beyond a small constant)",
+                         f"{_f(runs['new']['peak_pss_mib'], 0)} vs "
+                         f"{_f(runs['new_1worker']['peak_pss_mib'], 0)} MiB",
+                         f"**{c['memory_ratio']:.3f}**"))
     if "s6" in r:
         rows6 = r["s6"]["rows"]
         rows.append((f"Stage one by runtime, {r['s6']['flops']['size']} px with mirrors, images/s (pipeline; "
@@ -259,19 +276,49 @@ def _s3(c: dict, r: dict) -> list[str]:
     return L
 
 
+def _acc(run: dict) -> float | None:
+    return next((h["acc"] for h in run["rows"] if h["name"] == run["best"]), None)
+
+
 def _s4(c: dict, r: dict) -> list[str]:
     L = ["## 4. Stage two on the cache", ""]
     if "seconds" not in c:
         return L + [f"Not run: {c.get('missing')}."]
-    L += [f"The full default comparison, exactly what `featcache heads {c['file']}` runs "
-          f"(every default head, its grid scored on a stratified validation split of the "
-          f"training rows, refit on all {c['n_train']:,} training rows, {c['n_test']:,} test "
-          f"rows scored once; `+flip` rows when the file has mirrored features): "
-          f"**{_f(c['seconds'])} s** in all, report included.", ""]
-    L += _table(["row", "chosen params", "selection s", "refit s", "predict s", "test accuracy"],
-                [[f"`{h['name']}`", ", ".join(f"{k}={v}" for k, v in h["params"].items()),
-                  _f(h["select_s"]), _f(h["fit_s"], 2), _f(h["predict_s"], 3), _pct(h["acc"])]
-                 for h in c["rows"]])
+    runs = c.get("runs", {"new": {"rows": c["rows"], "seconds": c["seconds"]}})
+    L += [f"`featcache heads {c['file']}` — every default head, its grid scored on a "
+          f"stratified validation split of the training rows, refit on all training rows, "
+          f"{c['n_test']:,} test rows scored once, `+flip` rows when the file has mirrored "
+          f"features — in its own process tree, each run below on the same file one after "
+          f"the other (wall time includes start-up and the report):", ""]
+    L += _table(["run", "arguments", "workers", "wall s", "peak PSS MiB (tree)",
+                 "peak RSS MiB (tree, shared pages counted per process)", "best row"],
+                [[k, " ".join(v.get("args", [])) or "(defaults)", v.get("workers", ""),
+                  f"**{_f(v['seconds'])}**", _f(v.get("peak_pss_mib"), 0),
+                  _f(v.get("peak_rss_mib"), 0), f"`{v.get('best')}` {_pct(_acc(v))}"]
+                 for k, v in runs.items()])
+    if "speedup" in c:
+        L += ["", f"Default vs the protocol before issue 12: **{_f(c['speedup'])}x** faster."]
+    if "memory_ratio" in c:
+        L += [f"Peak memory, {runs['new']['workers']} workers / 1 worker: "
+              f"**{c['memory_ratio']:.3f}**; same choices and test accuracies with 1 and "
+              f"{runs['new']['workers']} workers: {'yes' if c.get('identical_choices') else 'NO'}."]
+    L += [""]
+    old = {h["name"]: h for h in runs.get("old", {}).get("rows", [])}
+    header = ["row", "chosen params", "select s", "refit s", "predict s", "test accuracy"]
+    if old:
+        header += ["old: select / refit / predict s", "old: test accuracy"]
+    body = []
+    for h in c["rows"]:
+        line = [f"`{h['name']}`", ", ".join(f"{k}={v}" for k, v in h["params"].items()),
+                _f(h["select_s"]), _f(h["fit_s"], 2) + ("" if h.get("refit", True)
+                                                       else " (no refit)"),
+                _f(h["predict_s"], 3), _pct(h["acc"])]
+        if old:
+            o = old.get(h["name"], {})
+            line += [f"{_f(o.get('select_s'))} / {_f(o.get('fit_s'), 2)} / "
+                     f"{_f(o.get('predict_s'), 3)}", _pct(o.get("acc"))]
+        body.append(line)
+    L += _table(header, body)
     return L
 
 

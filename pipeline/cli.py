@@ -105,24 +105,34 @@ def _extract_config(args):
 
 
 class ProgressBar:
-    """Draws ``split [#####.....] 1234/60000 115.2 img/s ETA 8m40s`` on stderr."""
+    """Draws ``split [#####.....] 1234/60000 115.2 img/s ETA 8m40s`` on stderr (stage one's
+    ``Progress``), or ``heads [#####.....] 3/8 elapsed 0m41s ETA 1m02s`` for a progress
+    object with ``elapsed_s`` instead of ``images_per_s`` (stage two's ``HeadsProgress``).
+    A progress object's ``message`` (e.g. a finished row) is printed on a line of its own
+    above the bar."""
 
     def __init__(self, stream=sys.stderr, width: int = 28):
         self.stream, self.width = stream, width
         self.tty = stream.isatty()
         self._last = 0.0
+        self._final = False
 
     def __call__(self, p) -> None:
         now = time.monotonic()
         final = p.done >= p.total
-        if not final and now - self._last < (0.2 if self.tty else 15.0):
+        message = getattr(p, "message", "")
+        if message:
+            self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
+        elif self._final or (not final and now - self._last < (0.2 if self.tty else 15.0)):
             return
         self._last = now
+        self._final = final
         frac = p.done / p.total if p.total else 1.0
         bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
         eta = "--" if p.eta_s == float("inf") else f"{int(p.eta_s // 60)}m{int(p.eta_s % 60):02d}s"
-        line = (f"{p.split:>5} [{bar}] {p.done}/{p.total} {p.images_per_s:6.1f} img/s "
-                f"ETA {eta}")
+        rate = (f"{p.images_per_s:6.1f} img/s" if hasattr(p, "images_per_s") else
+                f"elapsed {int(p.elapsed_s // 60)}m{int(p.elapsed_s % 60):02d}s")
+        line = f"{p.split:>5} [{bar}] {p.done}/{p.total} {rate} ETA {eta}"
         if self.tty:
             self.stream.write("\r" + line + ("\n" if final else ""))
         else:
@@ -322,6 +332,10 @@ def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None,
                    help="report folder (default: features/<stem>/ beside the feature file)")
+    p.add_argument("--search", choices=("fast", "exhaustive"), default="fast",
+                   help="fast: stop a C path once validation accuracy falls, keep the "
+                        "early-stopped dense model; exhaustive: every grid point, every "
+                        "head refit (the protocol before issue 12)")
     if curve:
         p.add_argument("--sizes", default="10,50,100,500,all",
                        help="labelled examples per class, comma-separated ('all' = every row)")
@@ -329,6 +343,10 @@ def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
         p.add_argument("--flip", default="auto", choices=("auto", "off", "train", "tta", "both"),
                        help="rows using mirrored features: auto = '<head>+flip' rows (train on "
                             "plain+mirrored, average both at test) when the file has them")
+        p.add_argument("--workers", type=int, default=None,
+                       help="worker processes, one thread each (default: the cores available "
+                            "to this process; 0: everything in this process, one row after "
+                            "another); any count gives the same results")
         p.add_argument("--list", action="store_true", help="list the head registry and exit")
 
 
@@ -356,7 +374,8 @@ def _heads_config(args):
                           f"the defaults")
     return HeadsConfig(feature_file=args.feature_file, heads=heads,
                        val_fraction=args.val_fraction, seed=args.seed,
-                       flip=getattr(args, "flip", "off"), out_dir=args.out_dir)
+                       flip=getattr(args, "flip", "off"), out_dir=args.out_dir,
+                       workers=getattr(args, "workers", None), search=args.search)
 
 
 @command("heads", help="stage two: select, fit and compare heads on a feature file; "
@@ -380,13 +399,13 @@ def cmd_heads(args) -> int:
 
     t0 = time.perf_counter()
     with _report_lock(cfg.report_dir, args.wait):
-        results = compare_heads(cfg)
+        results = compare_heads(cfg, progress=None if args.quiet else ProgressBar())
     print(format_table(results))
     print()
     sig = [p for p in results["mcnemar"] if p["significant"]]
     print(f"significant differences (exact McNemar, Holm, p<0.05): {len(sig)} of "
           f"{len(results['mcnemar'])} pairs; see report.md")
-    print(f"best head: {results['best_head']} (best row: {results['best_row']}); "
+    print(f"best row (highest validation accuracy): {results['best_row']}; "
           f"{time.perf_counter() - t0:.1f} s; report: {cfg.report_dir}/report.md, "
           f"plots: {cfg.report_dir}/accuracy.png, {cfg.report_dir}/confusion.png")
     return 0

@@ -194,6 +194,19 @@ def config_sha256(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+SEARCH_MODES = ("fast", "exhaustive")
+
+
+def default_workers() -> int:
+    """Stage two's default number of worker processes: the cores this process may run on
+    (``os.sched_getaffinity``; a container's or ``taskset``'s limit counts). The one place
+    that default is decided (the CLI and the Makefile pass nothing when not told)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class HeadsConfig:
     """Stage two's settings."""
@@ -204,7 +217,17 @@ class HeadsConfig:
     seed: int = 0
     flip: str = "auto"                # auto | off | train | tta | both
     out_dir: str | None = None        # None: features/<stem>/ beside the feature file
-    jobs: int = 1
+    workers: int | None = None        # None: default_workers(); 0: in this process, serially
+    search: str = "fast"              # fast | exhaustive (every grid point, dense refit)
+
+    @property
+    def n_workers(self) -> int:
+        """The worker count to use (``workers``, else :func:`default_workers`)."""
+        if self.workers is None:
+            return default_workers()
+        if int(self.workers) < 0:
+            raise ConfigError(f"--workers must be 0 or more, not {self.workers}")
+        return int(self.workers)
 
     @property
     def report_dir(self) -> Path:

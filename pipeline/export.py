@@ -158,13 +158,16 @@ def _exportable(row: dict) -> bool:
 def resolve_head(report_dir: Path, name: str | None = None) -> tuple[str, Path, dict]:
     """(row name, saved head file, results row) from ``report_dir/results.json``.
 
-    ``name=None``: the row with the best *validation* accuracy (``best_val_head``; the test
-    split is not used to choose what ships), else ``best_head``. A name may be a head
-    (``logreg``) or a row of the comparison (``logreg+tta``)."""
+    ``name=None``: the comparison's best row, the highest *validation* accuracy
+    (``best_row``; older reports: ``best_val_head``; the test split is not used to choose
+    what ships). A name may be a head (``logreg``) or a row of the comparison
+    (``logreg+tta``)."""
     results = _read_results(report_dir)
     rows = _rows(results)
     where = report_dir / "results.json"
-    name = name or results.get("best_val_head") or results.get("best_head")
+    best = results.get("best_row") if "best" in results.get("protocol", {}) else \
+        results.get("best_val_head") or results.get("best_head")
+    name = name or best
     if not name:
         raise DataError(f"{where} names no best head; pass --head NAME")
     if name not in rows:

@@ -53,6 +53,10 @@ class HeadSpec:
     summary: str = ""
     keras: bool = True             # implements to_keras (export contract)
     fixed: dict = field(default_factory=dict)
+    cost: float = 1.0              # relative seconds per training row (job order, ETA)
+    tensorflow: bool = False       # fitting imports TensorFlow: such rows share one worker
+    refit: bool = True             # --search fast: refit the chosen point on all rows
+    fast_select: dict = field(default_factory=dict)  # --search fast: params while selecting
 
     def make(self, random_state: int = 0, **params) -> BaseEstimator:
         return self.factory(random_state=random_state, **{**self.fixed, **params})
@@ -62,12 +66,23 @@ HEADS: dict[str, HeadSpec] = {}
 
 
 def register_head(name: str, *, default: bool = True, grid=(), summary: str = "",
-                  keras: bool = True, **fixed):
-    """Register ``factory(random_state=..., **params) -> estimator`` under ``name``."""
+                  keras: bool = True, cost: float = 1.0, tensorflow: bool = False,
+                  refit: bool = True, fast_select: dict | None = None, **fixed):
+    """Register ``factory(random_state=..., **params) -> estimator`` under ``name``.
+
+    ``grid`` is tried in order; a grid over one numeric parameter is a path (ordered, the
+    linear heads warm-start along it) that ``--search fast`` stops once validation
+    accuracy falls below its best. ``cost`` (relative seconds per training row) orders the
+    jobs and the ETA; ``tensorflow=True`` puts the head's rows in one worker (one
+    TensorFlow import); ``refit=False`` keeps, under ``--search fast``, the model selected
+    on the fit rows instead of refitting it on all training rows; ``fast_select`` are
+    parameters used only while scoring the grid under ``--search fast`` (e.g. a looser
+    solver tolerance; the refit uses the head's own)."""
     def deco(factory):
         doc = summary or (factory.__doc__ or "").strip().splitlines()[0]
         HEADS[name] = HeadSpec(name, factory, default, tuple(dict(g) for g in grid), doc,
-                               keras, dict(fixed))
+                               keras, dict(fixed), float(cost), bool(tensorflow), bool(refit),
+                               dict(fast_select or {}))
         return factory
     return deco
 
@@ -147,7 +162,10 @@ class LinearHead(_Head):
         if self.warm_start and getattr(self, "coef_std_", None) is not None \
                 and self.coef_std_.shape == (blocks[0].shape[1], K):
             init = (self.coef_std_, self.intercept_std_)
-        self.scaler_ = Scaler.fit(blocks)
+        key = (id(blocks[0]), blocks[0].shape, len(blocks))
+        if not (self.warm_start and getattr(self, "_scaler_key", None) == key):
+            self.scaler_ = Scaler.fit(blocks)   # along a warm-started path: same rows, once
+            self._scaler_key = key
         W, b, self.n_iter_ = fit_linear(blocks, yi, K, scaler=self.scaler_, C=self.C,
                                         loss=self.loss, init=init, max_iter=self.max_iter,
                                         tol=self.tol)
@@ -173,13 +191,21 @@ class LinearHead(_Head):
         return keras.Model(inp, out, name=f"featcache_{self.loss}_head")
 
 
-@register_head("logreg", grid=[{"C": c} for c in (0.001, 0.003, 0.01)])
+# --search fast scores the C path at gradient tolerance 3e-4 (the refit keeps 1e-4): on real
+# MobileNetV2 features it chose the same C for both heads with 33% / 21% fewer iterations
+# (benchmarks/stage2_parts.py --parts tol; docs/stage-two.md).
+FAST_PATH = {"tol": 3e-4}
+
+
+@register_head("logreg", grid=[{"C": c} for c in (0.001, 0.003, 0.01)], cost=1.0,
+               fast_select=FAST_PATH)
 def logreg(random_state=0, **params):
     """Multinomial logistic regression on standardized features (float32 L-BFGS)."""
     return LinearHead(loss="softmax", random_state=random_state, **params)
 
 
-@register_head("linear_svm", grid=[{"C": c} for c in (0.0001, 0.0003, 0.001)])
+@register_head("linear_svm", grid=[{"C": c} for c in (0.0001, 0.0003, 0.001)], cost=1.5,
+               fast_select=FAST_PATH)
 def linear_svm(random_state=0, **params):
     """One-vs-rest linear SVM (squared hinge) on standardized features (float32 L-BFGS)."""
     return LinearHead(loss="squared_hinge", random_state=random_state, **params)
@@ -216,7 +242,11 @@ class RFFSVMHead(_Head):
         V = evecs[:, ::-1][:, :p].astype(np.float32)
         self.proj_, self.proj_bias_ = folded(self.scaler_, V, np.zeros(p, np.float32))
         self.explained_variance_ratio_ = float(evals[::-1][:p].sum() / evals.sum())
-        self.proj_var_ = float(evals[::-1][:p].mean())
+        # Standardized features have variance ~1 along the kept directions; (near-)constant
+        # features (e.g. a random-weight backbone) leave ~0, which would scale the Fourier
+        # frequencies by ~1e17 and make cos() of the projections numerical noise.
+        var = float(evals[::-1][:p].mean())
+        self.proj_var_ = var if var > 1e-6 else 1.0
         self._proj_key = (id(blocks[0]), blocks[0].shape, len(blocks))
 
     def _random_features(self, X) -> np.ndarray:
@@ -330,7 +360,8 @@ def cosine_block(x, name: str = "cosine"):
     return p
 
 
-@register_head("rbf_svm", default=False, grid=[{"gamma": 0.25, "C": c} for c in (0.3, 1.0)])
+@register_head("rbf_svm", default=False, grid=[{"gamma": 0.25, "C": c} for c in (0.3, 1.0)],
+               cost=2.5)
 def rbf_svm(random_state=0, **params):
     """Approximate RBF SVM: PCA-256 + 2048 random Fourier features + linear SVM."""
     return RFFSVMHead(random_state=random_state, **params)
@@ -339,8 +370,15 @@ def rbf_svm(random_state=0, **params):
 # --------------------------------------------------------------------------- knn
 
 class CosineKNNHead(_Head):
-    """Cosine k-nearest-neighbours: the zero-training baseline. Stores the L2-normalised
-    training rows (float32); ``predict_proba`` is the share of the k votes per class."""
+    """Cosine k-nearest-neighbours: the zero-training baseline. Keeps the training rows as
+    given (no normalised copy: each similarity is scaled by the row's inverse norm) and
+    their labels; ``predict_proba`` is the share of the k votes per class.
+
+    The search (:func:`top_k`) is a float32 blocked matrix product, a tile of queries
+    against a tile of training rows at a time, keeping a running top-k per query: a tile
+    only goes through a selection for the entries above the current k-th best, so after
+    the first tile the cost is the product itself.
+    """
 
     def __init__(self, k=10, random_state=0):
         self.k, self.random_state = k, random_state
@@ -348,22 +386,15 @@ class CosineKNNHead(_Head):
     def fit(self, X, y, X_flip=None):
         yi = self._encode(y)
         blocks = _blocks(X, X_flip)
-        self.index_ = np.concatenate([_normalized(b) for b in blocks])
+        self.index_ = blocks
+        self.index_inv_norm_ = np.concatenate([_inv_norms(b) for b in blocks])
         self.index_labels_ = np.tile(yi, len(blocks))
         self.n_features_in_ = blocks[0].shape[1]
         return self
 
     def neighbours(self, X, k: int) -> np.ndarray:
         """Indices into the index of the ``k`` most similar rows, most similar first."""
-        X = _normalized(_f32(X))
-        k = min(k, len(self.index_))
-        out = np.empty((len(X), k), np.int64)
-        for i in range(0, len(X), 1024):
-            S = X[i:i + 1024] @ self.index_.T
-            top = np.argpartition(-S, k - 1, axis=1)[:, :k]
-            order = np.argsort(-np.take_along_axis(S, top, 1), axis=1, kind="stable")
-            out[i:i + 1024] = np.take_along_axis(top, order, 1)
-        return out
+        return top_k(_f32(X), self.index_, self.index_inv_norm_, k)[1]
 
     def _votes(self, nbrs: np.ndarray, k: int) -> np.ndarray:
         K = len(self.classes_)
@@ -390,16 +421,79 @@ class CosineKNNHead(_Head):
             out.append((dict(g), float(np.mean(self.classes_[P.argmax(1)] == y_val))))
         return out
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if "index_" in state:   # a saved head holds its rows, not views of a shared file
+            state["index_"] = [np.ascontiguousarray(b) for b in state["index_"]]
+        return state
 
-def _normalized(X: np.ndarray) -> np.ndarray:
-    out = np.empty(X.shape, np.float32)
+
+def _inv_norms(X: np.ndarray) -> np.ndarray:
+    out = np.empty(len(X), np.float32)
     for i in range(0, len(X), 8192):
         b = X[i:i + 8192]
-        out[i:i + 8192] = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        out[i:i + 8192] = 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", b, b)), 1e-12)
     return out
 
 
-@register_head("knn", grid=[{"k": k} for k in (1, 5, 10, 20, 50)], keras=False)
+def top_k(Q: np.ndarray, index, inv_norm: np.ndarray, k: int, *, q_block: int = 1024,
+          i_block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, indices), each (len(Q), k), of the ``k`` rows of ``index`` (a list of
+    float32 (n_i, D) blocks, indexed as if concatenated) with the largest cosine
+    similarity to each query row, most similar first (equal similarities: lower index
+    first). Deterministic: the same inputs give the same answer in any process.
+
+    Tiles of ``q_block`` queries x ``i_block`` rows: ``S = q @ rows.T`` (float32 BLAS),
+    scaled by the rows' inverse norms; only entries above the query's current k-th best
+    are merged into its running top-k (``np.argpartition`` over k + the survivors)."""
+    n = sum(len(b) for b in index)
+    k = max(1, min(int(k), n))
+    out_s = np.empty((len(Q), k), np.float32)
+    out_i = np.empty((len(Q), k), np.int64)
+    for q0 in range(0, len(Q), q_block):
+        q = np.asarray(Q[q0:q0 + q_block], dtype=np.float32)
+        q = q * _inv_norms(q)[:, None]
+        nq = len(q)
+        best_s = np.full((nq, k), -np.inf, np.float32)
+        best_i = np.full((nq, k), n, np.int64)
+        thr = np.full(nq, -np.inf, np.float32)
+        offset = 0
+        for block in index:
+            for i0 in range(0, len(block), i_block):
+                S = q @ np.asarray(block[i0:i0 + i_block]).T
+                S *= inv_norm[offset + i0:offset + i0 + S.shape[1]]
+                if offset + i0 == 0 and S.shape[1] >= k:   # first tile: select directly
+                    keep = np.argpartition(-S, k - 1, axis=1)[:, :k]
+                    best_s = np.take_along_axis(S, keep, 1)
+                    best_i = keep.astype(np.int64)
+                    thr = best_s.min(axis=1)
+                    continue
+                rows, cols = np.nonzero(S > thr[:, None])
+                if len(rows) == 0:
+                    continue
+                counts = np.bincount(rows, minlength=nq)
+                pos = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+                m = int(counts.max())
+                cand_s = np.full((nq, m), -np.inf, np.float32)
+                cand_i = np.full((nq, m), n, np.int64)
+                cand_s[rows, pos] = S[rows, cols]
+                cand_i[rows, pos] = cols + (offset + i0)
+                all_s = np.concatenate([best_s, cand_s], axis=1)
+                all_i = np.concatenate([best_i, cand_i], axis=1)
+                # k largest, ties broken towards the lower index: sort key (-s, index)
+                keep = np.argpartition(-all_s, k - 1, axis=1)[:, :k] if all_s.shape[1] > k \
+                    else np.broadcast_to(np.arange(k), (nq, k))
+                best_s = np.take_along_axis(all_s, keep, 1)
+                best_i = np.take_along_axis(all_i, keep, 1)
+                thr = best_s.min(axis=1)
+            offset += len(block)
+        order = np.lexsort((best_i, -best_s), axis=1)
+        out_s[q0:q0 + nq] = np.take_along_axis(best_s, order, 1)
+        out_i[q0:q0 + nq] = np.take_along_axis(best_i, order, 1)
+    return out_s, out_i
+
+
+@register_head("knn", grid=[{"k": k} for k in (1, 5, 10, 20, 50)], keras=False, cost=1.0)
 def knn(random_state=0, **params):
     """Cosine k-nearest-neighbours (k chosen on validation): the zero-training baseline."""
     return CosineKNNHead(random_state=random_state, **params)
@@ -410,8 +504,9 @@ def knn(random_state=0, **params):
 class DenseHead(_Head):
     """The tutorial's head: Normalization -> Dense(hidden, relu) -> [Dropout] ->
     Dense(n_classes, softmax), Adam. With validation data (selection) it early-stops on
-    validation accuracy and records the best epoch count in ``best_epochs_``; the refit on
-    all training rows then runs exactly ``epochs``. With ``X_flip`` every sample is drawn
+    validation accuracy, restores the best epoch's weights and records that epoch count in
+    ``best_epochs_``; a refit on all training rows (``--search exhaustive``) then runs
+    exactly ``epochs``, while ``--search fast`` keeps the early-stopped model. With ``X_flip`` every sample is drawn
     plain or mirrored at random each epoch (augmentation at no extra cost per epoch).
 
     ``members > 1`` trains that many such networks (seeds ``random_state + i``) and
@@ -491,12 +586,18 @@ class DenseHead(_Head):
         return out
 
     def score_grid(self, grid, X_fit, y_fit, X_val, y_val, X_fit_flip=None, X_val_flip=None):
-        """Per grid point: early-stopped fit; the chosen ``epochs`` is the best epoch."""
-        out = []
+        """Per grid point: early-stopped fit; the chosen ``epochs`` is the best epoch.
+        Leaves this estimator fitted as the best grid point (first of equals)."""
+        out, best = [], None
         for g in grid:
             self.set_params(**g).fit(X_fit, y_fit, X_fit_flip, validation_data=(X_val, y_val))
             acc = float(np.mean(self.predict(X_val, X_val_flip) == y_val))
             out.append(({**g, "epochs": self.best_epochs_}, acc))
+            if best is None or acc > best[0]:
+                best = (acc, dict(g), self.model_, self.best_epochs_)
+        if best is not None and len(grid) > 1:
+            self.set_params(**best[1])
+            self.model_, self.best_epochs_ = best[2], best[3]
         return out
 
     def to_keras(self):
@@ -542,13 +643,14 @@ class _Batches:
         return Batches()
 
 
-@register_head("dense", grid=[{"dropout": 0.5}])
+@register_head("dense", grid=[{"dropout": 0.5}], cost=1.5, tensorflow=True, refit=False)
 def dense(random_state=0, **params):
     """Keras Dense(1024, relu) -> Dense(n_classes, softmax), Adam, early-stopped epochs."""
     return DenseHead(random_state=random_state, **params)
 
 
-@register_head("dense_ens", default=False, grid=[{"dropout": 0.5}], members=3)
+@register_head("dense_ens", default=False, grid=[{"dropout": 0.5}], cost=4.5, tensorflow=True,
+               refit=False, members=3)
 def dense_ens(random_state=0, **params):
     """Three `dense` heads (seeds differ), probabilities averaged in one Keras model; 3x the time."""
     return DenseHead(random_state=random_state, **params)

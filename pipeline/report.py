@@ -41,7 +41,7 @@ def format_table(results: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(results["rows"], key=lambda r: -r["test_accuracy"]):
         lo, hi = r["ci95"]
-        star = " **best**" if r["name"] == results.get("best_head") else ""
+        star = " **best**" if r["name"] == results.get("best_row") else ""
         lines.append(
             f"| {r['name']}{star} | {100 * r['test_accuracy']:.2f}% "
             f"({100 * lo:.2f}–{100 * hi:.2f}) | {r['macro_f1']:.4f} | "
@@ -93,9 +93,11 @@ def report_markdown(results: dict) -> str:
         f"{rows[0]['n_fit']} fit + {rows[0]['n_val']} validation rows, "
         f"{rows[0]['n_test']} test rows. Intervals: Wilson 95%.", "",
         format_table(results), "",
-        f"Best head by test accuracy (plain rows): **{results['best_head']}**; best row "
-        f"overall: **{results['best_row']}**; best by validation accuracy: "
-        f"{results['best_val_head']}. Wall time {results['wall_s']:.1f} s.", "",
+        f"Best row: **{results['best_row']}** — {results['protocol']['best']}; it is "
+        f"the one marked in the table, the CLI's summary and `featcache export`'s default. "
+        f"Search: {results['protocol'].get('search', 'exhaustive')}, "
+        f"{results['config'].get('workers')} worker(s). Wall time "
+        f"{results['wall_s']:.1f} s.", "",
         "## Which differences are significant", "", format_mcnemar(results), "",
         "## Plots", "", "![accuracy by head](accuracy.png)", "",
         f"![confusion matrix of {results['best_row']}](confusion.png)", ""])

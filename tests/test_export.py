@@ -291,11 +291,12 @@ def test_export_default_head_and_knn_refusal(compared, tmp_path, capsys):
         export_model(path, head="knn", report_dir=report, output=tmp_path / "k.keras")
     with pytest.raises(ConfigError, match="was not fitted"):
         export_model(path, head="linear_svm", report_dir=report)
-    best = results["best_val_head"]
+    best = results["best_row"]
     rc = main(["export", str(path), "--report-dir", str(report), "--output",
                str(tmp_path / "best.keras")])
     if best.startswith("knn"):
         assert rc != 0 and "cannot be exported" in capsys.readouterr().err
     else:
-        assert rc == 0 and f"head {best}" in capsys.readouterr().out
+        out, err = capsys.readouterr()
+        assert rc == 0 and f"head {best}" in out, err
         assert (tmp_path / "best.keras").is_file()

@@ -40,8 +40,12 @@ def test_report_files_list_every_head_and_carry_provenance(done):
     for key in ("config_sha256", "dataset", "backbone", "image_size", "complete"):
         assert saved["provenance"][key] == attrs[key]
     assert saved["provenance"]["feature_file"] == str(path)
-    assert saved["best_head"] in ("logreg", "knn")
-    assert saved["best_row"] in names
+    # one best row: the highest validation accuracy (ties: the first row), named the same
+    # way by the table's marker
+    best = max(saved["rows"], key=lambda r: r["val_accuracy"])
+    assert saved["best_row"] == best["name"] and "best_head" not in saved
+    assert f"| {best['name']} **best** |" in (out / "report.md").read_text()
+    assert (out / "report.md").read_text().count("**best**") == 1
     with open(out / "results.csv") as f:
         assert [r["name"] for r in csv.DictReader(f)] == names
     md = (out / "report.md").read_text()
@@ -118,7 +122,7 @@ def test_cli_heads_prints_the_table(tmp_path, capsys):
     path = make_feature_file(tmp_path / "f.h5")
     assert main(["heads", str(path), "--heads", "logreg", "--flip", "off", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "| logreg **best** |" in out and "best head: logreg" in out
+    assert "| logreg **best** |" in out and "best row (highest validation accuracy): logreg" in out
     assert (tmp_path / "f" / "results.json").is_file()
 
 
