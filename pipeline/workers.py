@@ -17,6 +17,8 @@ removed when the comparison ends; the jobs themselves write what they are given.
 - :func:`single_threaded` caps BLAS and OpenMP at one thread (threadpoolctl) and, once
   TensorFlow is imported, its intra/inter-op pools: with one thread everywhere a job's
   numbers do not depend on how many workers run beside it (same seed, same answer).
+- A worker started by a quiet CLI (``FEATCACHE_QUIET_TF=1``, :mod:`pipeline.quiet`) hides
+  TensorFlow's C++ start-up lines as the CLI does.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .quiet import quiet_tensorflow_if_asked
+
 log = logging.getLogger(__name__)
+
+# A loky worker imports this module (it holds the job wrapper) before it runs a job, so a
+# worker of a quiet CLI keeps TensorFlow's start-up lines off the shared stderr too.
+quiet_tensorflow_if_asked()
 
 
 # --------------------------------------------------------------------------- threads

@@ -504,3 +504,14 @@ def test_no_tensorflow_start_up_lines_unless_verbose(tmp_path):
     r = cli(*tiny_features(tmp_path), "--limit", "20", "--verbose")
     assert r.returncode == 0 and "up to date" in r.stdout
     assert TF_NOISE.search(r.stderr), r.stderr   # --verbose shows TensorFlow's lines
+
+
+def test_heads_workers_keep_tensorflow_quiet(tmp_path):
+    """The dense head runs in a loky worker process, which imports TensorFlow itself: a
+    quiet CLI's workers must hide its start-up lines too."""
+    r = cli(*tiny_features(tmp_path), "--limit", "40", "--flip")
+    assert r.returncode == 0, r.stderr
+    path = next(tmp_path.glob("*.h5"))
+    r = cli("heads", path, "--heads", "dense", "--workers", "2", "--out-dir", tmp_path / "rep")
+    assert r.returncode == 0, r.stderr
+    assert not TF_NOISE.search(r.stderr), r.stderr
