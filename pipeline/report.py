@@ -227,9 +227,10 @@ def write_report(results: dict, predictions: dict, y_test, report_dir) -> dict:
                    d / "confusion.png")
     plot_fit_time(results, d / "fit_time.png")
     n_classes, y = len(results["classes"]), np.asarray(y_test)
-    for r in results["rows"]:
-        r["per_class_accuracy"] = per_class_accuracy(y, predictions[r["name"]],
-                                                     n_classes).tolist()
+    for r in results["rows"]:  # compare_heads fills it; a results dict from elsewhere may not
+        if "per_class_accuracy" not in r:
+            r["per_class_accuracy"] = per_class_accuracy(y, predictions[r["name"]],
+                                                         n_classes).tolist()
     order = sorted(results["rows"], key=lambda r: (r["name"] != results["best_row"],
                                                    -r["test_accuracy"]))
     plot_per_class([r["name"] for r in order], [r["per_class_accuracy"] for r in order],
