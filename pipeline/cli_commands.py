@@ -49,7 +49,7 @@ def _features_options(p: argparse.ArgumentParser) -> None:
 @command("features", help="stage one: run a backbone over a dataset once, cache features")
 @options(_features_options)
 def cmd_features(args) -> int:
-    cfg = _extract_config(args).resolved()
+    cfg = _extract_config(args)  # resolved once, by stage one (it warns about runtime=auto)
     if args.engine == "ray":
         from .distributed import extract_with_ray
 

@@ -138,3 +138,15 @@ def test_settings_command_lists_the_table(capsys):
     assert flip[("ExtractConfig", "flip")]["make"] == "FLIP"
     assert flip[("HeadsConfig", "flip")]["choices"] == ["auto", "off", "train", "tta", "both"]
     assert flip[("ExtractConfig", "size")]["cache_key"] == "image_size"
+
+
+def test_info_shows_the_cache_key_first(tmp_path, capsys):
+    from pipeline.cli import main
+    from stage_two_util import make_feature_file
+
+    path = make_feature_file(tmp_path / "f.h5")
+    assert main(["info", str(path)]) == 0
+    shown = list(json.loads(capsys.readouterr().out))
+    key = [k for k in cache_key_fields() if k in shown]
+    assert {"dataset", "backbone", "image_size", "weights"} <= set(key)
+    assert shown[:len(key)] == key and "complete" in shown[len(key):]
