@@ -7,35 +7,45 @@ PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed-featcache
+DEV_STAMP := $(VENV)/.installed-featcache-dev
 FEATCACHE := $(PY) -m pipeline
 
-# ---- stage one settings --------------------------------------------------------------
-DATASET    ?= cifar10
-DATA_DIR   ?= data
-BACKBONE   ?= mobilenet_v2
+# ---- settings: empty = featcache's own default (`make settings` lists the table) -----------
+# Every default lives in pipeline/config.py; a variable set here is passed as its flag.
+# stage one (featcache features/path)
+DATASET    ?=
+DATA_DIR   ?=
+BACKBONE   ?=
 SIZE       ?=
-BATCH      ?= 64
-WEIGHTS    ?= imagenet
+BATCH      ?=
+WEIGHTS    ?=
 PREPROCESS ?=
+POOLING    ?=
 RUNTIME    ?=
 PRECISION  ?=
-DTYPE      ?= float32
-FLIP       ?= 1
+DTYPE      ?=
+FLIP       ?=
 LIMIT      ?=
 VARIANT    ?=
-OUT_DIR    ?= features
+OUT_DIR    ?=
 FEATURES_EXTRA ?=
-# ---- stage two settings --------------------------------------------------------------
+# stage two (featcache heads/curve)
 HEADS      ?=
 WORKERS    ?=
 HEADS_EXTRA ?=
 
-FEATURE_ARGS = --dataset $(DATASET) --data-dir $(DATA_DIR) --backbone $(BACKBONE) \
-  $(if $(SIZE),--size $(SIZE)) --batch $(BATCH) --weights $(WEIGHTS) \
-  $(if $(PREPROCESS),--preprocess $(PREPROCESS)) $(if $(RUNTIME),--runtime $(RUNTIME)) \
-  $(if $(PRECISION),--precision $(PRECISION)) --dtype $(DTYPE) \
-  $(if $(filter 1 yes true,$(FLIP)),--flip) $(if $(LIMIT),--limit $(LIMIT)) \
-  $(if $(VARIANT),--variant $(VARIANT)) --out-dir $(OUT_DIR)
+# $(call opt,VAR,--flag): "--flag value" when VAR is set; $(call yesno,VAR,--flag): --flag for
+# 1/yes/true/on, --no-flag for 0/no/false/off, nothing when empty.
+opt = $(if $(strip $($(1))),$(2) $(strip $($(1))))
+yesno = $(if $(strip $($(1))),$(if $(filter 1 yes true on,$($(1))),$(2),$(if $(filter 0 no false off,$($(1))),--no-$(patsubst --%,%,$(2)),$(error $(1)=$($(1)): use 1 or 0, or leave it empty for the default))))
+
+FEATURE_ARGS = $(call opt,DATASET,--dataset) $(call opt,DATA_DIR,--data-dir) \
+  $(call opt,BACKBONE,--backbone) $(call opt,SIZE,--size) $(call opt,BATCH,--batch) \
+  $(call opt,WEIGHTS,--weights) $(call opt,PREPROCESS,--preprocess) \
+  $(call opt,POOLING,--pooling) $(call opt,RUNTIME,--runtime) \
+  $(call opt,PRECISION,--precision) $(call opt,DTYPE,--dtype) $(call yesno,FLIP,--flip) \
+  $(call opt,LIMIT,--limit) $(call opt,VARIANT,--variant) $(call opt,OUT_DIR,--out-dir)
+HEADS_ARGS = $(call opt,HEADS,--heads) $(call opt,WORKERS,--workers)
 
 # The feature file is a real target: its name comes from the settings (no TensorFlow needed).
 FEATURE_FILE := $(shell PYTHONPATH=. $(PYTHON) -m pipeline path -q $(FEATURE_ARGS) 2>/dev/null)
@@ -45,34 +55,55 @@ FEATURE_FILE := .featcache-invalid-settings
 .PHONY: .featcache-invalid-settings
 endif
 REPORT_DIR   := $(basename $(FEATURE_FILE))
+# The folder feature files go to (OUT_DIR, or featcache's default); empty if settings are invalid.
+FEATURES_DIR := $(if $(filter .featcache-invalid-settings,$(FEATURE_FILE)),,$(patsubst %/,%,$(dir $(FEATURE_FILE))))
 
 export KERAS_HOME
 
-.PHONY: FORCE help install features heads curve export test test-fast bench bench-quick clean distclean clean-features
+.PHONY: FORCE help install install-dev settings args path features heads curve export test test-fast bench bench-quick clean distclean clean-features
 
 help: ## this list
 	@echo "featcache — run a pretrained backbone once, cache features, compare heads"
 	@echo
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
 	@echo
-	@echo "Settings (make VAR=value): DATASET=$(DATASET) DATA_DIR=$(DATA_DIR) BACKBONE=$(BACKBONE)"
-	@echo "  SIZE=$(SIZE) BATCH=$(BATCH) WEIGHTS=$(WEIGHTS) PREPROCESS=$(PREPROCESS) FLIP=$(FLIP)"
-	@echo "  RUNTIME=$(RUNTIME) PRECISION=$(PRECISION) DTYPE=$(DTYPE) LIMIT=$(LIMIT) VARIANT=$(VARIANT) HEADS=$(HEADS)"
-	@echo "  WORKERS=$(WORKERS) (empty: featcache heads' default, the cores available)"
-	@echo "  KERAS_HOME=$(KERAS_HOME)  -> $(FEATURE_FILE)"
+	@echo "Settings (make VAR=value; empty = featcache's default, \`make settings\` lists them):"
+	@echo "  DATASET=$(DATASET) DATA_DIR=$(DATA_DIR) BACKBONE=$(BACKBONE) SIZE=$(SIZE) BATCH=$(BATCH)"
+	@echo "  WEIGHTS=$(WEIGHTS) PREPROCESS=$(PREPROCESS) POOLING=$(POOLING) RUNTIME=$(RUNTIME)"
+	@echo "  PRECISION=$(PRECISION) DTYPE=$(DTYPE) FLIP=$(FLIP) LIMIT=$(LIMIT) VARIANT=$(VARIANT) OUT_DIR=$(OUT_DIR)"
+	@echo "  HEADS=$(HEADS) WORKERS=$(WORKERS)  KERAS_HOME=$(KERAS_HOME)"
+	@echo "  -> $(FEATURE_FILE)"
 
+settings: ## the settings table: every flag, its default, cache key and make variable
+	@PYTHONPATH=. $(PYTHON) -m pipeline settings
+
+args: ## the featcache arguments the make variables give (stage one, then stage two)
+	@echo 'features: $(strip $(FEATURE_ARGS))'
+	@echo 'heads: $(strip $(HEADS_ARGS))'
+
+path: ## the feature file these settings name
+	@echo '$(FEATURE_FILE)'
+
+# One stamp per install: the main job (features, heads, …) installs the package alone;
+# test and bench add the dev extra (pytest, Ray) on top, once.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 install: $(STAMP) ## create .venv and install featcache with its dependencies
 
+install-dev: $(DEV_STAMP) ## also the dev extra (pytest, Ray) that make test and make bench use
+
 # An image folder's files and sub-folders are prerequisites of its feature file: adding,
 # removing or editing an image re-runs stage one, which refuses the stale file (rebuild it
 # with FEATURES_EXTRA=--force) or finds it up to date. Registry datasets add nothing here.
-DATASET_FILES := $(if $(wildcard $(DATASET)/.),$(shell find $(DATASET) -print 2>/dev/null))
+DATASET_FILES := $(if $(strip $(DATASET)),$(if $(wildcard $(DATASET)/.),$(shell find $(DATASET) -print 2>/dev/null)))
 
 features: $(FEATURE_FILE) ## stage one: cache backbone features (no-op when up to date)
 
@@ -88,29 +119,30 @@ $(HEADS_SETTINGS): FORCE
 	@mkdir -p $(@D); echo '$(HEADS) $(HEADS_EXTRA)' | cmp -s - $@ || echo '$(HEADS) $(HEADS_EXTRA)' > $@
 
 $(REPORT_DIR)/results.json: $(FEATURE_FILE) $(HEADS_SETTINGS) | $(STAMP)
-	$(FEATCACHE) heads $(FEATURE_FILE) $(if $(HEADS),--heads $(HEADS)) $(if $(WORKERS),--workers $(WORKERS)) $(HEADS_EXTRA)
+	$(FEATCACHE) heads $(FEATURE_FILE) $(HEADS_ARGS) $(HEADS_EXTRA)
 
 curve: $(FEATURE_FILE) | $(STAMP) ## label-efficiency curve: accuracy vs labelled examples per class
-	$(FEATCACHE) curve $(FEATURE_FILE) $(if $(HEADS),--heads $(HEADS))
+	$(FEATCACHE) curve $(FEATURE_FILE) $(call opt,HEADS,--heads)
 
 export: $(REPORT_DIR)/results.json | $(STAMP) ## one model: raw images -> classes (best head; FORMAT=keras|savedmodel|tflite)
 	$(FEATCACHE) export $(FEATURE_FILE) $(if $(HEAD),--head $(HEAD)) $(if $(FORMAT),--format $(FORMAT))
 
-test: $(STAMP) ## run the test suite (real-data tests run when ../shared or FEATCACHE_REAL_DATA is there)
+test: $(DEV_STAMP) ## run the test suite (real-data tests run when ../shared or FEATCACHE_REAL_DATA is there)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP) ## side-by-side benchmarks -> BENCHMARKS.md (minutes)
+bench: $(DEV_STAMP) ## side-by-side benchmarks -> BENCHMARKS.md (minutes)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
-bench-quick: $(STAMP) ## the one-minute smoke version of `make bench`
+bench-quick: $(DEV_STAMP) ## the one-minute smoke version of `make bench`
 	$(PY) -m benchmarks --quick $(BENCH_ARGS)
 
 clean: ## remove caches and build leftovers (keeps features/ and .venv)
 	rm -rf .pytest_cache build *.egg-info bench-out
 	find . -name __pycache__ -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-clean-features: ## delete every cached feature file and report in $(OUT_DIR)/ (hours of work!)
-	rm -rf $(OUT_DIR)/*.h5 $(OUT_DIR)/*.h5.partial $(OUT_DIR)/*.lock $(filter-out $(OUT_DIR)/README.md,$(wildcard $(OUT_DIR)/*/))
+clean-features: ## delete every cached feature file and report in the features folder (hours of work!)
+	@test -n '$(FEATURES_DIR)' || { echo "make: the settings are invalid, so the features folder is unknown" >&2; exit 2; }
+	rm -rf $(FEATURES_DIR)/*.h5 $(FEATURES_DIR)/*.h5.partial $(FEATURES_DIR)/*.lock $(filter-out $(FEATURES_DIR)/README.md,$(wildcard $(FEATURES_DIR)/*/))
 
 distclean: clean ## also remove .venv
 	rm -rf $(VENV)

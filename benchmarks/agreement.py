@@ -27,7 +27,7 @@ DATA = os.environ.get("FEATCACHE_REAL_DATA", "../shared/data")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
 OUT = "bench-out/agreement"
 
-r = extract_features(ExtractConfig(data_dir=DATA, limit=N, out_dir=OUT, download=False))
+r = extract_features(ExtractConfig(data_dir=DATA, limit=N, out_dir=OUT, download=False, flip=False))
 fs = load_features(r.path)
 print(f"features: {r.path} (runtime {fs.attrs['runtime']} {fs.attrs['runtime_version']}, "
       f"precision {fs.attrs['precision']})")

@@ -26,7 +26,7 @@ for bb in ["mobilenet_v2", "resnet50"]:
     print(bb, {p: round(float(np.median(v)), 1) for p, v in t.items()}, "bf16/f32 speed ratio", round(np.median(t["mixed_bfloat16"]) / np.median(t["float32"]), 2))
 accs = {}
 for p in ("float32", "mixed_bfloat16"):
-    r = extract_features(ExtractConfig(data_dir=DATA, runtime="tensorflow", precision=p, limit=1000, out_dir="bench-out/precision", download=False))
+    r = extract_features(ExtractConfig(data_dir=DATA, runtime="tensorflow", precision=p, limit=1000, out_dir="bench-out/precision", download=False, flip=False))
     fs = load_features(r.path)
     sc = StandardScaler().fit(fs["train"].features)
     clf = LogisticRegression(C=0.01, max_iter=1000).fit(sc.transform(fs["train"].features), fs["train"].labels)

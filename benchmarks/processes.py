@@ -33,7 +33,8 @@ _SUMMARY = re.compile(r"(\d+) images in ([\d.]+) s \(([\d.]+) img/s\)")
 
 def features_args(s: Settings, *, size: int, limit: int | None, out_dir: Path) -> list[str]:
     args = ["--dataset", s.dataset, "--backbone", s.backbone, "--size", str(size),
-            "--batch", str(s.batch), "--weights", s.weights, "--out-dir", str(out_dir)]
+            "--batch", str(s.batch), "--weights", s.weights, "--out-dir", str(out_dir),
+            "--no-flip"]  # plain features, as `make … FLIP=0` below
     if s.dataset == "cifar10":
         args += ["--data-dir", s.data_dir]
     if limit:

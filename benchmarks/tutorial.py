@@ -104,7 +104,7 @@ def run_featcache(s: Settings, ds, *, size: int, mode: str, work: Path,
         p.unlink(missing_ok=True)
     cfg = ExtractConfig(dataset=ds.name, data_dir=s.data_dir, backbone=s.backbone, size=size,
                         batch=s.batch, weights=s.weights, preprocess=mode, seed=s.seed,
-                        output=str(out), download=False)
+                        output=str(out), download=False, flip=False)
     t0 = time.perf_counter()
     res = extract_features(cfg, dataset=ds)
     fs = load_features(res.path)

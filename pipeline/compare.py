@@ -42,7 +42,7 @@ import numpy as np
 from .config import SEARCH_MODES, HeadsConfig
 from .errors import ConfigError, DataError
 from .heads import HEADS, resolve_heads, save_head
-from .stats import confusion, macro_f1, pairwise_mcnemar, wilson
+from .stats import confusion, macro_f1, pairwise_mcnemar, per_class_accuracy, wilson
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
         "selection": [{"params": p, "val_accuracy": s} for p, s in scores],
         "test_accuracy": correct / len(y), "ci95": [lo, hi],
         "macro_f1": macro_f1(y, pred, n_classes),
-        "per_class_accuracy": (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist(),
+        "per_class_accuracy": per_class_accuracy(y, pred, n_classes).tolist(),
         "confusion": cm.tolist(),
         "skipped": skipped, "refit": refit,
         "select_s": select_s, "fit_s": fit_s, "predict_s": predict_s,

@@ -55,6 +55,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import write_bytes, write_text
+from .config import cache_key_fields
 from .errors import ConfigError, DataError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -431,9 +432,8 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     metadata = {
         "featcache_version": __version__, "feature_file": str(feature_file), "head": name,
         "tta": bool(tta), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **{k: attrs.get(k) for k in ("dataset", "dataset_sha256", "backbone", "weights",
-                                     "weights_sha256", "image_size", "preprocess", "pooling",
-                                     "resize", "config_sha256") if k in attrs},
+        **{k: attrs.get(k) for k in (*cache_key_fields(), "resize", "config_sha256")
+           if k in attrs},
     }
     kw = dict(size=size, mode=mode, tta=bool(tta), antialias=antialias)
     model = assemble(backbone, head_model, **kw)

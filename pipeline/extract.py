@@ -207,7 +207,7 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     spec = get_backbone(cfg.backbone)
     check_output(cfg.output_path)  # a folder there, or a read-only folder: refused before work
     ds = dataset or open_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
-                                 limit=cfg.limit, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                 limit=cfg.limit, test_fraction=cfg.test_fraction, seed=cfg.seed,
                                  image_size=cfg.size)
     if not ds.splits or not any(ds.splits.values()):
         raise ConfigError(f"dataset {ds.name} has no images")
@@ -296,7 +296,7 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
 
 
 def describe(config: ExtractConfig) -> dict:
-    """The resolved settings of ``config`` as a dict (for ``featcache features --dry-run``)."""
+    """The resolved settings of ``config`` as a dict (as ``featcache path --json`` prints them)."""
     cfg = config.resolved()
     return {**vars(cfg), "output": str(cfg.output_path)}
 

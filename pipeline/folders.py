@@ -158,10 +158,10 @@ def _interleave(per_class: list[list[tuple[str, int]]]) -> list[tuple[str, int]]
     return out
 
 
-def stratified_split(n: int, val_fraction: float, seed: int, stream: int) -> np.ndarray:
-    """Boolean mask (n,): True = test. ``round(n * val_fraction)`` test items, but at least
+def stratified_split(n: int, test_fraction: float, seed: int, stream: int) -> np.ndarray:
+    """Boolean mask (n,): True = test. ``round(n * test_fraction)`` test items, but at least
     one of each part when n >= 2; seeded per ``stream`` (the class index)."""
-    n_test = int(round(n * val_fraction))
+    n_test = int(round(n * test_fraction))
     if n >= 2:
         n_test = min(max(n_test, 1), n - 1)
     else:
@@ -180,12 +180,12 @@ class FolderDataset(Dataset):
     ``image_size``: the side every image is resized to (stage one passes the backbone's
     input size). ``limit``: at most this many files per split (taken from a class-balanced,
     round-robin order; undecodable ones among them are skipped, not replaced).
-    ``val_fraction``/``seed``: the stratified test share when there is no ``train/``+``test/``.
+    ``test_fraction``/``seed``: the stratified test share when there is no ``train/``+``test/``.
     """
 
     root: Path
     limit: int | None = None
-    val_fraction: float = 0.2
+    test_fraction: float = 0.2
     seed: int = 0
     image_size: int = 224
     workers: int | None = None
@@ -299,9 +299,9 @@ class FolderDataset(Dataset):
             return out
 
         self.layout = "split"
-        if not 0.0 < float(self.val_fraction) < 1.0:
-            raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive) to split "
-                              f"{root} into train and test, not {self.val_fraction}")
+        if not 0.0 < float(self.test_fraction) < 1.0:
+            raise ConfigError(f"--test-fraction must be between 0 and 1 (exclusive) to split "
+                              f"{root} into train and test, not {self.test_fraction}")
         loose = [p for p in _loose_files(root) if p.name.lower().endswith(IMAGE_SUFFIXES)]
         if loose:
             log.warning("%s: ignoring %d image(s) outside the class sub-folders (e.g. %s)",
@@ -312,7 +312,7 @@ class FolderDataset(Dataset):
             files, _ = _images_under(d)
             if not files:
                 raise DataError(f"empty class: {_no_images(d)}; add images or remove the folder")
-            mask = stratified_split(len(files), float(self.val_fraction), int(self.seed), ci)
+            mask = stratified_split(len(files), float(self.test_fraction), int(self.seed), ci)
             rel = [(p.relative_to(root).as_posix(), ci) for p in files]
             train.append([r for r, m in zip(rel, mask) if not m])
             test.append([r for r, m in zip(rel, mask) if m])

@@ -6,6 +6,8 @@ so an interrupted run leaves the previous report intact):
 - ``predictions.npz`` (test labels and every row's test predictions),
 - ``results.csv``, ``report.md`` (table, McNemar pairs, plots),
 - ``accuracy.png`` (accuracy by head with 95% intervals), ``confusion.png`` (best head),
+  ``fit_time.png`` (test accuracy against fit time per row, log time axis),
+  ``per_class.png`` (per-class test accuracy of every row, best row first: a heat map),
 - ``results.json`` — LAST: it is the Makefile's target and marks a finished report.
 - For the label-efficiency curve: ``curve.png``, ``curve.csv``, ``curve.md``, ``curve.json``.
 
@@ -22,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_bytes, write_text
+from .config import provenance_fields
+from .stats import per_class_accuracy
 
 CSV_FIELDS = ("name", "head", "test_accuracy", "ci95_low", "ci95_high", "macro_f1",
               "val_accuracy", "select_s", "fit_s", "predict_s_per_1000", "params", "saved")
@@ -82,8 +86,7 @@ def results_csv(results: dict) -> str:
 
 def report_markdown(results: dict) -> str:
     prov = results["provenance"]
-    keys = ("dataset", "backbone", "weights", "image_size", "preprocess", "pooling", "flip",
-            "runtime", "precision", "dataset_sha256", "config_sha256", "created_utc")
+    keys = provenance_fields()  # the cache key's settings, from the settings table
     rows = results["rows"]
     return "\n".join([
         f"# Heads on `{results['feature_file']}`", "",
@@ -100,7 +103,11 @@ def report_markdown(results: dict) -> str:
         f"{results['wall_s']:.1f} s.", "",
         "## Which differences are significant", "", format_mcnemar(results), "",
         "## Plots", "", "![accuracy by head](accuracy.png)", "",
-        f"![confusion matrix of {results['best_row']}](confusion.png)", ""])
+        f"![confusion matrix of {results['best_row']}](confusion.png)", "",
+        "Test accuracy against the time the final fit took (log scale): what each point "
+        "of accuracy costs.", "", "![accuracy vs fit time](fit_time.png)", "",
+        "Per-class test accuracy of every row (best row first):", "",
+        "![per-class accuracy](per_class.png)", ""])
 
 
 # --------------------------------------------------------------------------- plots
@@ -160,6 +167,52 @@ def plot_confusion(matrix, classes, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_fit_time(results: dict, path: Path) -> None:
+    """One point per row: fit time (s, log axis) against test accuracy with its interval."""
+    plt = _plt()
+    rows = results["rows"]
+    t = np.maximum([float(r["fit_s"]) for r in rows], 1e-3)  # a log axis needs > 0
+    acc = np.array([r["test_accuracy"] for r in rows]) * 100
+    err = np.array([[a - 100 * r["ci95"][0], 100 * r["ci95"][1] - a]
+                    for a, r in zip(acc, rows)]).T
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.errorbar(t, acc, yerr=err, fmt="o", color="#4878a8", capsize=3)
+    for x, y, r in zip(t, acc, rows):
+        best = r["name"] == results.get("best_row")
+        ax.annotate(r["name"] + (" (best)" if best else ""), (x, y), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points",
+                    fontweight="bold" if best else "normal")
+    ax.set_xscale("log")
+    ax.set_xlabel("fit time, s (final fit, log scale)")
+    ax.set_ylabel("test accuracy, % (95% Wilson interval)")
+    ax.set_title("accuracy vs fit time")
+    ax.grid(alpha=0.3, which="both")
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_per_class(names, matrix, classes, path: Path) -> None:
+    """Heat map: one line per row (``names``, best first), one column per class, the
+    share of that class's test images the row gets right, printed in each cell."""
+    plt = _plt()
+    m = np.asarray(matrix, dtype=np.float64) * 100
+    n_rows, n_cls = m.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 0.6 * n_cls, 1.0 + 0.4 * n_rows))
+    im = ax.imshow(m, cmap="viridis", vmin=max(0.0, float(m.min()) - 5), vmax=100,
+                   aspect="auto")
+    if n_cls <= 30 and n_rows <= 40:
+        for i in range(n_rows):
+            for j in range(n_cls):
+                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="black" if m[i, j] > 0.6 * 100 else "white")
+    ax.set_xticks(range(n_cls), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n_rows), names, fontsize=8)
+    ax.set_title("per-class test accuracy, %")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- writers
 
 def write_report(results: dict, predictions: dict, y_test, report_dir) -> dict:
@@ -167,18 +220,30 @@ def write_report(results: dict, predictions: dict, y_test, report_dir) -> dict:
     ``plots`` and ``files`` entries filled in."""
     d = Path(report_dir)
     d.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, y_test=np.asarray(y_test),
-                        **{k.replace("+", "_"): v for k, v in predictions.items()})
-    write_bytes(d / "predictions.npz", buf.getvalue())
     best = next(r for r in results["rows"] if r["name"] == results["best_row"])
     plot_accuracy(results, d / "accuracy.png")
     plot_confusion(best["confusion"], results["classes"],
                    f"{best['name']}: {100 * best['test_accuracy']:.2f}% test accuracy",
                    d / "confusion.png")
-    results["plots"] = {"accuracy": "accuracy.png", "confusion": "confusion.png"}
+    plot_fit_time(results, d / "fit_time.png")
+    n_classes, y = len(results["classes"]), np.asarray(y_test)
+    for r in results["rows"]:  # compare_heads fills it; a results dict from elsewhere may not
+        if "per_class_accuracy" not in r:
+            r["per_class_accuracy"] = per_class_accuracy(y, predictions[r["name"]],
+                                                         n_classes).tolist()
+    order = sorted(results["rows"], key=lambda r: (r["name"] != results["best_row"],
+                                                   -r["test_accuracy"]))
+    plot_per_class([r["name"] for r in order], [r["per_class_accuracy"] for r in order],
+                   results["classes"], d / "per_class.png")
+    results["plots"] = {"accuracy": "accuracy.png", "confusion": "confusion.png",
+                        "fit_time": "fit_time.png", "per_class": "per_class.png"}
     results["files"] = ["results.csv", "report.md", "predictions.npz", "accuracy.png",
-                        "confusion.png", "results.json"]
+                        "confusion.png", "fit_time.png", "per_class.png", "results.json"]
+    # the data files after the plots: a run interrupted while plotting keeps the old ones
+    buf = io.BytesIO()
+    np.savez_compressed(buf, y_test=np.asarray(y_test),
+                        **{k.replace("+", "_"): v for k, v in predictions.items()})
+    write_bytes(d / "predictions.npz", buf.getvalue())
     write_text(d / "results.csv", results_csv(results))
     write_text(d / "report.md", report_markdown(results))
     write_text(d / "results.json", json.dumps(results, indent=2, sort_keys=False))

@@ -1,38 +1,44 @@
-"""Small statistics for comparing heads on one shared test set. Reads and writes nothing.
+"""Small statistics for comparing heads on one shared test set, via the libraries that
+already implement them (scipy, scikit-learn). Reads and writes nothing.
 
-- :func:`wilson` — 95% Wilson score interval of an accuracy.
-- :func:`mcnemar` — exact (binomial) McNemar test on two heads' per-row correctness.
-- :func:`holm` — Holm–Bonferroni adjusted p-values for the pairwise tests.
+- :func:`wilson` — 95% Wilson score interval of an accuracy
+  (``scipy.stats.binomtest(...).proportion_ci(method="wilson")``).
+- :func:`mcnemar` — exact (binomial) McNemar test on two heads' per-row correctness
+  (``scipy.stats.binomtest`` on the discordant pairs).
+- :func:`holm` — Holm–Bonferroni adjusted p-values for the pairwise tests (scipy has only
+  Benjamini–Hochberg; statsmodels' ``multipletests`` would be a new dependency).
 - :func:`pairwise_mcnemar` — all pairs, Holm-adjusted, significant at ``alpha``.
+- :func:`macro_f1`, :func:`confusion`, :func:`per_class_accuracy` — ``sklearn.metrics``
+  over the classes ``0..n_classes-1`` (a class never predicted or absent counts as 0).
 """
 
 from __future__ import annotations
 
-import math
 from itertools import combinations
 
 import numpy as np
 
 
-def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for ``correct`` successes in ``n`` trials."""
+def wilson(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for ``correct`` successes in ``n`` trials ((0, 1) for n=0)."""
+    from scipy.stats import binomtest
+
     if n == 0:
         return 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> dict:
-    """Exact two-sided McNemar test: ``b`` = only A right, ``c`` = only B right."""
-    from scipy.stats import binom
+    """Exact two-sided McNemar test: ``b`` = only A right, ``c`` = only B right; the p-value
+    is the two-sided binomial test of ``b`` successes in ``b + c`` trials at 1/2."""
+    from scipy.stats import binomtest
 
+    right_a, right_b = np.asarray(right_a, bool), np.asarray(right_b, bool)
     b = int(np.sum(right_a & ~right_b))
     c = int(np.sum(~right_a & right_b))
-    p = 1.0 if b + c == 0 else min(1.0, 2.0 * float(binom.cdf(min(b, c), b + c, 0.5)))
-    return {"only_a": b, "only_b": c, "p": p}
+    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    return {"only_a": b, "only_b": c, "p": min(1.0, p)}
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -61,16 +67,24 @@ def pairwise_mcnemar(correct: dict[str, np.ndarray], alpha: float = 0.05) -> lis
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    f1 = []
-    for c in range(n_classes):
-        tp = np.sum((y_pred == c) & (y_true == c))
-        fp = np.sum((y_pred == c) & (y_true != c))
-        fn = np.sum((y_pred != c) & (y_true == c))
-        f1.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1))
+    """Unweighted mean of the per-class F1 over all ``n_classes`` classes."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true, y_pred, labels=np.arange(n_classes), average="macro",
+                          zero_division=0.0))
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    m = np.zeros((n_classes, n_classes), np.int64)
-    np.add.at(m, (y_true, y_pred), 1)
-    return m
+    """(n_classes, n_classes) counts: rows = true class, columns = predicted."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(y_true, y_pred, labels=np.arange(n_classes)).astype(np.int64)
+
+
+def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes,) share of each true class predicted right (its recall); 0 for a class
+    with no test rows."""
+    from sklearn.metrics import recall_score
+
+    return np.asarray(recall_score(y_true, y_pred, labels=np.arange(n_classes), average=None,
+                                   zero_division=0.0), dtype=np.float64)

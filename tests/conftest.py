@@ -104,5 +104,5 @@ def synthetic_features(tmp_path):
     from pipeline.extract import extract_features
 
     cfg = ExtractConfig(dataset="synthetic", backbone="mobilenet_025", weights="none", size=32,
-                        batch=32, out_dir=str(tmp_path))
+                        batch=32, out_dir=str(tmp_path), flip=False)
     return extract_features(cfg).path

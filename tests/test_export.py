@@ -226,7 +226,7 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
     assert set(per_class.values()) == {50}
 
     cfg = ExtractConfig(dataset=str(folder), backbone="mobilenet_v2", size=224, batch=50,
-                        val_fraction=0.4, precision="float32", out_dir=str(tmp_path / "features"))
+                        test_fraction=0.4, precision="float32", out_dir=str(tmp_path / "features"))
     fs = load_features(extract_features(cfg).path)
     assert len(fs["train"]) == 300 and len(fs["test"]) == 200
     from pipeline.heads import get_head
@@ -238,7 +238,7 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
     assert accuracy >= 0.55, accuracy  # measured 0.63; chance is 0.10
 
     model = export_model(fs.path, head=head, output=tmp_path / "cifar.keras").path
-    files = FolderDataset(folder, image_size=224, val_fraction=0.4).files("test")[:6]
+    files = FolderDataset(folder, image_size=224, test_fraction=0.4).files("test")[:6]
     rows = predict_images(model, [folder / rel for rel, _ in files], top_k=10)
     for row, p in zip(rows, proba[:6]):
         got = {t["class"]: t["probability"] for t in row["top"]}

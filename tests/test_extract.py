@@ -88,11 +88,12 @@ def test_changed_dataset_is_stale(tmp_path):
 
 def test_file_names_spell_out_non_default_settings():
     tf = dict(runtime="tensorflow")
-    c = ExtractConfig(**tf)
-    assert str(c.output_path) == "features/cifar10_mobilenet_v2_224.h5"
+    c = ExtractConfig(**tf)  # mirrored features are stored by default: _flip
+    assert str(c.output_path) == "features/cifar10_mobilenet_v2_224_flip.h5"
+    assert ExtractConfig(flip=False, **tf).output_path.name == "cifar10_mobilenet_v2_224.h5"
     c = ExtractConfig(size=32, preprocess="scale01", flip=True, dtype="float16", limit=500, **tf)
     assert c.output_path.name == "cifar10_mobilenet_v2_32_scale01_f16_flip_n500.h5"
-    assert ExtractConfig(backbone="inception_v3", **tf).output_path.name == \
+    assert ExtractConfig(backbone="inception_v3", flip=False, **tf).output_path.name == \
         "cifar10_inception_v3_299.h5"
     assert ExtractConfig(variant="x", shard=(1, 4)).output_path.name == \
         "cifar10_mobilenet_v2_224_x.part1of4.h5"

@@ -166,7 +166,7 @@ def test_split_is_seeded_and_deterministic(folder):
     assert a.fingerprint() == b.fingerprint()
     assert a.files("test") != c.files("test")
     assert a.fingerprint() != c.fingerprint()
-    half = FolderDataset(folder, image_size=32, val_fraction=0.5)
+    half = FolderDataset(folder, image_size=32, test_fraction=0.5)
     assert np.bincount(half.labels("test"), minlength=3)[:2].tolist() == [4, 4]
 
 
@@ -221,8 +221,8 @@ def test_bad_folders_are_clear_errors(tmp_path, build, match):
 def test_missing_folder_and_bad_fraction(tmp_path, folder):
     with pytest.raises(DataError, match="does not exist"):
         FolderDataset(tmp_path / "nope")
-    with pytest.raises(ConfigError, match="val-fraction"):
-        FolderDataset(folder, val_fraction=1.0)
+    with pytest.raises(ConfigError, match="test-fraction"):
+        FolderDataset(folder, test_fraction=1.0)
 
 
 # ---------------------------------------------------------------------------- fingerprint

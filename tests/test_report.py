@@ -13,7 +13,8 @@ from pipeline.cli import main
 from pipeline.compare import compare_heads, label_curve
 from pipeline.config import HeadsConfig
 from pipeline.heads import load_head
-from pipeline.stats import holm, mcnemar, pairwise_mcnemar, wilson
+from pipeline.stats import (confusion, holm, macro_f1, mcnemar, pairwise_mcnemar,
+                            per_class_accuracy, wilson)
 from pipeline.store import read_attrs
 from stage_two_util import make_feature_file
 
@@ -32,7 +33,7 @@ def test_report_files_list_every_head_and_carry_provenance(done):
     path, out, results = done
     names = ["logreg", "logreg+flip", "knn", "knn+flip"]
     for f in ("results.json", "results.csv", "report.md", "accuracy.png", "confusion.png",
-              "predictions.npz"):
+              "fit_time.png", "per_class.png", "predictions.npz"):
         assert (out / f).is_file(), f
     saved = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in saved["rows"]] == names
@@ -87,6 +88,53 @@ def test_interrupted_run_keeps_the_previous_report(done, monkeypatch):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_new_plots_are_valid_pngs_linked_from_the_report(done):
+    from PIL import Image
+
+    path, out, results = done
+    md = (out / "report.md").read_text()
+    for name in ("accuracy", "confusion", "fit_time", "per_class"):
+        f = out / f"{name}.png"
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(f) as im:
+            im.verify()
+        assert f"]({name}.png)" in md and results["plots"][name] == f"{name}.png"
+    with Image.open(out / "per_class.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    # per-class accuracy in results.json matches the saved predictions
+    saved = json.loads((out / "results.json").read_text())
+    preds = np.load(out / "predictions.npz")
+    y = preds["y_test"]
+    for r in saved["rows"]:
+        p = preds[r["name"].replace("+", "_")]
+        want = [float(np.mean(p[y == c] == c)) for c in range(len(saved["classes"]))]
+        assert r["per_class_accuracy"] == pytest.approx(want)
+    # the header shows every cache-key setting the file has, generated from the table
+    assert "image_size=32" in md and "weights=none" in md
+
+
+def test_small_cases_by_hand():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    p = np.array([0, 1, 0, 1, 1, 0])
+    # class 0: tp 2 fp 1 fn 1 -> F1 2*2/(4+1+1) = 2/3; class 1: tp 2 fp 1 fn 0 -> 4/5;
+    # class 2: tp 0 -> 0; class 3 (no rows, never predicted) -> 0
+    assert macro_f1(y, p, 3) == pytest.approx((2 / 3 + 4 / 5 + 0) / 3)
+    assert macro_f1(y, p, 4) == pytest.approx((2 / 3 + 4 / 5) / 4)
+    np.testing.assert_array_equal(confusion(y, p, 3), [[2, 1, 0], [0, 2, 0], [1, 0, 0]])
+    assert confusion(y, p, 4).shape == (4, 4) and confusion(y, p, 3).dtype == np.int64
+    np.testing.assert_allclose(per_class_accuracy(y, p, 4), [2 / 3, 1.0, 0.0, 0.0])
+    # Wilson by its formula, z = 1.96: 3 of 10
+    z, n, k = 1.959964, 10, 3
+    c = (k / n + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * np.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert wilson(k, n) == pytest.approx((c - h, c + h), abs=1e-6)
+    assert wilson(0, 0) == (0.0, 1.0)
+    # McNemar, 2 discordant pairs both one way: p = 2 * (1/2)^2 = 0.5; 1 vs 1: p = 1
+    a, b = np.array([1, 1, 0, 1], bool), np.array([0, 0, 0, 1], bool)
+    assert mcnemar(a, b) == {"only_a": 2, "only_b": 0, "p": pytest.approx(0.5)}
+    assert mcnemar(np.array([1, 0], bool), np.array([0, 1], bool))["p"] == 1.0
+
+
 def test_wilson_interval():
     lo, hi = wilson(837, 1000)
     assert lo == pytest.approx(0.8128, abs=5e-4) and hi == pytest.approx(0.8588, abs=5e-4)
@@ -124,6 +172,31 @@ def test_cli_heads_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| logreg **best** |" in out and "best row (highest validation accuracy): logreg" in out
     assert (tmp_path / "f" / "results.json").is_file()
+
+
+def test_cli_heads_json_is_the_summary_on_stdout(tmp_path, capsys):
+    path = make_feature_file(tmp_path / "f.h5")
+    assert main(["heads", str(path), "--heads", "logreg", "--flip", "off", "--json"]) == 0
+    out = capsys.readouterr()
+    data = json.loads(out.out)                      # nothing but the JSON on stdout
+    assert data["best_row"] == "logreg" and [r["name"] for r in data["rows"]] == ["logreg"]
+    assert 0 < data["rows"][0]["test_accuracy"] <= 1 and data["significant"] == []
+    assert data["files"]["report.md"] == str(tmp_path / "f" / "report.md")
+    assert "| logreg" not in out.out
+    assert main(["heads", "--list", "--json"]) == 0
+    reg = json.loads(capsys.readouterr().out)
+    assert {"logreg", "knn"} <= {h["name"] for h in reg}
+
+
+def test_cli_backbones_json(capsys):
+    from pipeline.backbones import BACKBONES
+
+    assert main(["backbones", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == sorted(BACKBONES)
+    v2 = next(r for r in rows if r["name"] == "mobilenet_v2")
+    assert (v2["default_size"], v2["dim"]) == (BACKBONES["mobilenet_v2"].default_size,
+                                               BACKBONES["mobilenet_v2"].dim)
 
 
 def test_cli_refuses_unknown_head_and_incomplete_file(tmp_path, capsys):

@@ -250,7 +250,8 @@ def test_second_run_does_not_convert_again(tmp_path, no_gpu, counted_conversions
     assert len(counted_conversions) == 1   # another output, the same conversion
     np.testing.assert_array_equal(store.load_features(a.path)["test"].features,
                                   store.load_features(b.path)["test"].features)
-    extract_features(_cfg(tmp_path / "c", precision="float32", flip=True))
+    # flip is on by default: the plain-only graph is another one
+    extract_features(_cfg(tmp_path / "c", precision="float32", flip=False))
     assert len(counted_conversions) == 2   # another graph
     assert extract_features(_cfg(tmp_path / "a", precision="float32")).cached
     assert len(counted_conversions) == 2   # a no-op converts nothing

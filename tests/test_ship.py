@@ -237,10 +237,12 @@ def test_size_out_of_range_is_one_line_naming_the_limits(size, tmp_path):
 
 def test_default_size_still_comes_from_the_backbone():
     r = cli("path", "--backbone", "inception_v3", "--runtime", "tensorflow")
-    assert r.returncode == 0 and r.stdout.strip() == "features/cifar10_inception_v3_299.h5"
+    assert r.returncode == 0
+    assert r.stdout.strip() == "features/cifar10_inception_v3_299_flip.h5"
     r = cli("path", "--backbone", "inception_v3", "--runtime", "openvino", "--precision",
             "float32")
-    assert r.returncode == 0 and r.stdout.strip() == "features/cifar10_inception_v3_299_ov.h5"
+    assert r.returncode == 0
+    assert r.stdout.strip() == "features/cifar10_inception_v3_299_ov_flip.h5"
 
 
 def _folder(root: Path, counts: dict[str, int]) -> Path:
