@@ -2,8 +2,8 @@
 heads, plus what those checks do not cover: pickling a fitted dense head keeps its Keras
 model, and the scaler's statistics are numerically stable.
 
-Expected failures: none for the numpy heads; for the (slow) dense head see
-``DENSE_EXPECTED``. Skipped by scikit-learn itself here: the
+Expected failures: none for the numpy heads; the (slow) dense head runs a subset, see
+``DENSE_CHECKS``. Skipped by scikit-learn itself here: the
 pandas check (pandas is not installed) and the array-API check (``SCIPY_ARRAY_API``
 unset). Small settings (few random features, tiny networks) keep every check fast; they do
 not change what is checked.
@@ -27,22 +27,22 @@ def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
 
-# DenseHead: two epochs of an 8-unit network are enough for the contract (cloning, params,
-# input validation, pickling with its model), not for scikit-learn's accuracy bar on
-# its toy problems, which needs more training than a check should take.
-DENSE_EXPECTED = {
-    "check_classifiers_train": "2 epochs of a tiny network do not reach the 0.83 accuracy bar",
-    "check_methods_sample_order_invariance": "float32 Keras inference: reordered rows give "
-                                             "probabilities that differ by ~1e-7 (BLAS "
-                                             "blocking), above the check's rtol=1e-7",
-}
+# DenseHead: the whole suite takes minutes of Keras fits, so a subset of the contract
+# (cloning, params, fitted-state checks, input validation, pickling with its model);
+# not scikit-learn's accuracy bar (check_classifiers_train), which two epochs of an 8-unit
+# network do not reach, nor the row-order check, which float32 Keras inference misses by
+# ~1e-7 (BLAS blocking) against its rtol=1e-7 (both measured with the full suite).
+DENSE_CHECKS = ("check_estimator_cloneable", "check_get_params_invariance",
+                "check_set_params", "check_estimators_unfitted", "check_fit_check_is_fitted",
+                "check_n_features_in", "check_fit2d_predict1d", "check_estimators_pickle")
 
 
 @pytest.mark.slow
-@parametrize_with_checks([DenseHead(hidden=8, epochs=2, batch_size=32)],
-                         expected_failed_checks=lambda est: DENSE_EXPECTED)
-def test_sklearn_estimator_checks_dense(estimator, check):
-    check(estimator)
+def test_sklearn_estimator_checks_dense():
+    import sklearn.utils.estimator_checks as checks
+
+    for name in DENSE_CHECKS:
+        getattr(checks, name)("DenseHead", DenseHead(hidden=8, epochs=2, batch_size=32))
 
 
 def test_dense_head_pickles_with_its_model():
