@@ -12,9 +12,9 @@ The protocol (the test labels influence no choice):
    rows only.
 2. Each head's grid is scored on it (fit on the rest, accuracy on validation); the best
    grid point wins (ties: the first, i.e. the simplest, in grid order).
-3. The winner is refit on *all* training rows and scored on the test split exactly once
-   (``--search fast``: heads registered with ``refit=False`` keep the model selected on
-   the fit rows instead).
+3. The winner is scored on the test split exactly once: under ``--search fast`` (the
+   default) the model selected on the fit rows, under ``--search exhaustive`` the winner
+   refit on *all* training rows.
 
 One row's protocol lives in :mod:`pipeline.selection`, the rows' grouping into jobs and
 the worker side in :mod:`pipeline.jobs`; this module orchestrates them and writes the report.
@@ -22,8 +22,10 @@ Rows are independent jobs run by :mod:`pipeline.workers` (``HeadsConfig.workers`
 processes, one thread each, the feature arrays memory-mapped once and shared); results,
 choices and predictions do not depend on the number of workers. ``--search fast`` (the
 default) stops a grid that is a path (one numeric parameter, in order) once validation
-accuracy has fallen below its best; ``--search exhaustive`` scores every grid point and
-refits every head (the protocol before issue 12, kept for ``make bench``).
+accuracy has fallen below its best, uses each head's ``fast_select`` parameters (a looser
+solver tolerance; dense: 4 cosine epochs) and does not refit; ``--search exhaustive``
+scores every grid point and refits every head (the protocol before issue 12, kept for
+``make bench``).
 
 With mirrored features in the file, each head can also run as ``<head>+flip``: trained on
 plain and mirrored rows, predicting the average of both probabilities — its own row, with
@@ -158,8 +160,10 @@ def compare_heads(cfg: HeadsConfig, *, write: bool = True, progress=None) -> dic
         "classes": fs.classes,
         "protocol": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
                      "search": cfg.search,
-                     "selection": "stratified validation split of the training rows; "
-                                  "refit on all training rows; test scored once",
+                     "selection": "stratified validation split of the training rows; " + (
+                         "the model selected on the fit rows is final (--search fast, no "
+                         "refit)" if cfg.search == "fast" else
+                         "refit on all training rows") + "; test scored once",
                      "best": "the row with the highest validation accuracy (ties: the "
                              "first in row order)",
                      "interval": "Wilson score, 95%",
@@ -168,10 +172,6 @@ def compare_heads(cfg: HeadsConfig, *, write: bool = True, progress=None) -> dic
         "best_row": rows[best]["name"],
         "mcnemar": pairwise_mcnemar({k: v == y_test for k, v in preds.items()}),
     }
-    if any(not r["refit"] for r in rows):
-        results["protocol"]["selection"] = (
-            "stratified validation split of the training rows; refit on all training rows "
-            "(rows with refit=false: the model selected on the fit rows); test scored once")
     results["wall_s"] = time.perf_counter() - t0
     if write:
         _publish_heads(staging, cfg.report_dir)

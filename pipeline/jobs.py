@@ -22,7 +22,7 @@ from .selection import _Data, run_row
 
 @dataclass(frozen=True)
 class _Job:
-    """Rows run one after another in one worker (a TensorFlow head's rows share one)."""
+    """Rows run one after another in one worker (today: one row per job)."""
 
     rows: tuple[tuple[str, bool, bool], ...]     # (head, train_flip, tta)
     seed: int
@@ -35,13 +35,12 @@ class _Job:
 
 
 def _jobs(rows, **ctx) -> list[_Job]:
-    """One job per row, except that every row of a TensorFlow head goes into one job: one
-    worker imports TensorFlow (~0.5 GB) whatever the worker count."""
-    tf_rows = tuple(r for r in rows if HEADS[r[0]].tensorflow)
-    jobs = [_Job((r,), **ctx) for r in rows if not HEADS[r[0]].tensorflow]
-    if tf_rows:
-        jobs.insert(0, _Job(tf_rows, **ctx))
-    return jobs
+    """One job per row. A TensorFlow head's rows used to share one job (one TensorFlow
+    import, ~0.3 GB, whatever the worker count), but then `dense` and `dense+flip` ran one
+    after another and were the comparison's critical path; now each worker that runs a
+    dense row imports TensorFlow once (a constant per worker, measured in `make bench`
+    section 4), and the rows run side by side."""
+    return [_Job((r,), **ctx) for r in rows]
 
 
 def _cost(row, data: _Data) -> float:

@@ -118,8 +118,9 @@ def row_label(name: str, train_flip: bool, tta: bool) -> str:
 def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
             n_classes: int, report_dir=None,
             search: str = "exhaustive") -> tuple[dict, np.ndarray, object]:
-    """Select, refit on all training rows (unless ``search="fast"`` and the head is
-    registered with ``refit=False``), test once. Returns (row, test predictions, head)."""
+    """Select, refit on all training rows (``search="exhaustive"``; under ``"fast"`` the
+    model selected on the fit rows is the final one), test once. Returns (row, test
+    predictions, head)."""
     if name not in HEADS:      # a worker process that was not told how to import it
         raise ConfigError(f"head {name!r} is not registered in this process; register it "
                           f"in an importable module and pass --heads module:{name}, or run "
@@ -131,7 +132,7 @@ def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
                                           seed=seed, label=label, search=search)
     select_s = time.perf_counter() - t0
     t = time.perf_counter()
-    refit = spec.refit or search != "fast"
+    refit = search != "fast"
     if refit:                  # from the best validation solution (fit rows) where it can
         head = as_head(spec.make(random_state=seed, **params)).refit_from(
             est, data.X, data.y, data.Xf if train_flip else None)
@@ -154,6 +155,7 @@ def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
         "per_class_accuracy": (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist(),
         "confusion": cm.tolist(),
         "skipped": skipped, "refit": refit,
+        "fast_select": {} if refit else dict(spec.fast_select),   # also in force under fast
         "select_s": select_s, "fit_s": fit_s, "predict_s": predict_s,
         "predict_s_per_1000": predict_s / len(y) * 1000,
         "n_fit": data.n_fit, "n_val": len(data.y) - data.n_fit,

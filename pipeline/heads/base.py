@@ -50,8 +50,7 @@ class HeadSpec:
     keras: bool = True             # implements to_keras (export contract)
     fixed: dict = field(default_factory=dict)
     cost: float = 1.0              # relative seconds per training row (job order, ETA)
-    tensorflow: bool = False       # fitting imports TensorFlow: such rows share one worker
-    refit: bool = True             # --search fast: refit the chosen point on all rows
+    tensorflow: bool = False       # fitting imports TensorFlow (one thread per worker)
     fast_select: dict = field(default_factory=dict)  # --search fast: params while selecting
 
     def make(self, random_state: int = 0, **params) -> BaseEstimator:
@@ -63,7 +62,7 @@ HEADS: dict[str, HeadSpec] = {}
 
 def register_head(name: str, *, default: bool = True, grid=(), summary: str = "",
                   keras: bool = True, cost: float = 1.0, tensorflow: bool = False,
-                  refit: bool = True, fast_select: dict | None = None, **fixed):
+                  fast_select: dict | None = None, **fixed):
     """Register ``factory(random_state=..., **params) -> estimator`` under ``name``.
 
     The estimator is a :class:`Head` or any scikit-learn classifier (stage two wraps a
@@ -71,15 +70,15 @@ def register_head(name: str, *, default: bool = True, grid=(), summary: str = ""
     grid over one numeric parameter is a path (ordered, the linear heads warm-start along
     it) that ``--search fast`` stops once validation accuracy falls below its best.
     ``cost`` (relative seconds per training row) orders the jobs and the ETA;
-    ``tensorflow=True`` puts the head's rows in one worker (one TensorFlow import);
-    ``refit=False`` keeps, under ``--search fast``, the model selected on the fit rows
-    instead of refitting it on all training rows; ``fast_select`` are parameters used only
-    while scoring the grid under ``--search fast`` (e.g. a looser solver tolerance; the
-    refit uses the head's own)."""
+    ``tensorflow=True`` marks a head whose fit imports TensorFlow (its worker caps
+    TensorFlow's thread pools at one); ``fast_select`` are parameters used under
+    ``--search fast`` (e.g. a looser solver tolerance, a short learning-rate schedule),
+    where the model selected on the fit rows is the final one; ``--search exhaustive``
+    refits the chosen point on all training rows with the head's own parameters."""
     def deco(factory):
         doc = summary or ((factory.__doc__ or "").strip().splitlines() or [""])[0]
         HEADS[name] = HeadSpec(name, factory, default, tuple(dict(g) for g in grid), doc,
-                               keras, dict(fixed), float(cost), bool(tensorflow), bool(refit),
+                               keras, dict(fixed), float(cost), bool(tensorflow),
                                dict(fast_select or {}))
         return factory
     return deco
