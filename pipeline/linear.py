@@ -5,7 +5,7 @@ input to float64 (2x the feature matrix); these fit the same objectives on the f
 matrix as given, without any copy of it:
 
 - :class:`Scaler` learns per-feature mean and standard deviation in row blocks (float64
-  accumulators of size D only). It is never *applied* to the matrix: :func:`fit_linear`
+  accumulators of size D only, blocks merged by Chan et al.'s stable update). It is never *applied* to the matrix: :func:`fit_linear`
   folds it into the weights (``((X - mu) / sd) @ W == X @ (W / sd) - mu @ (W / sd)``).
 - :func:`fit_linear` minimises ``mean(loss) + ||W||^2 / (2 C n)`` (scikit-learn's ``C``
   scaling) with full-batch L-BFGS (scipy's L-BFGS-B). Losses: multinomial cross-entropy
@@ -38,17 +38,30 @@ class Scaler:
 
     @classmethod
     def fit(cls, blocks) -> "Scaler":
-        total = sq = None
+        """Mean and standard deviation over all rows of all blocks, in float64 per row block
+        of 1,024: each block's mean and sum of squared deviations (M2), merged with Chan et
+        al.'s pairwise update — numerically stable where ``E[x^2] - E[x]^2`` cancels
+        (features with a large offset and a small spread)."""
+        mean = m2 = None
         n = 0
         for X in blocks:
             for i in range(0, len(X), 1024):
                 b = np.asarray(X[i:i + 1024], dtype=np.float64)  # a small block only
-                s, q = b.sum(0), np.einsum("ij,ij->j", b, b)
-                total = s if total is None else total + s
-                sq = q if sq is None else sq + q
-                n += len(b)
-        mean = total / n
-        var = np.maximum(sq / n - mean ** 2, 0.0)
+                nb = len(b)
+                if nb == 0:
+                    continue
+                mb = b.mean(0)
+                d = b - mb
+                m2b = np.einsum("ij,ij->j", d, d)
+                if mean is None:
+                    mean, m2, n = mb, m2b, nb
+                    continue
+                delta = mb - mean
+                tot = n + nb
+                mean = mean + delta * (nb / tot)
+                m2 = m2 + m2b + delta ** 2 * (n * nb / tot)
+                n = tot
+        var = np.maximum(m2 / n, 0.0)
         sd = np.sqrt(var)
         sd[sd < 1e-6 * max(1.0, float(sd.max()))] = 1.0  # constant features: leave as is
         return cls(mean.astype(np.float32), sd.astype(np.float32))

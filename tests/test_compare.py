@@ -63,9 +63,12 @@ def test_permuting_test_labels_changes_no_choice(tmp_path):
 def test_selection_is_on_validation_and_refit_uses_all_rows(tmp_path):
     path = make_feature_file(tmp_path / "f.h5", n_train=400)
     r = compare_heads(HeadsConfig(str(path), heads=("logreg",), flip="off",
-                                  val_fraction=0.25), write=False)
+                                  val_fraction=0.25, search="exhaustive"), write=False)
     row = r["rows"][0]
-    assert row["n_fit"] + row["n_val"] == row["n_train"] == 400
+    assert row["refit"] and row["n_fit"] + row["n_val"] == row["n_train"] == 400
+    fast = compare_heads(HeadsConfig(str(path), heads=("logreg",), flip="off",
+                                     val_fraction=0.25), write=False)["rows"][0]
+    assert not fast["refit"] and fast["n_train"] == fast["n_fit"] == row["n_fit"]
     assert abs(row["n_val"] - 100) <= 4                       # 25%, rounded per class
     best = max(row["selection"], key=lambda s: s["val_accuracy"])
     assert row["val_accuracy"] == best["val_accuracy"]

@@ -195,3 +195,20 @@ def test_dense_ensemble_is_one_keras_model_that_saves_and_reloads(tmp_path):
     again = load_head(save_head(ens, tmp_path, "dense_ens"))
     np.testing.assert_allclose(again.predict_proba(X), ens.predict_proba(X), atol=1e-6)
     np.testing.assert_allclose(np.asarray(ens.to_keras()(X)), ens.predict_proba(X), atol=1e-6)
+
+
+def test_dense_cosine_schedule_runs_its_epochs_without_early_stopping():
+    """--search fast's dense: exactly ``epochs`` epochs, the rate decaying to 0 (no early
+    stop even when validation accuracy stalls); the constant schedule early-stops."""
+    X, y, Xf = blobs(300, dim=12, k=3, sep=4.0)
+    Xv, yv, _ = blobs(90, dim=12, k=3, sep=4.0, seed=1)
+    fast = HEADS["dense"].make(random_state=0, hidden=16, **HEADS["dense"].fast_select)
+    assert fast.schedule == "cosine" and fast.epochs == 4
+    fast.fit(X, y, Xf, validation_data=(Xv, yv))
+    assert fast.best_epochs_ == 4
+    assert float(fast.model_.optimizer.learning_rate) < 1e-6   # decayed to ~0 at the end
+    slow = HEADS["dense"].make(random_state=0, hidden=16, epochs=40, patience=1)
+    slow.fit(X, y, validation_data=(Xv[:, ::-1].copy(), yv))    # useless validation rows
+    assert slow.best_epochs_ < 40 and slow.schedule == "constant"
+    with pytest.raises(ValueError, match="schedule"):
+        HEADS["dense"].make(schedule="linear", hidden=4, epochs=1).fit(X, y)

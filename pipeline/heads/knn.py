@@ -1,0 +1,141 @@
+"""The cosine k-nearest-neighbours head ``knn``: :class:`CosineKNNHead` and its blocked
+float32 search :func:`top_k`.
+
+Reads and writes nothing (a saved kNN head holds its training rows: the model is the data).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Head, register_head
+
+
+class CosineKNNHead(Head):
+    """Cosine k-nearest-neighbours: the zero-training baseline. Keeps the training rows as
+    given (no normalised copy: each similarity is scaled by the row's inverse norm) and
+    their labels; ``predict_proba`` is the share of the k votes per class.
+
+    The search (:func:`top_k`) is a float32 blocked matrix product, a tile of queries
+    against a tile of training rows at a time, keeping a running top-k per query: a tile
+    only goes through a selection for the entries above the current k-th best, so after
+    the first tile the cost is the product itself.
+    """
+
+    def __init__(self, k=10, random_state=0):
+        self.k, self.random_state = k, random_state
+
+    def fit(self, X, y, X_flip=None):
+        blocks, yi = self._validate_fit(X, y, X_flip)
+        self.index_ = blocks
+        self.index_inv_norm_ = np.concatenate([_inv_norms(b) for b in blocks])
+        self.index_labels_ = np.tile(yi, len(blocks))
+        return self
+
+    def neighbours(self, X, k: int) -> np.ndarray:
+        """Indices into the index of the ``k`` most similar rows, most similar first."""
+        return top_k(self._validate(X), self.index_, self.index_inv_norm_, k)[1]
+
+    def _votes(self, nbrs: np.ndarray, k: int) -> np.ndarray:
+        K = len(self.classes_)
+        lab = self.index_labels_[nbrs[:, :k]]
+        P = np.zeros((len(nbrs), K), np.float32)
+        for c in range(K):
+            P[:, c] = (lab == c).sum(1)
+        return P / k
+
+    def _proba(self, X):
+        return self._votes(top_k(X, self.index_, self.index_inv_norm_, self.k)[1], self.k)
+
+    def score_grid(self, grid, X_fit, y_fit, X_val, y_val, X_fit_flip=None, X_val_flip=None,
+                   *, stop_early: bool = False, label: str = ""):
+        """Validation accuracy of every ``k`` from one neighbour search (all of them:
+        scoring another k costs nothing, so ``stop_early`` is not needed)."""
+        self.fit(X_fit, y_fit, X_fit_flip)
+        kmax = max(g["k"] for g in grid)
+        nb = self.neighbours(X_val, kmax)
+        nb_f = self.neighbours(X_val_flip, kmax) if X_val_flip is not None else None
+        out = []
+        for g in grid:
+            P = self._votes(nb, g["k"])
+            if nb_f is not None:
+                P = (P + self._votes(nb_f, g["k"])) / 2
+            out.append((dict(g), float(np.mean(self.classes_[P.argmax(1)] == y_val))))
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "index_" in state:   # a saved head holds its rows, not views of a shared file
+            state["index_"] = [np.ascontiguousarray(b) for b in state["index_"]]
+        return state
+
+
+def _inv_norms(X: np.ndarray) -> np.ndarray:
+    out = np.empty(len(X), np.float32)
+    for i in range(0, len(X), 8192):
+        b = X[i:i + 8192]
+        out[i:i + 8192] = 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", b, b)), 1e-12)
+    return out
+
+
+def top_k(Q: np.ndarray, index, inv_norm: np.ndarray, k: int, *, q_block: int = 1024,
+          i_block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, indices), each (len(Q), k), of the ``k`` rows of ``index`` (a list of
+    float32 (n_i, D) blocks, indexed as if concatenated) with the largest cosine
+    similarity to each query row, most similar first (equal similarities: lower index
+    first). Deterministic: the same inputs give the same answer in any process.
+
+    Tiles of ``q_block`` queries x ``i_block`` rows: ``S = q @ rows.T`` (float32 BLAS),
+    scaled by the rows' inverse norms; only entries above the query's current k-th best
+    are merged into its running top-k (``np.argpartition`` over k + the survivors)."""
+    n = sum(len(b) for b in index)
+    k = max(1, min(int(k), n))
+    out_s = np.empty((len(Q), k), np.float32)
+    out_i = np.empty((len(Q), k), np.int64)
+    for q0 in range(0, len(Q), q_block):
+        q = np.asarray(Q[q0:q0 + q_block], dtype=np.float32)
+        q = q * _inv_norms(q)[:, None]
+        nq = len(q)
+        best_s = np.full((nq, k), -np.inf, np.float32)
+        best_i = np.full((nq, k), n, np.int64)
+        thr = np.full(nq, -np.inf, np.float32)
+        offset = 0
+        for block in index:
+            for i0 in range(0, len(block), i_block):
+                S = q @ np.asarray(block[i0:i0 + i_block]).T
+                S *= inv_norm[offset + i0:offset + i0 + S.shape[1]]
+                if offset + i0 == 0 and S.shape[1] >= k:   # first tile: select directly
+                    keep = np.argpartition(-S, k - 1, axis=1)[:, :k]
+                    best_s = np.take_along_axis(S, keep, 1)
+                    best_i = keep.astype(np.int64)
+                    thr = best_s.min(axis=1)
+                    continue
+                rows, cols = np.nonzero(S > thr[:, None])
+                if len(rows) == 0:
+                    continue
+                counts = np.bincount(rows, minlength=nq)
+                pos = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+                m = int(counts.max())
+                cand_s = np.full((nq, m), -np.inf, np.float32)
+                cand_i = np.full((nq, m), n, np.int64)
+                cand_s[rows, pos] = S[rows, cols]
+                cand_i[rows, pos] = cols + (offset + i0)
+                all_s = np.concatenate([best_s, cand_s], axis=1)
+                all_i = np.concatenate([best_i, cand_i], axis=1)
+                # k largest, ties broken towards the lower index: sort key (-s, index)
+                keep = np.argpartition(-all_s, k - 1, axis=1)[:, :k] if all_s.shape[1] > k \
+                    else np.broadcast_to(np.arange(k), (nq, k))
+                best_s = np.take_along_axis(all_s, keep, 1)
+                best_i = np.take_along_axis(all_i, keep, 1)
+                thr = best_s.min(axis=1)
+            offset += len(block)
+        order = np.lexsort((best_i, -best_s), axis=1)
+        out_s[q0:q0 + nq] = np.take_along_axis(best_s, order, 1)
+        out_i[q0:q0 + nq] = np.take_along_axis(best_i, order, 1)
+    return out_s, out_i
+
+
+@register_head("knn", grid=[{"k": k} for k in (1, 5, 10, 20, 50)], keras=False, cost=1.0)
+def knn(random_state=0, **params):
+    """Cosine k-nearest-neighbours (k chosen on validation): the zero-training baseline."""
+    return CosineKNNHead(random_state=random_state, **params)
