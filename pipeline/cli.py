@@ -179,6 +179,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _upgrade_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", help="feature files (.h5 or .h5.partial) to migrate")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for another process writing a file instead of refusing")
+
+
+@command("upgrade", help="migrate feature files of an older schema in place (adds row ids)")
+@options(_upgrade_options)
+def cmd_upgrade(args) -> int:
+    from .upgrade import upgrade
+
+    for path in args.files:
+        print(upgrade(path, wait=args.wait))
+    return 0
+
+
 @command("backbones", help="list the backbone registry (markdown table)")
 def cmd_backbones(args) -> int:
     from .backbones import BACKBONES

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,7 +32,7 @@ from typing import Callable
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from .atomic import write_text
+from .atomic import replacing, write_text
 from .errors import ConfigError
 from .linear import Scaler, decision, fit_linear, folded, softmax
 
@@ -667,18 +666,16 @@ def save_head(estimator, directory, name: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(estimator, DenseHead):
         path = directory / f"{name}.keras"
-        tmp = directory / f".{name}.tmp.keras"
-        estimator.model_.save(tmp)
-        os.replace(tmp, path)
+        with replacing(path, ".keras") as tmp:
+            estimator.model_.save(tmp)
         meta = {"class": "DenseHead", "params": estimator.get_params(),
                 "classes": estimator.classes_.tolist(), "best_epochs": estimator.best_epochs_,
                 "n_features_in": estimator.n_features_in_}
         write_text(directory / f"{name}.json", json.dumps(meta, indent=2))
         return path
     path = directory / f"{name}.joblib"
-    tmp = directory / f".{name}.tmp.joblib"
-    joblib.dump(estimator, tmp)
-    os.replace(tmp, path)
+    with replacing(path, ".joblib") as tmp:
+        joblib.dump(estimator, tmp)
     return path
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_bytes, write_text
+from .mistakes import write_mistakes
 
 CSV_FIELDS = ("name", "head", "test_accuracy", "ci95_low", "ci95_high", "macro_f1",
               "val_accuracy", "select_s", "fit_s", "predict_s_per_1000", "params", "saved")
@@ -179,6 +180,8 @@ def write_report(results: dict, predictions: dict, y_test, report_dir) -> dict:
     results["plots"] = {"accuracy": "accuracy.png", "confusion": "confusion.png"}
     results["files"] = ["results.csv", "report.md", "predictions.npz", "accuracy.png",
                         "confusion.png", "results.json"]
+    if "feature_file" in results and write_mistakes(results, d):  # pipeline.mistakes
+        results["plots"]["mistakes"] = "mistakes.png"; results["files"].insert(-1, "mistakes.png")  # noqa: E702
     write_text(d / "results.csv", results_csv(results))
     write_text(d / "report.md", report_markdown(results))
     write_text(d / "results.json", json.dumps(results, indent=2, sort_keys=False))
