@@ -158,3 +158,23 @@ def test_upgrade_folder_file_lists_paths_and_refuses_a_changed_folder(tmp_path):
     with pytest.raises(DataError, match="not there.*re-run stage one with --force"):
         upgrading.upgrade(path)
     assert path.read_bytes() == backup.read_bytes()
+
+
+def test_upgraded_partial_file_resumes(tmp_path, new_file):
+    """An interrupted schema-1 run (``.partial``) is upgraded, then the same command
+    resumes it; the result equals an uninterrupted run."""
+    from pipeline.errors import Interrupted
+    from pipeline.store import partial_path
+
+    cfg = _cfg(tmp_path, limit=50)
+    with pytest.raises(Interrupted):
+        extract_features(cfg, stop_after=32)
+    partial = partial_path(cfg.output_path)
+    as_schema_1(partial)
+    assert "schema 1 to 2" in upgrading.upgrade(partial)
+    r = extract_features(cfg)
+    assert not r.cached and r.images == 100 - 32
+    up, ref = load_features(r.path), load_features(new_file)
+    for split in ("train", "test"):
+        assert np.array_equal(up[split].features, ref[split].features)
+        assert np.array_equal(up[split].ids, ref[split].ids)
