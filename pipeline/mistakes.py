@@ -61,7 +61,8 @@ def _probabilities(head, X, Xf):
     if not hasattr(head, "predict_proba"):
         return None
     try:
-        return np.asarray(head.predict_proba(X, Xf) if Xf is not None else head.predict_proba(X))
+        return np.asarray(head.predict_proba(X, X_flip=Xf) if Xf is not None
+                          else head.predict_proba(X))
     except (AttributeError, NotImplementedError, TypeError):  # e.g. a hinge-loss head
         return None
 
@@ -100,7 +101,8 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
         test = fs["test"]
         head = load_head(report_dir / best["saved"])
         Xf = test.features_flip if tta else None
-        pred = np.asarray(head.predict(test.features, Xf))
+        pred = np.asarray(head.predict(test.features, X_flip=Xf) if tta
+                          else head.predict(test.features))
         proba = _probabilities(head, test.features, Xf)
         rows = confident_mistakes(test.labels, pred, proba, n)
         if not len(rows):
