@@ -8,13 +8,15 @@ with the exported model's predictions on the raw images: top-1 agreement, and ea
 accuracy.
 
 Run: ``KERAS_HOME=... python benchmarks/agreement.py [N]`` (CIFAR-10 from
-FEATCACHE_REAL_DATA or ../shared/data); writes under ``bench-out/agreement/``.
+FEATCACHE_REAL_DATA, data/ or ../shared/data: pipeline.paths); writes under ``bench-out/agreement/``.
 """
-import os
 import sys
 
 import numpy as np
 
+from pipeline import paths
+
+paths.keras_home()  # a writable KERAS_HOME before Keras is imported
 from pipeline.compare import compare_heads
 from pipeline.config import ExtractConfig, HeadsConfig
 from pipeline.datasets import open_dataset
@@ -23,7 +25,7 @@ from pipeline.extract import extract_features
 from pipeline.heads import load_head
 from pipeline.store import load_features
 
-DATA = os.environ.get("FEATCACHE_REAL_DATA", "../shared/data")
+DATA = str(paths.find_cifar10() or "../shared/data")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
 OUT = "bench-out/agreement"
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+from pipeline import paths
 
 log = logging.getLogger(__name__)
 
@@ -80,38 +81,16 @@ class Settings:
 # ---------------------------------------------------------------------------- discovery
 
 def find_cifar10(explicit: str | None) -> Path | None:
-    """A folder holding ``cifar-10-batches-py`` (or being it): explicit, env, data/, ../shared."""
-    cands = [explicit, os.environ.get("FEATCACHE_REAL_DATA"), ROOT / "data", SHARED / "data"]
-    for cand in cands:
-        if not cand:
-            continue
-        p = Path(cand)
-        if (p / "cifar-10-batches-py" / "test_batch").is_file() or (p / "test_batch").is_file():
-            return p
-    return None
+    """A folder holding ``cifar-10-batches-py`` (or being it): explicit, env, data/, ../shared
+    (:func:`pipeline.paths.find_cifar10`)."""
+    return paths.find_cifar10(explicit, root=ROOT)
 
 
 def find_weights(backbone_file: str, work_dir: Path) -> Path | None:
-    """A writable KERAS_HOME holding ``models/<backbone_file>``; sets ``$KERAS_HOME``.
-
-    ``$KERAS_HOME`` or ``~/.keras`` are used as they are (the user's own); from
-    ``../shared/keras`` the file is copied into ``<work_dir>/keras_home`` so that Keras
-    never writes into the shared folder.
-    """
-    env = os.environ.get("KERAS_HOME")
-    for own in ([Path(env)] if env else []) + [Path.home() / ".keras"]:
-        if (own / "models" / backbone_file).is_file() and os.access(own, os.W_OK):
-            os.environ["KERAS_HOME"] = str(own)
-            return own
-    for src in ([Path(env)] if env else []) + [SHARED / "keras"]:
-        if (src / "models" / backbone_file).is_file():
-            dst = Path(work_dir).resolve() / "keras_home"
-            (dst / "models").mkdir(parents=True, exist_ok=True)
-            if not (dst / "models" / backbone_file).is_file():
-                shutil.copy2(src / "models" / backbone_file, dst / "models" / backbone_file)
-            os.environ["KERAS_HOME"] = str(dst)
-            return dst
-    return None
+    """A writable KERAS_HOME holding ``models/<backbone_file>``; sets ``$KERAS_HOME``
+    (:func:`pipeline.paths.keras_home`: a copy from ``../shared/keras`` goes into
+    ``<work_dir>/keras_home``, so Keras never writes into the shared folder)."""
+    return paths.keras_home(backbone_file, work_dir=work_dir, root=ROOT)
 
 
 def resolve(s: Settings, *, data_dir: str | None, dataset: str | None,

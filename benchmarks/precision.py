@@ -1,8 +1,10 @@
 """Ad-hoc measurement of TensorFlow's --precision mixed_bfloat16 vs float32 (--runtime tensorflow; speed on the same batches,
 alternating, and the accuracy of a logistic probe on 1,000/1,000 real CIFAR-10 images).
 Run: KERAS_HOME=... python benchmarks/precision.py (CIFAR-10 from FEATCACHE_REAL_DATA or ../shared/data)."""
-import time, numpy as np, os
-DATA = os.environ.get("FEATCACHE_REAL_DATA", "../shared/data")
+import time, numpy as np
+from pipeline import paths  # noqa: E402
+paths.keras_home()  # a writable KERAS_HOME before Keras is imported
+DATA = str(paths.find_cifar10() or "../shared/data")
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract_features, make_step
 from pipeline.backbones import build_backbone, get_backbone

@@ -53,11 +53,12 @@ class BareEngine(Bare):
         import tensorflow as tf
 
         from pipeline.backbones import build_backbone, get_backbone, preprocess
+        from pipeline.resize import REGISTRY_ANTIALIAS, resize_images
 
         spec = get_backbone(s.backbone)
         model = build_backbone(spec, weights=s.weights, seed=s.seed)
         images, _ = next(ds.batches("train", 0, s.batch, s.batch))
-        x = tf.image.resize(tf.cast(images, tf.float32), (s.size, s.size), method="bilinear")
+        x = resize_images(tf.cast(images, tf.float32), s.size, antialias=REGISTRY_ANTIALIAS)
         x = preprocess(x, spec.preprocess).numpy()
         self.inputs = [x, np.ascontiguousarray(x[:, :, ::-1])]
         if runtime == "tensorflow":

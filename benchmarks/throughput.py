@@ -135,11 +135,12 @@ class Bare:
         import tensorflow as tf
 
         from pipeline.backbones import build_backbone, get_backbone, preprocess
+        from pipeline.resize import REGISTRY_ANTIALIAS, resize_images
 
         spec = get_backbone(s.backbone)
         model = build_backbone(spec, weights=s.weights, seed=s.seed)
         images, _ = next(ds.batches("train", 0, s.batch, s.batch))
-        x = tf.image.resize(tf.cast(images, tf.float32), (s.size, s.size), method="bilinear")
+        x = resize_images(tf.cast(images, tf.float32), s.size, antialias=REGISTRY_ANTIALIAS)
         self.x = tf.constant(preprocess(x, spec.preprocess))
         self.fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
         self.step()  # trace

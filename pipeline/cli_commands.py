@@ -96,6 +96,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _upgrade_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", help="feature files (.h5 or .h5.partial) to migrate")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for another process writing a file instead of refusing")
+
+
+@command("upgrade", help="migrate feature files of an older schema in place (adds row ids)")
+@options(_upgrade_options)
+def cmd_upgrade(args) -> int:
+    from .upgrade import upgrade
+
+    for path in args.files:
+        print(upgrade(path, wait=args.wait))
+    return 0
+
+
 @command("settings", help="list every setting: flag, default, cache key, Makefile variable")
 @options(lambda p: p.add_argument("--json", action="store_true", help="print JSON"))
 def cmd_settings(args) -> int:

@@ -210,8 +210,8 @@ class ExtractConfig:
         else:
             base = Path(self.out_dir) / f"{self.stem}.h5"
         if self.shard:
-            i, n = self.shard
-            return base.with_name(f"{base.stem}.part{i}of{n}.h5")
+            from .merge import part_path  # merge owns the part-file name
+            return part_path(base, self.shard)
         return base
 
     @property

@@ -8,7 +8,8 @@ for tests. Writes only a downloaded archive and its extraction into ``data_dir``
 Every dataset streams: ``batches(split, start, stop, batch_size)`` yields arrays of at
 most ``batch_size`` images, so memory does not grow with the dataset. ``fingerprint()``
 is a sha256 of the raw pixels and labels in order (CIFAR, synthetic) or of the file list
-and contents (folders): it goes into the feature file's cache key.
+and contents (folders): it goes into the feature file's cache key. ``ids(split)`` is what
+stage one stores as each row's identity: the index in the split (folders: the path).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class Dataset:
 
     def batches(self, split: str, start: int, stop: int, batch_size: int) -> Iterator[Batch]:
         raise NotImplementedError
+
+    def ids(self, split: str) -> np.ndarray:
+        """Each row's identity, stored in the feature file: its index in ``split`` (int64).
+        Image folders return relative paths instead."""
+        return np.arange(self.splits[split], dtype=np.int64)
 
     def labels(self, split: str) -> np.ndarray:
         """All labels of ``split`` (small: N int64)."""

@@ -39,6 +39,10 @@ class IncompleteFeatureFile(CacheError):
     """The feature file is still being written or was interrupted."""
 
 
+class OldSchemaError(CacheError):
+    """A feature file of an older schema: ``featcache upgrade FILE`` migrates it."""
+
+
 class LockedError(CacheError):
     """Another featcache process holds the output file."""
 

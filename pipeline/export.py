@@ -22,7 +22,7 @@ SavedModel folder ``.savedmodel``, signature ``serve``), ``tflite`` (one ``.tfli
 TFLite has no antialiased resize (``ScaleAndTranslate`` is not a TFLite op), so the TFLite
 model takes images already resized to ``image_size`` x ``image_size`` (float32, not
 rounded) and has no resize inside; ``predict`` resizes with the same function as stage
-one (:func:`pipeline.folders.resize_images`).
+one (:func:`pipeline.resize.resize_images`).
 
 The class names (in column order), the input contract and the provenance travel in a small
 JSON beside every format: ``<model>.json`` (``m.keras.json``, ``m.savedmodel.json``,
@@ -42,7 +42,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -54,8 +53,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import __version__
-from .atomic import write_bytes, write_text
+from .atomic import replacing, write_bytes, write_text
 from .config import cache_key_fields
+from .resize import resizing_layer, uses_antialias
 from .errors import ConfigError, DataError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -291,8 +291,7 @@ def assemble(backbone, head_model, *, size: int, mode: str, tta: bool = False,
     L = keras.layers
     shape = (None, None, 3) if resize else (size, size, 3)
     inp = keras.Input(shape=shape, dtype="float32", name="image")
-    x = L.Resizing(size, size, interpolation="bilinear", antialias=antialias,
-                   name="resize")(inp) if resize else inp
+    x = resizing_layer(size, antialias)(inp) if resize else inp
     affine = preprocess_affine(mode)
     if affine is not None:
         pre = L.Dense(3, trainable=False, name=f"preprocess_{mode}")
@@ -306,11 +305,7 @@ def assemble(backbone, head_model, *, size: int, mode: str, tta: bool = False,
     return keras.Model(inp, out, name="featcache_classifier")
 
 
-def _uses_antialias(attrs: dict) -> bool:
-    """Whether stage one's resize for this file was antialiased: image folders record
-    ``resize = "bilinear, antialias=True"``; registry data sets (CIFAR-10, synthetic) are
-    resized by :func:`pipeline.extract.make_step` without antialias."""
-    return "antialias=true" in str(attrs.get("resize", "")).replace(" ", "").lower()
+_uses_antialias = uses_antialias  # stage one's resize, read from the file (pipeline.resize)
 
 
 def _check_output(out: Path, fmt: str) -> None:
@@ -342,24 +337,16 @@ def _write(model, fixed, out: Path, fmt: str) -> float:
     size = int(fixed.input_shape[1])
     probe = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
     if fmt == "keras":
-        tmp = out.with_name(f".{out.stem}.tmp.keras")
-        model.save(tmp)
-        os.replace(tmp, out)
+        with replacing(out, ".keras") as tmp:
+            model.save(tmp)
         return 0.0
     want = np.asarray(model(probe, training=False))
     if fmt == "savedmodel":
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.export(str(tmp), format="tf_saved_model", verbose=False)
-        loaded = tf.saved_model.load(str(tmp))  # keep it referenced while serve runs
-        got = loaded.serve(tf.constant(probe)).numpy()
-        del loaded
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        with replacing(out) as tmp:
+            model.export(str(tmp), format="tf_saved_model", verbose=False)
+            loaded = tf.saved_model.load(str(tmp))  # keep it referenced while serve runs
+            got = loaded.serve(tf.constant(probe)).numpy()
+            del loaded
     else:
         converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
         try:
@@ -544,7 +531,7 @@ class Classifier:
     def resize(self, image: np.ndarray) -> np.ndarray:
         """One (H, W, 3) image -> (size, size, 3) float32 with the model's own resize (the
         function stage one used for these features; identity at the model's size)."""
-        from .folders import resize_images
+        from .resize import resize_images
 
         x = np.asarray(image, np.float32)
         if x.shape[:2] == (self.image_size, self.image_size):

@@ -34,6 +34,8 @@ from .backbones import build_backbone, get_backbone, preprocess, weights_sha256
 from .config import ExtractConfig, config_sha256
 from .datasets import Dataset, open_dataset
 from .errors import ConfigError, Interrupted
+from .resize import REGISTRY_ANTIALIAS
+from .resize import describe as describe_resize
 from .store import FeatureWriter, SplitSpec, check_output
 
 log = logging.getLogger(__name__)
@@ -88,10 +90,13 @@ def peak_rss_mb() -> float:
 def step_graph(model, *, size: int, mode: str, flip: bool = False):
     """The whole step as TensorFlow ops: ``images -> {"features"[, "features_flip"]}``.
 
-    ``images``: (B, H, W, 3) uint8 or float32 RGB 0-255, any H, W (resized to ``size``,
-    bilinear). Both runtimes run exactly this graph.
+    ``images``: (B, H, W, 3) uint8 or float32 RGB 0-255, any H, W (resized to ``size`` by
+    :func:`pipeline.resize.resize_images`, bilinear without antialias: registry data sets;
+    folders arrive resized). Both runtimes run exactly this graph.
     """
     import tensorflow as tf
+
+    from .resize import resize_images
 
     def forward(x):
         return tf.cast(model(x, training=False), tf.float32)
@@ -99,7 +104,7 @@ def step_graph(model, *, size: int, mode: str, flip: bool = False):
     def graph(images):
         x = tf.cast(images, tf.float32)
         if x.shape[1] != size or x.shape[2] != size:
-            x = tf.image.resize(x, (size, size), method="bilinear")
+            x = resize_images(x, size, antialias=REGISTRY_ANTIALIAS)
         x = preprocess(x, mode)
         out = {"features": forward(x)}
         if flip:
@@ -240,12 +245,13 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
         featcache_version=__version__, created_utc=datetime.now(timezone.utc).isoformat(),
         weights_source=str(cfg.weights), xla=cfg.xla,
     )
+    attrs["resize"] = describe_resize(REGISTRY_ANTIALIAS)  # a folder's extra_attrs say its own
     attrs.update(ds.extra_attrs)
     ranges = {s: shard_range(n, cfg.batch, cfg.shard) for s, n in ds.splits.items()}
     if cfg.shard:
         attrs["shard"] = f"{cfg.shard[0]}/{cfg.shard[1]}"
         attrs["total_rows"] = [ds.splits[s] for s in ds.splits]
-    specs = {s: SplitSpec(hi - lo, lo) for s, (lo, hi) in ranges.items()}
+    specs = {s: SplitSpec(hi - lo, lo, ds.ids(s)[lo:hi]) for s, (lo, hi) in ranges.items()}
     path = cfg.output_path
     step = None
     if not path.exists():  # convert before any file is made; a final file is complete

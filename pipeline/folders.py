@@ -19,7 +19,7 @@ relative paths, labels, splits and file contents) and decoded once to find the f
 cannot be decoded: those are skipped, counted, named in a warning and in ``extra_attrs``
 (which stage one writes into the feature file), so each split's row count is known before
 anything is written. ``batches`` then streams: a tf.data pipeline decodes in parallel and
-resizes each image with :func:`resize_images` (bilinear, antialiased) to ``image_size``,
+resizes each image with :func:`pipeline.resize.resize_images` (bilinear, antialiased) to ``image_size``,
 yielding float32 batches (not rounded to uint8), so an exported model that resizes raw
 uint8 pixels in-graph with the same function reproduces the features.
 """
@@ -40,14 +40,13 @@ import numpy as np
 
 from .datasets import Batch, Dataset
 from .errors import ConfigError, DataError
+from .resize import FOLDER_ANTIALIAS, describe, resize_images  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 #: at most this many skipped files are named in the feature file (all are counted)
 MAX_LISTED_SKIPS = 200
-RESIZE_METHOD = "bilinear"
-RESIZE_ANTIALIAS = True
 FINGERPRINT_VERSION = b"featcache-folder-v1"
 #: every class needs this many usable training images: one to fit a head, one to validate it
 MIN_TRAIN_PER_CLASS = 2
@@ -87,18 +86,6 @@ def decode_image(source: bytes | str | os.PathLike, name: str | None = None) -> 
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise DataError(f"{name} is an empty image ({rgb.shape})")
     return np.ascontiguousarray(rgb)
-
-
-def resize_images(x, size: int, antialias: bool = RESIZE_ANTIALIAS):
-    """Resize float32 images ((H, W, 3) or (N, H, W, 3), 0-255) to ``size`` x ``size``.
-
-    The one resize of the folder pipeline and of ``featcache predict`` (TensorFlow op; an
-    exported model does the same with ``keras.layers.Resizing``). ``antialias=False`` is
-    stage one's resize of registry datasets (CIFAR-10), see :func:`pipeline.extract.make_step`.
-    """
-    import tensorflow as tf
-
-    return tf.image.resize(x, (size, size), method=RESIZE_METHOD, antialias=antialias)
 
 
 # ---------------------------------------------------------------------------- scanning
@@ -230,7 +217,7 @@ class FolderDataset(Dataset):
             "folder_layout": self.layout,
             "skipped_count": len(skipped),
             "skipped_files": listed,
-            "resize": f"{RESIZE_METHOD}, antialias={RESIZE_ANTIALIAS}",
+            "resize": describe(FOLDER_ANTIALIAS),
         }
 
     def _check_train_rows(self) -> None:
@@ -362,6 +349,11 @@ class FolderDataset(Dataset):
 
     def labels(self, split: str) -> np.ndarray:
         return np.array([lab for _, lab in self._files[split]], dtype=np.int64)
+
+    def ids(self, split: str) -> np.ndarray:
+        """Each row's path relative to the root (POSIX, UTF-8), in row order: the id stage
+        one stores, so a row of the feature file can be traced back to its image."""
+        return np.array([rel for rel, _ in self._files[split]], dtype=object)
 
     def batches(self, split: str, start: int, stop: int, batch_size: int) -> Iterator[Batch]:
         """float32 (B, size, size, 3) RGB 0-255 batches and int64 labels, rows start..stop."""

@@ -26,6 +26,7 @@ import numpy as np
 from .atomic import write_bytes, write_text
 from .config import provenance_fields
 from .stats import per_class_accuracy
+from .mistakes import write_mistakes
 
 CSV_FIELDS = ("name", "head", "test_accuracy", "ci95_low", "ci95_high", "macro_f1",
               "val_accuracy", "select_s", "fit_s", "predict_s_per_1000", "params", "saved")
@@ -104,10 +105,14 @@ def report_markdown(results: dict) -> str:
         "## Which differences are significant", "", format_mcnemar(results), "",
         "## Plots", "", "![accuracy by head](accuracy.png)", "",
         f"![confusion matrix of {results['best_row']}](confusion.png)", "",
-        "Test accuracy against the time the final fit took (log scale): what each point "
-        "of accuracy costs.", "", "![accuracy vs fit time](fit_time.png)", "",
+        "Test accuracy against each row's training time (selection + final fit, log "
+        "scale): what each point of accuracy costs.", "",
+        "![accuracy vs training time](fit_time.png)", "",
         "Per-class test accuracy of every row (best row first):", "",
-        "![per-class accuracy](per_class.png)", ""])
+        "![per-class accuracy](per_class.png)", ""] + (
+        ["The best row's most confident mistakes on the test split (true / predicted class, "
+         "probability, row id):", "", "![most confident mistakes](mistakes.png)", ""]
+        if "mistakes" in results.get("plots", {}) else []))
 
 
 # --------------------------------------------------------------------------- plots
@@ -131,8 +136,8 @@ def plot_accuracy(results: dict, path: Path) -> None:
     plt = _plt()
     rows = sorted(results["rows"], key=lambda r: r["test_accuracy"])
     acc = np.array([r["test_accuracy"] for r in rows]) * 100
-    lo = acc - np.array([r["ci95"][0] for r in rows]) * 100
-    hi = np.array([r["ci95"][1] for r in rows]) * 100 - acc
+    lo = np.maximum(acc - np.array([r["ci95"][0] for r in rows]) * 100, 0)  # rounding at
+    hi = np.maximum(np.array([r["ci95"][1] for r in rows]) * 100 - acc, 0)  # 0% / 100%
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
     ax.barh([r["name"] for r in rows], acc, xerr=[lo, hi], color="#4878a8", capsize=3)
     for i, a in enumerate(acc):
@@ -168,13 +173,15 @@ def plot_confusion(matrix, classes, title: str, path: Path) -> None:
 
 
 def plot_fit_time(results: dict, path: Path) -> None:
-    """One point per row: fit time (s, log axis) against test accuracy with its interval."""
+    """One point per row: its training time (selection + final fit, s, log axis) against
+    test accuracy with its interval (under ``--search fast`` there is no final fit: the
+    selection is the training)."""
     plt = _plt()
     rows = results["rows"]
-    t = np.maximum([float(r["fit_s"]) for r in rows], 1e-3)  # a log axis needs > 0
+    t = np.maximum([float(r["select_s"]) + float(r["fit_s"]) for r in rows], 1e-3)  # log > 0
     acc = np.array([r["test_accuracy"] for r in rows]) * 100
-    err = np.array([[a - 100 * r["ci95"][0], 100 * r["ci95"][1] - a]
-                    for a, r in zip(acc, rows)]).T
+    err = np.maximum(np.array([[a - 100 * r["ci95"][0], 100 * r["ci95"][1] - a]
+                               for a, r in zip(acc, rows)]).T, 0)   # rounding at 100%
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.errorbar(t, acc, yerr=err, fmt="o", color="#4878a8", capsize=3)
     for x, y, r in zip(t, acc, rows):
@@ -183,7 +190,7 @@ def plot_fit_time(results: dict, path: Path) -> None:
                     xytext=(4, 4), textcoords="offset points",
                     fontweight="bold" if best else "normal")
     ax.set_xscale("log")
-    ax.set_xlabel("fit time, s (final fit, log scale)")
+    ax.set_xlabel("training time, s (selection + final fit, log scale)")
     ax.set_ylabel("test accuracy, % (95% Wilson interval)")
     ax.set_title("accuracy vs fit time")
     ax.grid(alpha=0.3, which="both")
@@ -239,6 +246,8 @@ def write_report(results: dict, predictions: dict, y_test, report_dir) -> dict:
                         "fit_time": "fit_time.png", "per_class": "per_class.png"}
     results["files"] = ["results.csv", "report.md", "predictions.npz", "accuracy.png",
                         "confusion.png", "fit_time.png", "per_class.png", "results.json"]
+    if "feature_file" in results and write_mistakes(results, d):  # pipeline.mistakes
+        results["plots"]["mistakes"] = "mistakes.png"; results["files"].insert(-1, "mistakes.png")  # noqa: E702
     # the data files after the plots: a run interrupted while plotting keeps the old ones
     buf = io.BytesIO()
     np.savez_compressed(buf, y_test=np.asarray(y_test),
@@ -272,8 +281,8 @@ def plot_curve(results: dict, path: Path) -> None:
                      key=lambda p: p["n_train"])
         x = [p["n_train"] / results["n_classes"] for p in pts]
         y = [100 * p["test_accuracy"] for p in pts]
-        err = [[100 * (p["test_accuracy"] - p["ci95"][0]) for p in pts],
-               [100 * (p["ci95"][1] - p["test_accuracy"]) for p in pts]]
+        err = np.maximum([[100 * (p["test_accuracy"] - p["ci95"][0]) for p in pts],
+                          [100 * (p["ci95"][1] - p["test_accuracy"]) for p in pts]], 0)
         ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=h)
     ax.set_xscale("log")
     ax.set_xlabel("labelled training images per class (log scale)")

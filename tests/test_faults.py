@@ -34,7 +34,8 @@ from pipeline.errors import (
     DiskFullError,
     IncompleteFeatureFile,
 )
-from pipeline.store import load_features, partial_path, read_progress
+from pipeline.progress import read_progress
+from pipeline.store import load_features, partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -307,6 +307,13 @@ def test_extract_folder_end_to_end_and_staleness(folder, tmp_path):
     assert len(fs["train"]) == ds.splits["train"] and len(fs["test"]) == ds.splits["test"]
     assert ds.splits["train"] + ds.splits["test"] == 24
     np.testing.assert_array_equal(fs["test"].labels, ds.labels("test"))
+    for split in ("train", "test"):  # each row's id is its image's path under the folder
+        ids = fs[split].ids
+        assert ids.dtype == object and all(isinstance(i, str) for i in ids)
+        assert list(ids) == [rel for rel, _ in ds.files(split)]
+        assert all((folder / rel).is_file() for rel in ids)
+        assert [CLASSES.index(Path(i).parts[0]) for i in ids] == fs[split].labels.tolist()
+    assert "dog/broken.jpg" not in set(fs["train"].ids) | set(fs["test"].ids)
     assert fs.attrs["skipped_count"] == 1
     assert list(fs.attrs["skipped_files"])[0].startswith("dog/broken.jpg")
     assert fs.attrs["source_dir"] == str(folder.resolve())

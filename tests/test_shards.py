@@ -14,6 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -22,7 +23,9 @@ from pipeline.datasets import Synthetic
 from pipeline.errors import CacheError, Interrupted
 from pipeline.extract import extract_features, shard_range
 from pipeline.merge import find_parts, merge, merged_name
-from pipeline.store import load_features, merge_parts, partial_path, read_attrs, read_progress
+from pipeline.merge import merge_parts
+from pipeline.progress import read_progress
+from pipeline.store import load_features, partial_path, read_attrs
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 16
@@ -72,6 +75,8 @@ def assert_same(a: Path, b: Path) -> None:
         assert np.array_equal(fa[split].features, fb[split].features), split
         assert np.array_equal(fa[split].features_flip, fb[split].features_flip), split
         assert np.array_equal(fa[split].labels, fb[split].labels), split
+        assert np.array_equal(fa[split].ids, fb[split].ids), split
+        assert np.array_equal(fa[split].ids, np.arange(len(fa[split]))), split
 
 
 @pytest.mark.parametrize("rows, batch, n", [(150, 16, 3), (37, 16, 2), (37, 16, 5),
@@ -103,6 +108,21 @@ def test_merged_parts_equal_a_single_process_run(tmp_path, single, n):
     # the merged file is an up-to-date cache for the single-process configuration
     again = extract_features(cfg, dataset=dataset())
     assert again.cached and again.path == out
+
+
+def test_part_files_hold_the_ids_of_their_rows(tmp_path, made_parts):
+    """Each part stores the split indices of its own rows (row_start on); merged: all."""
+    parts = made_parts(3, tmp_path)
+    seen = {"train": [], "test": []}
+    for p in parts:
+        with h5py.File(p, "r") as f:
+            for split in seen:
+                start, n = int(f[split].attrs["row_start"]), f[split]["labels"].shape[0]
+                ids = load_features(p)[split].ids
+                assert ids.dtype == np.int64
+                assert np.array_equal(ids, np.arange(start, start + n))
+                seen[split].extend(ids.tolist())
+    assert seen["train"] == list(range(150)) and seen["test"] == list(range(37))
 
 
 def test_merge_cli_with_explicit_parts_and_remove(tmp_path, single, made_parts):
@@ -185,11 +205,12 @@ def test_duplicate_and_foreign_parts_are_refused(tmp_path, made_parts, single):
 
 def test_interrupted_merge_resumes(tmp_path, single, made_parts, monkeypatch):
     """A merge killed half-way leaves ``.partial``; the same merge finishes it."""
+    import pipeline.merge as merging
     import pipeline.store as store
 
     cfg = config(tmp_path)
     parts = made_parts(2, tmp_path)
-    monkeypatch.setattr(store, "MERGE_BLOCK_BYTES", 10 * 256 * 4)   # 10-row blocks
+    monkeypatch.setattr(merging, "MERGE_BLOCK_BYTES", 10 * 256 * 4)   # 10-row blocks
     real = store.FeatureWriter.write
     calls = {"n": 0}
 

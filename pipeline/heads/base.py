@@ -20,7 +20,6 @@ Takes arrays, never feature files, and never imports stage one or Keras.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from ..atomic import replacing
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -262,16 +262,9 @@ def dump_joblib(obj, directory, name: str) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.joblib"
-    tmp = directory / f".{name}.tmp.joblib"
-    joblib.dump(obj, tmp)
-    replace_synced(tmp, path)
+    with replacing(path, ".joblib") as tmp:
+        joblib.dump(obj, tmp)
     return path
-
-
-def replace_synced(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def data_key(blocks) -> tuple:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.validation import check_array
 
-from ..atomic import write_text
+from ..atomic import replacing, write_text
 from ..linear import Scaler
-from .base import Head, register_head, replace_synced
+from .base import Head, register_head
 
 
 def keras_module():
@@ -149,9 +149,8 @@ class DenseHead(Head):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{name}.keras"
-        tmp = directory / f".{name}.tmp.keras"
-        self.model_.save(tmp)
-        replace_synced(tmp, path)
+        with replacing(path, ".keras") as tmp:
+            self.model_.save(tmp)
         meta = {"class": "DenseHead", "params": self.get_params(),
                 "classes": self.classes_.tolist(), "best_epochs": self.best_epochs_,
                 "n_features_in": self.n_features_in_}
