@@ -99,7 +99,7 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
         tta = bool(best.get("tta"))
         fs = load_features(results["feature_file"], ["test"], flip=tta)
         test = fs["test"]
-        head = load_head(report_dir / best["saved"])
+        head = as_head(load_head(report_dir / best["saved"]))  # a plain sklearn head too
         Xf = test.features_flip if tta else None
         pred = np.asarray(head.predict(test.features, X_flip=Xf) if tta
                           else head.predict(test.features))
