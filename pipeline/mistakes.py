@@ -90,7 +90,7 @@ def plot_grid(images, titles, path: Path, suptitle: str) -> None:
 def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
                    data_dir: str | os.PathLike | None = None) -> Path | None:
     """Write ``<report_dir>/mistakes.png`` for ``results``' best row; its path, or None."""
-    from .heads import load_head
+    from .heads import as_head, load_head
     from .store import load_features
 
     report_dir = Path(report_dir)
