@@ -1,9 +1,9 @@
 """The HDF5 feature file: layout, schema and reading (writing: :mod:`pipeline.store`).
 
 Reads ``features/<dataset>_<backbone>_<size>[_<variant>].h5`` (the contract between the
-stages, see ``DESIGN.md``); writes nothing. The only modules that open feature files with
-h5py are this one, :mod:`pipeline.store`, :mod:`pipeline.merge`, :mod:`pipeline.progress`
-and :mod:`pipeline.upgrade`.
+stages, see ``docs/architecture.md``); writes nothing. The only modules that open feature
+files with h5py are this one, :mod:`pipeline.store`, :mod:`pipeline.merge`,
+:mod:`pipeline.progress` and :mod:`pipeline.upgrade`.
 
 Layout (schema 2)::
 
@@ -43,9 +43,9 @@ SCHEMA_VERSION = 2
 CHUNK_BYTES = 1 << 20
 FEATURE_DTYPES = ("float32", "float16")
 
-#: Root attributes every feature file carries (DESIGN.md); copied into every results file.
-#: Root attributes every complete feature file has: the layout's own, the cache key's
-#: (from the settings table, :func:`pipeline.config.cache_key_fields`) and the run's.
+#: Root attributes every complete feature file has (docs/architecture.md), copied into every
+#: results file: the layout's own, the cache key's (from the settings table,
+#: :func:`pipeline.config.cache_key_fields`) and the run's.
 PROVENANCE_KEYS = ("schema_version", "complete", "splits", "rows_done", *cache_key_fields(),
                    "batch_size", "tensorflow_version", "keras_version", "created_utc",
                    "config_sha256")

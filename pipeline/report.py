@@ -1,7 +1,9 @@
 """Stage two's report files, written atomically into ``features/<stem>/``.
 
-Reads nothing. Writes (each to a temporary name in the same folder, then ``os.replace``,
-so an interrupted run leaves the previous report intact):
+Reads nothing itself (``mistakes.png``, through :mod:`pipeline.mistakes`, reads the feature
+file, the best head and the images). Writes (each to a temporary name in the same folder,
+then an fsynced rename, :mod:`pipeline.atomic`, so an interrupted run leaves the previous
+report intact):
 
 - ``predictions.npz`` (test labels and every row's test predictions),
 - ``results.csv``, ``report.md`` (table, McNemar pairs, plots),

@@ -1,0 +1,200 @@
+"""docs/architecture.md against the code: the module map, the modules it names, and the
+feature file's schema-2 names. Fast (no TensorFlow): it reads the source (the attribute
+names the writers set, found with :mod:`ast`) and writes one tiny feature file through the
+real :class:`pipeline.store.FeatureWriter`.
+
+A new module fails ``test_every_module_is_in_the_module_map`` with its path in the message:
+add its row to the module map."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.config import cache_key_fields
+from pipeline.featfile import PROVENANCE_KEYS
+from pipeline.store import FeatureWriter, SplitSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "architecture.md"
+PACKAGE = ROOT / "pipeline"
+#: The modules that put attributes into feature files.
+WRITERS = ("extract", "store", "merge", "upgrade", "featfile", "datasets", "folders")
+
+
+def _page() -> str:
+    return PAGE.read_text(encoding="utf-8")
+
+
+def _section(text: str, heading: str) -> str:
+    """The body of the ``## heading`` section (up to the next ``## ``)."""
+    m = re.search(rf"^## {re.escape(heading)}\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert m, f"docs/architecture.md has no '## {heading}' section"
+    return m.group(1)
+
+
+def _first_column_names(section: str) -> list[str]:
+    """Backticked names in the first column of the section's tables (header rows skipped)."""
+    names = []
+    for line in section.splitlines():
+        if not line.startswith("|") or set(line) <= set("|- "):
+            continue
+        first = line.split("|")[1]
+        names += re.findall(r"`([^`]+)`", first)
+    return names
+
+
+def _modules() -> list[str]:
+    return sorted(p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py")
+                  if "__pycache__" not in p.parts)
+
+
+def test_every_module_is_in_the_module_map():
+    mapped = set(_first_column_names(_section(_page(), "Module map")))
+    missing = [m for m in _modules() if m not in mapped]
+    assert not missing, (
+        "modules missing from the module map of docs/architecture.md (add a row each: "
+        "what it does, reads -> writes, may import): " + ", ".join(missing))
+
+
+def _named_modules(text: str) -> set[str]:
+    """Every module the page names: ``pipeline/x.py`` paths and dotted ``pipeline.x`` names
+    (the longest prefix that is a module; a following part must be defined in it)."""
+    named = set(re.findall(r"\bpipeline/[\w/]+\.py\b", text))
+    for dotted in re.findall(r"(?<![\w/.])pipeline(?:\.\w+)+", text):
+        parts = dotted.split(".")
+        for i in range(len(parts), 1, -1):
+            base = PACKAGE.joinpath(*parts[1:i])
+            path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+            if path.is_file():
+                rel = path.relative_to(ROOT).as_posix()
+                if i < len(parts):   # module.attr: the attribute must be defined there
+                    attr = parts[i]
+                    src = path.read_text(encoding="utf-8")
+                    if not re.search(rf"^\s*(def|class)\s+{attr}\b|^{attr}\s*[:=]|"
+                                     rf"^from \S+ import .*\b{attr}\b", src, re.M):
+                        named.add(f"{rel} (attribute {attr!r} of {dotted})")
+                        break
+                named.add(rel)
+                break
+        else:
+            named.add(f"pipeline/{parts[1]}.py")
+    return named
+
+
+def test_every_module_the_page_names_exists():
+    text = _page()
+    bad = sorted(n for n in _named_modules(text) if not (ROOT / n).is_file())
+    assert not bad, f"docs/architecture.md names modules that do not exist: {', '.join(bad)}"
+    # bare module names in the map's first column are paths too
+    mapped = _first_column_names(_section(text, "Module map"))
+    assert all(m.startswith("pipeline/") and m.endswith(".py") for m in mapped), mapped
+
+
+def _schema_names() -> set[str]:
+    """The page's schema-2 names: backticked first-column entries of the feature-file tables
+    (a path counts by its last part; placeholders such as ``<split>`` are skipped)."""
+    names = set()
+    for entry in _first_column_names(_section(_page(), "The feature file (schema 2)")):
+        last = entry.rstrip("/").rsplit("/", 1)[-1]
+        if last and "<" not in last:
+            names.add(last)
+    return names
+
+
+def _tiny_file(tmp_path) -> Path:
+    """A complete two-split feature file with mirrors: index ids and path ids."""
+    path = tmp_path / "tiny.h5"
+    splits = {"train": SplitSpec(6), "test": SplitSpec(4, ids=[f"c{i}/x{i}.png" for i in range(4)])}
+    with FeatureWriter.open(path, attrs={"config_sha256": "0" * 64}, classes=["a", "b"],
+                            splits=splits, dim=3, flip=True) as w:
+        for split, spec in splits.items():
+            X = np.zeros((spec.rows, 3), np.float32)
+            w.write(split, X, np.arange(spec.rows) % 2, X)
+        w.mark_complete()
+    return path
+
+
+def _file_names(path: Path) -> set[str]:
+    """Every dataset, group (but the split groups) and attribute name the file has."""
+    names: set[str] = set()
+    with h5py.File(path, "r") as f:
+        names.update(f.attrs)
+        splits = {str(s) for s in f.attrs["splits"]}
+
+        def visit(name, obj):
+            leaf = name.rsplit("/", 1)[-1]
+            if leaf not in splits:
+                names.add(leaf)
+            names.update(obj.attrs)
+        f.visititems(visit)
+    return names
+
+
+def _source_strings() -> set[str]:
+    """Identifiers that occur in the package as string literals or keyword arguments."""
+    found: set[str] = set()
+    for p in PACKAGE.rglob("*.py"):
+        src = p.read_text(encoding="utf-8")
+        found.update(re.findall(r"""["'](\w+)["']""", src))
+        found.update(re.findall(r"[(,\s](\w+)=", src))
+    return found
+
+
+def _written_attrs() -> set[str]:
+    """Attribute names the writers set with a constant name: ``<x>.attrs["name"] = …``,
+    ``attrs["name"] = …``, ``attrs.update(name=…)`` and a dataset's ``extra_attrs = {…}``."""
+    names: set[str] = set()
+    for module in WRITERS:
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign):
+                for t in node.targets:
+                    if isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant) \
+                            and isinstance(t.slice.value, str) and (
+                                (isinstance(t.value, ast.Attribute) and t.value.attr == "attrs")
+                                or (isinstance(t.value, ast.Name) and t.value.id == "attrs")):
+                        names.add(t.slice.value)
+                    if isinstance(t, ast.Attribute) and t.attr == "extra_attrs" \
+                            and isinstance(node.value, ast.Dict):
+                        names.update(k.value for k in node.value.keys
+                                     if isinstance(k, ast.Constant))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr == "update" and isinstance(node.func.value, ast.Name) \
+                    and node.func.value.id == "attrs":
+                names.update(k.arg for k in node.keywords if k.arg)
+    return names
+
+
+def test_schema_names_on_the_page_are_in_the_code(tmp_path):
+    page = _schema_names()
+    assert {"features", "labels", "ids", "classes", "config_sha256"} <= page, page
+    known = (_file_names(_tiny_file(tmp_path)) | set(PROVENANCE_KEYS) | set(cache_key_fields())
+             | _written_attrs() | _source_strings())
+    stale = sorted(page - known)
+    assert not stale, (f"docs/architecture.md lists feature-file names that the code never "
+                       f"writes: {', '.join(stale)}")
+
+
+def test_every_name_a_feature_file_has_is_on_the_page(tmp_path):
+    page = _schema_names()
+    real = (_file_names(_tiny_file(tmp_path)) | set(PROVENANCE_KEYS) | set(cache_key_fields())
+            | _written_attrs())
+    assert {"featcache_version", "merged_from", "source_dir"} <= real  # the scan works
+    missing = sorted(real - page)
+    assert not missing, (f"feature-file names missing from the schema tables of "
+                         f"docs/architecture.md: {', '.join(missing)}")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md", "pipeline/featfile.py"])
+def test_no_reference_to_the_missing_design_note(doc):
+    assert "DESIGN.md" not in (ROOT / doc).read_text(encoding="utf-8")
+
+
+def test_readme_links_the_page():
+    assert "(docs/architecture.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
