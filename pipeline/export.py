@@ -29,10 +29,11 @@ JSON beside every format: ``<model>.json`` (``m.keras.json``, ``m.savedmodel.jso
 ``m.tflite.json``), which ``predict`` reads. Only heads with ``to_keras()`` (linear ones,
 rbf_svm, the dense heads) can be exported.
 
-``predict_images``/``iter_predictions`` read such a model and image files (decoded like
-stage one's folders, :func:`pipeline.folders.decode_image`, resized like them), run them
-through the model in batches and return the top-k classes; a file that cannot be read is
-reported on its own and the others still get their result.
+Loading such a model and predicting with it (``load_classifier``, ``predict_images``,
+``iter_predictions``) is :mod:`pipeline.predict`; its names are importable from here too.
+
+Reads the feature file's attributes, the report's ``results.json`` and saved head, the
+backbone's weights; writes the model (atomically) and its sidecar JSON.
 """
 
 from __future__ import annotations
@@ -41,22 +42,19 @@ import contextlib
 import io
 import json
 import logging
-import os
-import sys
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from . import __version__
 from .atomic import replacing, write_bytes, write_text
 from .config import cache_key_fields
-from .resize import resizing_layer, uses_antialias
-from .errors import ConfigError, DataError, WeightsError
+from .resize import uses_antialias
+from .assemble import (_inference_only, _keras_head, _not_exportable, _probe,  # noqa: F401
+                       _probe_rows, assemble, keras_heads, rebuild_backbone)
+from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -115,23 +113,6 @@ def _size_mib(path: Path) -> float:
     return path.stat().st_size / 2**20
 
 
-def keras_heads() -> list[str]:
-    """Registered heads that can be exported (implement ``to_keras``)."""
-    from .heads import HEADS
-
-    return sorted(n for n, s in HEADS.items() if getattr(s, "keras", True))
-
-
-def _not_exportable(name: str, why: str = "") -> ConfigError:
-    try:
-        ok = ", ".join(keras_heads())
-    except ImportError:  # pragma: no cover - heads.py is part of the package
-        ok = "logreg, linear_svm, dense"
-    return ConfigError(
-        f"head {name!r} cannot be exported{': ' + why if why else ''}; export needs a "
-        f"Keras-expressible head: {ok}. Pass --head NAME (one of those that was fitted)")
-
-
 def _read_results(report_dir: Path) -> dict:
     path = report_dir / "results.json"
     if not path.is_file():
@@ -186,126 +167,6 @@ def resolve_head(report_dir: Path, name: str | None = None) -> tuple[str, Path, 
     if not path.is_absolute():
         path = report_dir / path
     return name, path, row
-
-
-def rebuild_backbone(attrs: dict, weights: str | None = None):
-    """The backbone of a feature file, built again; refuses other weights than the file's."""
-    from .backbones import build_backbone, get_backbone, weights_sha256
-
-    spec = get_backbone(str(attrs["backbone"]))
-    source = weights or str(attrs.get("weights_source") or attrs.get("weights") or "imagenet")
-    if attrs.get("precision", "float32") != "float32":
-        log.warning("features were computed with %s; the exported model runs in float32",
-                    attrs["precision"])
-    model = build_backbone(spec, weights=source, pooling=str(attrs.get("pooling", "avg")),
-                           precision="float32", seed=int(attrs.get("seed", 0)))
-    want = attrs.get("weights_sha256")
-    if want and weights_sha256(model) != want:
-        raise WeightsError(
-            f"the {spec.name} weights found now ({source}) are not the ones the features were "
-            f"extracted with (weights_sha256 differs); pass --weights PATH with the original "
-            f"weight file, or re-extract the features")
-    return model
-
-
-def _keras_head(estimator, name: str):
-    to_keras = getattr(estimator, "to_keras", None)
-    if to_keras is None:
-        raise _not_exportable(name, f"{type(estimator).__name__} has no to_keras()")
-    try:
-        return to_keras()
-    except NotImplementedError as exc:
-        raise _not_exportable(name, str(exc)) from None
-
-
-def _inference_only(head_model):
-    """``head_model`` without its training-only layers (Dropout, noise): a saved model is
-    called as ``model(x)`` by users, and a SavedModel's ``serve`` was traced, with
-    ``training`` unset — and Keras then ran the dense head's Dropout (probabilities changed
-    by up to 1.0 between two calls). The other layers are reused, weights and all."""
-    import keras
-
-    L = keras.layers
-    noise = (L.Dropout, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout)
-    if not any(isinstance(layer, noise) for layer in _all_layers(head_model)):
-        return head_model
-    return keras.models.clone_model(
-        head_model, recursive=True,
-        clone_function=lambda layer: L.Identity(name=layer.name)
-        if isinstance(layer, noise) else layer)
-
-
-def _all_layers(model):
-    for layer in getattr(model, "layers", []):
-        yield layer
-        yield from _all_layers(layer)
-
-
-def _probe(estimator, head_model, X: np.ndarray) -> float:
-    """Max |Keras head - predict_proba| on ``X``, rows of the feature file (real features:
-    random ones can be far outside what a head was fitted on, where e.g. rbf_svm's cosine
-    arguments are meaningless): the Keras form must be the same function as the fitted head."""
-    want = np.asarray(estimator.predict_proba(X), np.float32)
-    got = np.asarray(head_model(X, training=False), np.float32)
-    if got.shape != want.shape:
-        raise ConfigError(f"the Keras form of the head gives {got.shape[1:]} outputs, "
-                          f"predict_proba {want.shape[1:]}; the head is broken")
-    return float(np.abs(got - want).max())
-
-
-def _probe_rows(feature_file: Path, dim: int, n: int = 64) -> np.ndarray:
-    """Up to ``n`` rows of each split of the feature file (float32), for :func:`_probe`."""
-    from .store import load_features
-
-    fs = load_features(feature_file, flip=False, max_rows=n)
-    rows = [np.asarray(s.features[:n], np.float32) for s in fs.splits.values() if len(s)]
-    X = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
-    if X.shape[1:] != (dim,):
-        raise ConfigError(f"{feature_file} holds {X.shape[1:]} features, the backbone gives "
-                          f"{dim}; the file does not belong to this backbone")
-    return X
-
-
-def _mirror(x, size: int, name: str):
-    """Horizontal flip of (N, size, size, C) as built-in layers: the width axis goes last,
-    a frozen anti-diagonal Dense(size) reverses it (exact: one 1 per column), and back."""
-    import keras
-
-    L = keras.layers
-    t = L.Permute((1, 3, 2), name=f"{name}_width_last")(x)
-    rev = L.Dense(size, use_bias=False, trainable=False, name=f"{name}_reverse")
-    t = rev(t)
-    rev.set_weights([np.eye(size, dtype=np.float32)[::-1].copy()])
-    return L.Permute((1, 3, 2), name=f"{name}_width_back")(t)
-
-
-def assemble(backbone, head_model, *, size: int, mode: str, tta: bool = False,
-             antialias: bool = True, resize: bool = True):
-    """float32 images -> probabilities, built-in layers only (see the module docstring).
-
-    ``resize=False``: the input is (None, size, size, 3), already resized (TFLite)."""
-    import keras
-
-    from .backbones import preprocess_affine
-
-    L = keras.layers
-    shape = (None, None, 3) if resize else (size, size, 3)
-    inp = keras.Input(shape=shape, dtype="float32", name="image")
-    x = resizing_layer(size, antialias)(inp) if resize else inp
-    affine = preprocess_affine(mode)
-    if affine is not None:
-        pre = L.Dense(3, trainable=False, name=f"preprocess_{mode}")
-        x = pre(x)
-        pre.set_weights([affine[0], affine[1]])
-    probs = head_model(backbone(x))
-    if tta:
-        flipped = head_model(backbone(_mirror(x, size, "mirror")))
-        probs = L.Average(name="tta_average")([probs, flipped])
-    out = L.Identity(name="probabilities")(probs)
-    return keras.Model(inp, out, name="featcache_classifier")
-
-
-_uses_antialias = uses_antialias  # stage one's resize, read from the file (pipeline.resize)
 
 
 def _check_output(out: Path, fmt: str) -> None:
@@ -415,7 +276,7 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     if tta is None:
         tta = bool(entry.get("tta")) and bool(attrs.get("flip"))
     size, mode, antialias = int(attrs["image_size"]), str(attrs["preprocess"]), \
-        _uses_antialias(attrs)
+        uses_antialias(attrs)
     metadata = {
         "featcache_version": __version__, "feature_file": str(feature_file), "head": name,
         "tta": bool(tta), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -460,211 +321,7 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
 
 # ---------------------------------------------------------------------------- predict
 
-@contextlib.contextmanager
-def _quiet_native():
-    """File descriptor 2 to /dev/null while native code runs that logs on its own, e.g.
-    TFLite's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." — when TensorFlow's
-    INFO lines are off too (``TF_CPP_MIN_LOG_LEVEL`` >= 1, as the CLI sets it unless
-    ``--verbose``)."""
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
-        yield
-        return
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
 
-
-def _tflite_interpreter(**kw):
-    """A TFLite interpreter: LiteRT's (``ai_edge_litert``) where installed, else
-    TensorFlow's own ``tf.lite.Interpreter`` (its deprecation warning silenced)."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import tensorflow as tf
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return tf.lite.Interpreter(**kw)
-    return Interpreter(**kw)
-
-
-def _tflite_runner(**kw) -> Callable[[np.ndarray], np.ndarray]:
-    with _quiet_native():
-        it = _tflite_interpreter(**kw)
-    inp, = it.get_input_details()
-    out, = it.get_output_details()
-    state = {"n": None}
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with _quiet_native():
-            if state["n"] != len(x):
-                it.resize_tensor_input(inp["index"], list(x.shape))
-                it.allocate_tensors()
-                state["n"] = len(x)
-            it.set_tensor(inp["index"], np.ascontiguousarray(x, np.float32))
-            it.invoke()
-        return np.array(it.get_tensor(out["index"]))
-
-    return run
-
-
-@dataclass
-class Classifier:
-    """A loaded exported model: ``class_names``, ``metadata`` (provenance), ``format``,
-    ``image_size`` and ``antialias`` (its resize), ``sidecar`` (the whole JSON)."""
-
-    path: Path
-    format: str
-    class_names: list[str]
-    metadata: dict
-    image_size: int
-    antialias: bool
-    sidecar: dict = field(default_factory=dict)
-    run: Callable[[np.ndarray], np.ndarray] | None = None
-
-    def resize(self, image: np.ndarray) -> np.ndarray:
-        """One (H, W, 3) image -> (size, size, 3) float32 with the model's own resize (the
-        function stage one used for these features; identity at the model's size)."""
-        from .resize import resize_images
-
-        x = np.asarray(image, np.float32)
-        if x.shape[:2] == (self.image_size, self.image_size):
-            return x
-        return resize_images(x, self.image_size, self.antialias).numpy()
-
-    def probabilities(self, images) -> np.ndarray:
-        """(N, H, W, 3) images (uint8 or float32 RGB 0-255) -> (N, classes) float32.
-        Images not at the model's size are resized first with :meth:`resize`."""
-        images = np.asarray(images)
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            images = np.stack([self.resize(im) for im in images])
-        return np.asarray(self.run(np.asarray(images, np.float32)), np.float32)
-
-
-def _read_sidecar(path: Path) -> dict:
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise DataError(f"{path} has no {side.name} beside it (the class names and input "
-                        f"size): it is not one exported by featcache, or the .json was not "
-                        f"copied with it; export it again with `featcache export`")
-    try:
-        meta = json.loads(side.read_text())
-        meta["class_names"] = [str(c) for c in meta["class_names"]]
-        meta["input"]["image_size"] = int(meta["input"]["image_size"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{side} is not a featcache model description ({exc}); export the "
-                        f"model again with `featcache export`") from None
-    if int(meta.get("featcache_export", 0)) > SIDECAR_VERSION:
-        raise DataError(f"{side} was written by a newer featcache; upgrade featcache")
-    return meta
-
-
-def load_classifier(path) -> Classifier:
-    """An exported model (any format) and its ``<model>.json``, ready to classify."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"model {path} does not exist; make one with `featcache export`")
-    meta = _read_sidecar(path)
-    fmt = str(meta.get("format", "keras"))
-    size = meta["input"]["image_size"]
-    antialias = bool(meta["input"].get("resize", {}).get("antialias", True))
-    try:
-        run = _runner(path, fmt, size)
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Keras/TF raise many types for bad files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{path} is not a loadable {fmt} model ({first[:160]}); export it "
-                        f"again with `featcache export`") from None
-    return Classifier(path, fmt, meta["class_names"], dict(meta.get("metadata", {})), size,
-                      antialias, meta, run)
-
-
-def _runner(path: Path, fmt: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
-    import tensorflow as tf
-
-    spec = [tf.TensorSpec([None, size, size, 3], tf.float32)]
-    if fmt == "keras":
-        import keras
-
-        model = keras.saving.load_model(path, compile=False)
-        fn = tf.function(lambda x: model(x, training=False), input_signature=spec)
-        return lambda x: fn(x).numpy()
-    if fmt == "savedmodel":
-        loaded = tf.saved_model.load(str(path))  # the closure keeps its variables alive
-        return lambda x: loaded.serve(tf.constant(x)).numpy()
-    if fmt == "tflite":
-        return _tflite_runner(model_path=str(path))
-    raise DataError(f"{sidecar_path(path)} names an unknown format {fmt!r}")
-
-
-def _load_image(clf: Classifier, image) -> tuple[np.ndarray | None, str | None]:
-    from .folders import decode_image
-
-    try:
-        return clf.resize(decode_image(Path(image))), None
-    except DataError as exc:
-        return None, str(exc)
-    except OSError as exc:  # e.g. a folder given as an image
-        return None, f"{image} cannot be read ({exc.strerror or exc})"
-
-
-def iter_predictions(model, images: Iterable, top_k: int = 3, batch: int = PREDICT_BATCH,
-                     workers: int | None = None) -> Iterator[list[dict]]:
-    """Classify ``images`` (paths) in batches; yield each batch's rows, in input order, as
-    soon as it is done: ``{"image", "top": [{"class", "probability"}]}``, or
-    ``{"image", "error"}`` for a file that cannot be read or decoded (the others go on).
-
-    Files are decoded and resized in ``workers`` threads, one batch ahead of the model."""
-    if top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, not {top_k}")
-    if batch < 1:
-        raise ConfigError(f"--batch must be at least 1, not {batch}")
-    clf = model if isinstance(model, Classifier) else load_classifier(model)
-    k = min(top_k, len(clf.class_names))
-    images = [str(i) for i in images]
-    workers = workers or min(8, (os.cpu_count() or 1) + 2)
-
-    def finish(chunk, futures) -> list[dict]:
-        loaded = [f.result() for f in futures]
-        good = [i for i, (x, _) in enumerate(loaded) if x is not None]
-        probs = clf.run(np.stack([loaded[i][0] for i in good])) if good else None
-        rows = [{"image": name, "error": err} for name, (_, err) in zip(chunk, loaded)]
-        for j, i in enumerate(good):
-            p = probs[j]
-            order = np.argsort(-p, kind="stable")[:k]
-            rows[i] = {"image": chunk[i],
-                       "top": [{"class": clf.class_names[c], "probability": float(p[c])}
-                               for c in order]}
-        return rows
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = None
-        for a in range(0, len(images), batch):
-            chunk = images[a:a + batch]
-            futures = [pool.submit(_load_image, clf, p) for p in chunk]
-            if pending is not None:
-                yield finish(*pending)
-            pending = (chunk, futures)
-        if pending is not None:
-            yield finish(*pending)
-
-
-def predict_images(model, images: Iterable, top_k: int = 3,
-                   batch: int = PREDICT_BATCH) -> list[dict]:
-    """Top-k classes per image file: ``[{"image", "top": [{"class", "probability"}]}]``.
-
-    ``model``: a path or a :class:`Classifier`. An image that cannot be decoded raises a
-    :class:`~pipeline.errors.DataError` naming it (``iter_predictions`` goes on instead).
-    """
-    rows = [r for rows in iter_predictions(model, images, top_k, batch) for r in rows]
-    bad = [r for r in rows if "error" in r]
-    if bad:
-        raise DataError(bad[0]["error"])
-    return rows
+# Loading and predicting live in pipeline.predict (imported last: it uses the names above).
+from .predict import (Classifier, _quiet_native, _tflite_runner,  # noqa: E402,F401
+                      iter_predictions, load_classifier, predict_images)

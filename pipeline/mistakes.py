@@ -41,7 +41,7 @@ def confident_mistakes(y, pred, proba=None, n: int = N_SHOWN) -> np.ndarray:
 def load_images(attrs: dict, split: str, ids, *, data_dir=None) -> list[np.ndarray]:
     """The images of ``ids`` (uint8 RGB) for a feature file with ``attrs``."""
     if "source_dir" in attrs:
-        from .folders import decode_image
+        from .imagefiles import decode_image
 
         root = Path(str(attrs["source_dir"]))
         return [decode_image(root / str(i)) for i in ids]

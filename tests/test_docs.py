@@ -198,3 +198,13 @@ def test_no_reference_to_the_missing_design_note(doc):
 
 def test_readme_links_the_page():
     assert "(docs/architecture.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+MAX_MODULE_LINES = 360   # "small modules": ~350 lines (docs/architecture.md, conventions)
+
+
+def test_no_module_is_over_the_size_limit():
+    """Issue 13's rule, kept: no module in pipeline/ grows past ~350 lines unnoticed."""
+    big = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "pipeline").rglob("*.py"))
+           if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not big, f"split these modules (lines): {big}"
