@@ -32,7 +32,7 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from .config import cache_key_fields
+from .config import FEATURE_DTYPES, cache_key_fields  # noqa: F401 - FEATURE_DTYPES re-exported
 from .errors import (CacheError, CorruptFeatureFile, IncompleteFeatureFile, LockedError,
                      OldSchemaError)
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 #: 2: per-row ``ids`` in every split (1: none; ``featcache upgrade`` migrates)
 SCHEMA_VERSION = 2
 CHUNK_BYTES = 1 << 20
-FEATURE_DTYPES = ("float32", "float16")
 
 #: Root attributes every complete feature file has (docs/architecture.md), copied into every
 #: results file: the layout's own, the cache key's (from the settings table,

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .config import HeadsConfig
+from .config import FLIP_MODES, HeadsConfig
 from .errors import ConfigError, DataError
 from .heads import HEADS, as_head, is_path  # noqa: F401 - is_path: part of this API
 from .heads.base import fmt_params as _fmt
@@ -24,7 +24,6 @@ from .stats import confusion, macro_f1, per_class_accuracy, wilson
 
 log = logging.getLogger(__name__)
 
-FLIP_MODES = ("auto", "off", "train", "tta", "both")
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
