@@ -168,7 +168,10 @@ def _prefetch(it: Iterator, depth: int = 3) -> Iterator:
     t.start()
     try:
         while True:
-            item = q.get()
+            try:   # a timeout keeps the wait short, so Ctrl-C is seen at once
+                item = q.get(timeout=0.2)
+            except queue.Empty:
+                continue
             if item is end:
                 return
             if isinstance(item, BaseException):

@@ -211,7 +211,7 @@ def test_ctrl_c_stops_cleanly_after_flushing(tmp_path, reference):
     try:
         wait_for_rows(partial_path(out), proc)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=150)   # a loaded 2-core CI machine
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -16,6 +16,7 @@ from pipeline import upgrade as upgrading
 from pipeline.config import ExtractConfig, config_sha256
 from pipeline.errors import DataError, OldSchemaError, StaleCacheError
 from pipeline.extract import extract_features
+from pipeline.featfile import _attrs_dict
 from pipeline.store import SCHEMA_VERSION, load_features, read_attrs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def as_schema_1(path: Path) -> None:
     """Turn a file into what featcache wrote before ids (schema 1, as at e6c9ec6): no
-    ``ids`` datasets, ``schema_version`` 1, the rest as it is."""
+    ``ids`` datasets, ``schema_version`` 1, stage one's test share under its old name
+    ``val_fraction`` and ``config_sha256`` over the key with that name, the rest as it is."""
+    back = {new: old for old, new in upgrading.ATTR_RENAMES.items()}
     with h5py.File(path, "r+") as f:
         for split in f.attrs["splits"]:
             del f[str(split)]["ids"]
         f.attrs["schema_version"] = 1
+        for new, old in back.items():
+            if new in f.attrs:
+                f.attrs[old] = f.attrs[new]
+                del f.attrs[new]
+        attrs = _attrs_dict(f.attrs)   # as featcache reads them
+        old_key = {back.get(k, k): attrs[back.get(k, k)] for k in upgrading.cache_key_names()
+                   if back.get(k, k) in attrs}
+        f.attrs["config_sha256"] = config_sha256(old_key)
 
 
 def _cfg(out: Path, **kw) -> ExtractConfig:
@@ -99,13 +110,12 @@ def test_upgrade_cli_and_partial_shard_part(tmp_path):
     assert start > 0 and np.array_equal(ids, np.arange(start, start + len(ids)))
 
 
-def test_upgrade_renames_attributes_and_rehashes(old_file, monkeypatch):
+def test_upgrade_renames_attributes_and_rehashes(old_file):
     """When the cache key names stage one's test share ``test_fraction``, the upgrade
     renames the attribute and recomputes ``config_sha256`` over the renamed key."""
     names = upgrading.cache_key_names()
-    assert "val_fraction" in names or "test_fraction" in names
+    assert "test_fraction" in names and "val_fraction" not in names
     renamed = [upgrading.ATTR_RENAMES.get(n, n) for n in names]
-    monkeypatch.setattr(upgrading, "cache_key_names", lambda: renamed)
     old = dict(h5py.File(old_file, "r").attrs)
     upgrading.upgrade(old_file)
     attrs = read_attrs(old_file)
