@@ -128,7 +128,8 @@ export: $(REPORT_DIR)/results.json | $(STAMP) ## one model: raw images -> classe
 	$(FEATCACHE) export $(FEATURE_FILE) $(if $(HEAD),--head $(HEAD)) $(if $(FORMAT),--format $(FORMAT))
 
 test: $(DEV_STAMP) ## run the test suite (real-data tests run when ../shared or FEATCACHE_REAL_DATA is there)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not isolated"
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m isolated
 
 bench: $(DEV_STAMP) ## side-by-side benchmarks -> BENCHMARKS.md (minutes)
 	$(PY) -m benchmarks $(BENCH_ARGS)
