@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..linear import Scaler, decision, fit_linear, folded, softmax
+from ..linear import Preconditioner, Scaler, decision, fit_linear, folded, softmax
 from .base import Head, data_key, register_head
 
 
@@ -20,12 +20,18 @@ class LinearHead(Head):
     linear SVM. ``predict_proba`` is the softmax of the scores (for the SVM: uncalibrated,
     but its argmax is ``predict``). ``warm_start=True`` starts from the previous solution
     (used along the C path during selection, and for the refit from the best grid point).
+    ``precondition=True`` runs L-BFGS in whitened coordinates
+    (:class:`pipeline.linear.Preconditioner`): the same optimum in 4-5x fewer iterations;
+    ``tol`` bounds the gradient in those coordinates.
     """
 
+    _transient = Head._transient + ("_precond",)
+
     def __init__(self, C=0.003, loss="softmax", max_iter=300, tol=1e-4, warm_start=False,
-                 random_state=0):
+                 precondition=True, random_state=0):
         self.C, self.loss, self.max_iter, self.tol = C, loss, max_iter, tol
-        self.warm_start, self.random_state = warm_start, random_state
+        self.warm_start, self.precondition = warm_start, precondition
+        self.random_state = random_state
 
     def fit(self, X, y, X_flip=None):
         blocks, yi = self._validate_fit(X, y, X_flip)
@@ -37,10 +43,14 @@ class LinearHead(Head):
         key = data_key(blocks)
         if not (self.warm_start and getattr(self, "_scaler_key", None) == key):
             self.scaler_ = Scaler.fit(blocks)   # along a warm-started path: same rows, once
+            self._precond = None
             self._scaler_key = key
-        W, b, self.n_iter_ = fit_linear(blocks, yi, K, scaler=self.scaler_, C=self.C,
-                                        loss=self.loss, init=init, max_iter=self.max_iter,
-                                        tol=self.tol)
+        if self.precondition and getattr(self, "_precond", None) is None:
+            self._precond = Preconditioner.fit(blocks, self.scaler_)
+        W, b, self.n_iter_ = fit_linear(
+            blocks, yi, K, scaler=self.scaler_, C=self.C, loss=self.loss, init=init,
+            max_iter=self.max_iter, tol=self.tol,
+            precondition=self._precond if self.precondition else None)
         self.coef_std_, self.intercept_std_ = W, b
         self.coef_, self.intercept_ = folded(self.scaler_, W, b)
         return self
