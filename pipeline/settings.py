@@ -121,6 +121,11 @@ def key_fields(cls) -> tuple[str, ...]:
     return tuple(names)
 
 
+def optional_key_fields(cls) -> tuple[str, ...]:
+    """The key attributes a file has only when the setting was given (``key_if_set``)."""
+    return tuple(s.attr for s in table(cls) if s.key and s.key_if_set)
+
+
 def cache_key(cfg, measured: dict) -> dict:
     """The cache key of a resolved config: each key setting as written by its ``to_key``,
     with its companion taken from ``measured``. A setting whose companion is given as
