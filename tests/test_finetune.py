@@ -97,6 +97,7 @@ def test_cuts_command_lists_shape_cache_size_and_flops(capsys):
       "--size", "32", "--cut", "block_99", "--out-dir", "{tmp}"],
      "unknown cut 'block_99' for mobilenet_v2; choose one of: block_1, block_2"),
     (["path", "--cut", "../x"], "--cut takes a block name"),
+    (["path", "--cut", "block_16", "--shard", "0/2"], "--cut does not work with --shard"),
 ])
 def test_bad_cut_is_one_line_error(argv, want, tmp_path, capsys):
     from pipeline.cli import main
@@ -250,8 +251,9 @@ def test_finetune_head_in_the_comparison_never_runs_the_bottom_and_exports(cut_f
     res = compare_heads(HeadsConfig(str(cut_file), heads=("finetune",), workers=0,
                                     out_dir=str(report)))
     monkeypatch.undo()
-    [row] = res["rows"]
+    [row] = res["rows"]   # mirrors in the file: only the +flip row
     assert row["name"] == "finetune+flip" and row["head"] == "finetune"
+    assert (report / "mistakes.png").is_file()   # drawn from the head's file rows
     assert row["test_accuracy"] > 0.35 and row["ci95"][0] <= row["test_accuracy"]  # chance: 0.25
     assert row["params"]["trainable_blocks"] == 1 and row["params"]["epochs"] >= 0  # 0: phase 2 kept phase 1
 
