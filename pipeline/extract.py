@@ -11,7 +11,8 @@ pooled features come back as float32 and are written at once. The runtime
 OpenVINO (the same graph converted once and cached on disk, compiled for a fixed batch
 size; a short last batch is padded). A reader thread keeps the next batches ready while
 the backbone runs. Nothing of size N is ever held: peak memory is a few batches plus the
-model (and, with OpenVINO, its compiled copy).
+model (and, with OpenVINO, its compiled copy). With ``cut`` the graph also returns the
+activations after that block, written beside the features (:mod:`pipeline.actstore`).
 """
 
 from __future__ import annotations
