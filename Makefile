@@ -27,6 +27,7 @@ DTYPE      ?=
 FLIP       ?=
 LIMIT      ?=
 VARIANT    ?=
+CUT        ?=
 OUT_DIR    ?=
 FEATURES_EXTRA ?=
 # stage two (featcache heads/curve)
@@ -44,7 +45,8 @@ FEATURE_ARGS = $(call opt,DATASET,--dataset) $(call opt,DATA_DIR,--data-dir) \
   $(call opt,WEIGHTS,--weights) $(call opt,PREPROCESS,--preprocess) \
   $(call opt,POOLING,--pooling) $(call opt,RUNTIME,--runtime) \
   $(call opt,PRECISION,--precision) $(call opt,DTYPE,--dtype) $(call yesno,FLIP,--flip) \
-  $(call opt,LIMIT,--limit) $(call opt,VARIANT,--variant) $(call opt,OUT_DIR,--out-dir)
+  $(call opt,LIMIT,--limit) $(call opt,VARIANT,--variant) $(call opt,CUT,--cut) \
+  $(call opt,OUT_DIR,--out-dir)
 HEADS_ARGS = $(call opt,HEADS,--heads) $(call opt,WORKERS,--workers)
 
 # The feature file is a real target: its name comes from the settings (no TensorFlow needed).
@@ -70,7 +72,7 @@ help: ## this list
 	@echo "Settings (make VAR=value; empty = featcache's default, \`make settings\` lists them):"
 	@echo "  DATASET=$(DATASET) DATA_DIR=$(DATA_DIR) BACKBONE=$(BACKBONE) SIZE=$(SIZE) BATCH=$(BATCH)"
 	@echo "  WEIGHTS=$(WEIGHTS) PREPROCESS=$(PREPROCESS) POOLING=$(POOLING) RUNTIME=$(RUNTIME)"
-	@echo "  PRECISION=$(PRECISION) DTYPE=$(DTYPE) FLIP=$(FLIP) LIMIT=$(LIMIT) VARIANT=$(VARIANT) OUT_DIR=$(OUT_DIR)"
+	@echo "  PRECISION=$(PRECISION) DTYPE=$(DTYPE) FLIP=$(FLIP) LIMIT=$(LIMIT) VARIANT=$(VARIANT) CUT=$(CUT) OUT_DIR=$(OUT_DIR)"
 	@echo "  HEADS=$(HEADS) WORKERS=$(WORKERS)  KERAS_HOME=$(KERAS_HOME)"
 	@echo "  -> $(FEATURE_FILE)"
 

@@ -184,8 +184,10 @@ def markdown(r: dict, chart_rel: str | None) -> str:
         ["section 6", f"{s.get('rt_reps', 'n/a')} alternating rounds of {s.get('rt_images', 0):,} "
                       f"images with mirrors per runtime (pipeline and bare engine)"],
     ])
+    from .finetune_mem import report_lines as _s7
+
     for key, fn in (("s1", _s1), ("s2", _s2), ("s3", _s3), ("s4", _s4), ("s5", _s5),
-                    ("s6", _s6)):
+                    ("s6", _s6), ("s7", _s7)):
         if key in r:
             L += [""] + fn(r[key], r) + [""]
             if key in load:

@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--out BENCHMARKS.md]``: run the six sections, print
+"""``python -m benchmarks [--quick] [--out BENCHMARKS.md]``: run the seven sections, print
 what was measured as it goes, write the markdown report, its chart and a JSON dump.
 
 Writes ``--out`` (default ``BENCHMARKS.md``), ``--chart`` (default ``docs/bench.png``
@@ -20,7 +20,11 @@ from pathlib import Path
 from . import env
 
 SECTIONS = {1: "tutorial vs featcache", 2: "stage one vs bare backbone",
-            3: "peak RSS", 4: "stage two", 5: "cache hit", 6: "stage one runtimes"}
+            3: "peak RSS", 4: "stage two", 5: "cache hit", 6: "stage one runtimes",
+            7: "finetune memory"}
+#: ``--quick`` leaves section 7 out unless named: its two children (TensorFlow, a backbone
+#: rebuilt, two training runs) would add about a minute to the smoke run CI makes.
+QUICK_SECTIONS = "1,2,3,4,5,6"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,8 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feature-file", default=None,
                    help="stage two on this file (default, full mode: "
                         "features/cifar10_mobilenet_v2_224_flip.h5 when present)")
-    p.add_argument("--sections", default="1,2,3,4,5,6",
-                   help="comma-separated subset of 1-6 (default: all)")
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated subset of 1-7 (default: all; --quick: "
+                        f"{QUICK_SECTIONS}, section 7 only when named)")
     return p.parse_args(argv)
 
 
@@ -65,12 +70,14 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for noisy in ("tensorflow", "absl"):  # retracing chatter: every extraction is a new graph
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.sections is None:
+        args.sections = QUICK_SECTIONS if args.quick else ",".join(map(str, SECTIONS))
     try:
         sections = sorted({int(x) for x in args.sections.split(",") if x.strip()})
     except ValueError:
         sections = [0]
     if not sections or not set(sections) <= set(SECTIONS):
-        print(f"benchmarks: error: --sections takes numbers from 1-6, not {args.sections}",
+        print(f"benchmarks: error: --sections takes numbers from 1-7, not {args.sections}",
               file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -121,6 +128,10 @@ def main(argv=None) -> int:
         section(5, lambda: processes.run_cache_hit(s, mem))
 
     section(6, lambda: runtimes.run(s))
+
+    from . import finetune_mem
+
+    section(7, lambda: finetune_mem.run(s))
 
     res["total_s"] = time.perf_counter() - t_start
     res["load_end"] = env.load()

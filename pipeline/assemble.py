@@ -115,6 +115,24 @@ def _probe_rows(feature_file: Path, dim: int, n: int = 64) -> np.ndarray:
     return X
 
 
+def checked_backbone(estimator, backbone, head_model, feature_file, name: str,
+                     backbone_name: str):
+    """(the backbone part the head sits on, max |Keras head - fitted head| on file rows).
+
+    Usually the whole ``backbone`` (images -> pooled features). A head fine-tuned above a
+    cut (``finetune``: its ``cut_``) sits on the backbone's frozen bottom up to that cut
+    (:func:`pipeline.finetune_model.export_bottom`); its Keras form holds the top."""
+    if getattr(estimator, "cut_", None):
+        from .finetune_model import export_bottom
+
+        return export_bottom(estimator, backbone, head_model, feature_file)
+    dim = int(backbone.output_shape[-1])
+    if int(head_model.input_shape[-1]) != dim:
+        raise ConfigError(f"head {name!r} takes {head_model.input_shape[-1]} features but "
+                          f"{backbone_name} gives {dim}; it was fitted on another file")
+    return backbone, _probe(estimator, head_model, _probe_rows(feature_file, dim))
+
+
 def _mirror(x, size: int, name: str):
     """Horizontal flip of (N, size, size, C) as built-in layers: the width axis goes last,
     a frozen anti-diagonal Dense(size) reverses it (exact: one 1 per column), and back."""

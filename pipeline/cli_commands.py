@@ -1,5 +1,5 @@
-"""The stage commands: ``features``, ``path``, ``info``, ``settings``, ``backbones``, ``heads``,
-``curve``. Registered with :mod:`pipeline.cli` when it builds its parser.
+"""The stage commands: ``features``, ``path``, ``info``, ``settings``, ``backbones``, ``cuts``,
+``heads``, ``curve``. Registered with :mod:`pipeline.cli` when it builds its parser.
 
 Their options come from the settings table (:func:`pipeline.settings.add_options` over
 :class:`~pipeline.config.ExtractConfig` and :class:`~pipeline.config.HeadsConfig`), and the
@@ -149,6 +149,22 @@ def cmd_backbones(args) -> int:
     for r in rows:
         print(f"| {r['name']} | {r['preprocess']} | {r['default_size']} | {r['min_size']} | "
               f"{r['dim']} | {'yes' if r['offline_weights'] else 'no'} |")
+    return 0
+
+
+@command("cuts", help="list a backbone's cut points (for --cut): activation shape, CIFAR-10 "
+                      "cache size, FLOPs above")
+@options(lambda p: (p.add_argument("backbone", help="a registry name (featcache backbones)"),
+                    p.add_argument("--size", type=int, default=None,
+                                   help="input size in px (default: the backbone's)")))
+def cmd_cuts(args) -> int:
+    from .backbones import get_backbone
+    from .config import check_size
+    from .cut import describe_cuts, format_cuts
+
+    spec = get_backbone(args.backbone)
+    size = spec.default_size if args.size is None else check_size(args.size, spec.name)
+    print(format_cuts(spec.name, size, describe_cuts(spec.name, size)))
     return 0
 
 

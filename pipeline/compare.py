@@ -46,7 +46,7 @@ import numpy as np
 
 from .config import SEARCH_MODES, HeadsConfig
 from .errors import ConfigError
-from .heads import resolve_heads
+from .heads import HEADS, resolve_heads
 from .jobs import _cost, _jobs, _run_job
 # the protocol's parts, importable from here as before the split
 from .selection import (FLIP_MODES, _Data, _flip_rows, _fmt, check_classes,  # noqa: F401
@@ -100,7 +100,7 @@ def compare_heads(cfg: HeadsConfig, *, write: bool = True, progress=None) -> dic
     with contextlib.ExitStack() as stack:
         shared = stack.enter_context(SharedArrays()) if n_workers > 0 else None
         data, has_flip = split_data(fs, cfg, shared)
-        specs = [(name, tf, tta) for name in names for tf, tta in [(False, False), *extra]]
+        specs = [(name, tf, tta) for name in names for tf, tta in HEADS[name].flip_rows(extra)]
         log.info("%s: %d train rows (%d fit + %d validation), %d test, %d features, heads: "
                  "%s%s; %s search, %s", cfg.feature_file, len(data.y), data.n_fit,
                  len(data.y) - data.n_fit, len(data.y_test), data.X.shape[1],

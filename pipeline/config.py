@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import settings
 from .backbones import BACKBONES, PREPROCESS_MODES, POOLINGS, get_backbone, weights_tag
+from .cut import check_cut_name
 from .errors import ConfigError
 from .runtime import (DEFAULT_PRECISION, DEFAULT_RUNTIME, PRECISIONS, RUNTIMES,
                       resolve_precision, resolve_runtime)
@@ -128,6 +129,10 @@ class ExtractConfig:
         help="image folders without train/ and test/: the stratified TEST share (not stage "
              "two's validation share)")
     seed: int = setting(0, key=True, help="seed of an image folder's train/test split")
+    cut: str | None = setting(
+        None, make="CUT", key=True, key_if_set=True, metavar="BLOCK",
+        help="also store float16 activations after this block (and mirrored), for the "
+             "finetune head (`featcache cuts BACKBONE` lists the blocks)")
     out_dir: str = setting("features", make="OUT_DIR", help="where feature files go")
     variant: str | None = setting(
         None, make="VARIANT", help="file name suffix (default: derived from the non-default "
@@ -163,6 +168,7 @@ class ExtractConfig:
             raise ConfigError(f"--dtype must be float32 or float16, not {self.dtype!r}")
         if self.batch < 1:
             raise ConfigError(f"--batch must be at least 1, not {self.batch}")
+        check_cut_name(self.cut, self.backbone, self.shard)
         values = {**{f.name: getattr(self, f.name) for f in fields(self)},
                   "size": size, "preprocess": pre, "runtime": runtime, "precision": precision}
         return ResolvedExtractConfig(**values)
@@ -194,6 +200,8 @@ class ExtractConfig:
             parts.append("flip")
         if self.limit:
             parts.append(f"n{self.limit}")
+        if self.cut:
+            parts.append(f"cut-{self.cut}")
         return "_".join(parts)
 
     @property

@@ -27,7 +27,9 @@ one (:func:`pipeline.resize.resize_images`).
 The class names (in column order), the input contract and the provenance travel in a small
 JSON beside every format: ``<model>.json`` (``m.keras.json``, ``m.savedmodel.json``,
 ``m.tflite.json``), which ``predict`` reads. Only heads with ``to_keras()`` (linear ones,
-rbf_svm, the dense heads) can be exported.
+rbf_svm, the dense heads, finetune) can be exported. A ``finetune`` head's model takes the
+activations at its cut, so the backbone is cut there (its frozen bottom) and the head's
+fine-tuned top and dense head follow (:func:`pipeline.assemble.checked_backbone`).
 
 Loading such a model and predicting with it (``load_classifier``, ``predict_images``,
 ``iter_predictions``) is :mod:`pipeline.predict`; its names are importable from here too.
@@ -53,7 +55,7 @@ from .atomic import replacing, write_bytes, write_text
 from .config import cache_key_fields
 from .resize import uses_antialias
 from .assemble import (_inference_only, _keras_head, _not_exportable, _probe,  # noqa: F401
-                       _probe_rows, assemble, keras_heads, rebuild_backbone)
+                       _probe_rows, assemble, checked_backbone, keras_heads, rebuild_backbone)
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -262,12 +264,8 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
 
         estimator = load_head(path)
     head_model = _inference_only(_keras_head(estimator, name))
-    backbone = rebuild_backbone(attrs, weights)
-    dim = int(backbone.output_shape[-1])
-    if int(head_model.input_shape[-1]) != dim:
-        raise ConfigError(f"head {name!r} takes {head_model.input_shape[-1]} features but "
-                          f"{attrs['backbone']} gives {dim}; it was fitted on another file")
-    diff = _probe(estimator, head_model, _probe_rows(feature_file, dim))
+    backbone, diff = checked_backbone(estimator, rebuild_backbone(attrs, weights), head_model,
+                                      feature_file, name, str(attrs["backbone"]))
     if not diff <= tolerance:
         raise ConfigError(f"the Keras form of head {name!r} differs from the fitted head by "
                           f"{diff:.2e} (> {tolerance}); it cannot be exported faithfully")

@@ -11,7 +11,8 @@ pooled features come back as float32 and are written at once. The runtime
 OpenVINO (the same graph converted once and cached on disk, compiled for a fixed batch
 size; a short last batch is padded). A reader thread keeps the next batches ready while
 the backbone runs. Nothing of size N is ever held: peak memory is a few batches plus the
-model (and, with OpenVINO, its compiled copy).
+model (and, with OpenVINO, its compiled copy). With ``cut`` the graph also returns the
+activations after that block, written beside the features (:mod:`pipeline.actstore`).
 """
 
 from __future__ import annotations
@@ -87,44 +88,57 @@ def peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------------------- the graph
 
-def step_graph(model, *, size: int, mode: str, flip: bool = False):
+def step_graph(model, *, size: int, mode: str, flip: bool = False, cut: str | None = None):
     """The whole step as TensorFlow ops: ``images -> {"features"[, "features_flip"]}``.
 
     ``images``: (B, H, W, 3) uint8 or float32 RGB 0-255, any H, W (resized to ``size`` by
     :func:`pipeline.resize.resize_images`, bilinear without antialias: registry data sets;
-    folders arrive resized). Both runtimes run exactly this graph.
+    folders arrive resized). Both runtimes run exactly this graph. With ``cut`` (a block,
+    :mod:`pipeline.cut`) it also returns ``"acts"`` (``"acts_flip"``): the float32
+    activations after that block.
     """
     import tensorflow as tf
 
     from .resize import resize_images
 
-    def forward(x):
-        return tf.cast(model(x, training=False), tf.float32)
+    if cut:
+        from .cut import bottom_model
+        net = bottom_model(model, cut)
+
+    def forward(x, suffix=""):
+        if not cut:
+            return {"features" + suffix: tf.cast(model(x, training=False), tf.float32)}
+        feats, acts = net(x, training=False)
+        return {"features" + suffix: tf.cast(feats, tf.float32),
+                "acts" + suffix: tf.cast(acts, tf.float32)}
 
     def graph(images):
         x = tf.cast(images, tf.float32)
         if x.shape[1] != size or x.shape[2] != size:
             x = resize_images(x, size, antialias=REGISTRY_ANTIALIAS)
         x = preprocess(x, mode)
-        out = {"features": forward(x)}
+        out = forward(x)
         if flip:
-            out["features_flip"] = forward(tf.reverse(x, axis=[2]))
+            out.update(forward(tf.reverse(x, axis=[2]), "_flip"))
         return out
 
     return graph
 
 
-def make_step(model, *, size: int, mode: str, flip: bool = False, xla: bool = False):
-    """TensorFlow's compiled ``images -> (features, flipped features or None)`` function."""
+def make_step(model, *, size: int, mode: str, flip: bool = False, xla: bool = False,
+              cut: str | None = None):
+    """TensorFlow's compiled ``images -> (features, flipped features or None)`` function;
+    its ``outputs(images)`` gives every output as a dict (the activations at ``cut`` too)."""
     import tensorflow as tf
 
-    step = tf.function(step_graph(model, size=size, mode=mode, flip=flip), jit_compile=xla,
-                       reduce_retracing=True)
+    step = tf.function(step_graph(model, size=size, mode=mode, flip=flip, cut=cut),
+                       jit_compile=xla, reduce_retracing=True)
 
     def run(images: np.ndarray):
         out = step(images)
         return out["features"].numpy(), (out["features_flip"].numpy() if flip else None)
 
+    run.outputs = lambda images: {k: v.numpy() for k, v in step(images).items()}
     return run
 
 
@@ -132,14 +146,15 @@ def make_runtime_step(cfg: ExtractConfig, model, ds: Dataset, *, batch: int,
                       weights_sha: str):
     """The step of ``cfg.runtime`` for ``model`` on ``ds``'s images at ``batch``."""
     if cfg.runtime == "tensorflow":
-        return make_step(model, size=cfg.size, mode=cfg.preprocess, flip=cfg.flip, xla=cfg.xla)
+        return make_step(model, size=cfg.size, mode=cfg.preprocess, flip=cfg.flip, xla=cfg.xla,
+                         cut=cfg.cut)
     first = next(s for s, n in ds.splits.items() if n)
     probe, _ = next(iter(ds.batches(first, 0, 1, 1)))
     key = runtimes.conversion_key(
         backbone=cfg.backbone, weights_sha256=weights_sha, input_shape=probe.shape[1:],
         input_dtype=str(probe.dtype), image_size=cfg.size, preprocess=cfg.preprocess,
-        pooling=cfg.pooling, flip=cfg.flip, precision=cfg.precision)
-    graph = step_graph(model, size=cfg.size, mode=cfg.preprocess, flip=cfg.flip)
+        pooling=cfg.pooling, flip=cfg.flip, precision=cfg.precision, cut=cfg.cut)
+    graph = step_graph(model, size=cfg.size, mode=cfg.preprocess, flip=cfg.flip, cut=cfg.cut)
     return runtimes.openvino_step(graph, key, batch=batch, threads=cfg.threads)
 
 
@@ -241,7 +256,8 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
         accept = lambda old: ("runtime" not in old and old.get("config_sha256") == legacy  # noqa: E731
                               and old.get("tensorflow_version") == version)
     dim = int(model.output_shape[-1])
-    attrs = dict(key)
+    writer_cls, cut_attrs = _writer_for(cfg, model, spec.name)
+    attrs = dict(key, **cut_attrs)
     attrs.update(
         config_sha256=config_sha256(key), batch_size=cfg.batch,
         tensorflow_version=tf.__version__, keras_version=keras.__version__,
@@ -260,9 +276,9 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     if not path.exists():  # convert before any file is made; a final file is complete
         step = make_runtime_step(cfg, model, ds, batch=cfg.batch, weights_sha=w_sha)
 
-    with FeatureWriter.open(path, attrs=attrs, classes=ds.classes, splits=specs, dim=dim,
-                            dtype=cfg.dtype, flip=cfg.flip, force=cfg.force,
-                            wait=cfg.wait, accept=accept) as writer:
+    with writer_cls.open(path, attrs=attrs, classes=ds.classes, splits=specs, dim=dim,
+                         dtype=cfg.dtype, flip=cfg.flip, force=cfg.force,
+                         wait=cfg.wait, accept=accept) as writer:
         if writer.complete:
             return ExtractResult(path, 0, time.perf_counter() - t0, True, peak_rss_mb(),
                                  path.stat().st_size / 2**20)
@@ -283,9 +299,15 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
                     continue
                 log.info("%s: rows %d..%d of %d", split, start, hi, ds.splits[split])
                 for images, labels in _prefetch(ds.batches(split, start, hi, batch)):
-                    feats, flipped = step(images)
+                    if cfg.cut:   # activations at the cut too (pipeline.actstore)
+                        out = step.outputs(images)
+                        feats, flipped = out["features"], out.get("features_flip")
+                        extra = {"acts": out["acts"], "acts_flip": out.get("acts_flip")}
+                    else:
+                        (feats, flipped), extra = step(images), {}
                     writer.write(split, feats.astype(cfg.dtype, copy=False), labels,
-                                 None if flipped is None else flipped.astype(cfg.dtype, copy=False))
+                                 None if flipped is None else flipped.astype(cfg.dtype, copy=False),
+                                 **extra)
                     done += len(labels)
                     if progress:
                         el = time.perf_counter() - t_start
@@ -302,6 +324,19 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     final = writer.path
     return ExtractResult(final, done, time.perf_counter() - t0, False, peak_rss_mb(),
                          final.stat().st_size / 2**20)
+
+
+def _writer_for(cfg, model, backbone: str):
+    """The writer class and extra root attributes: with a cut, an ActivationWriter for its
+    activation shape and ``cut_layer`` (a bad cut name is a one-line error listing them)."""
+    if not cfg.cut:
+        return FeatureWriter, {}
+    from .actstore import ActivationWriter
+    from .cut import activation_shape, cut_layer
+
+    layer = cut_layer(model, cfg.cut, backbone)
+    shape = activation_shape(model, cfg.cut, cfg.size)
+    return ActivationWriter.for_shape(shape), {"cut_layer": layer}
 
 
 def describe(config: ExtractConfig) -> dict:

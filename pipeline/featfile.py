@@ -32,7 +32,8 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from .config import FEATURE_DTYPES, cache_key_fields  # noqa: F401 - FEATURE_DTYPES re-exported
+from .config import FEATURE_DTYPES, ExtractConfig, cache_key_fields  # noqa: F401 - re-export
+from .settings import optional_key_fields
 from .errors import (CacheError, CorruptFeatureFile, IncompleteFeatureFile, LockedError,
                      OldSchemaError)
 
@@ -44,8 +45,10 @@ CHUNK_BYTES = 1 << 20
 
 #: Root attributes every complete feature file has (docs/architecture.md), copied into every
 #: results file: the layout's own, the cache key's (from the settings table,
-#: :func:`pipeline.config.cache_key_fields`) and the run's.
-PROVENANCE_KEYS = ("schema_version", "complete", "splits", "rows_done", *cache_key_fields(),
+#: :func:`pipeline.config.cache_key_fields`; a ``key_if_set`` one such as ``cut`` only in
+#: the files made with it) and the run's.
+PROVENANCE_KEYS = ("schema_version", "complete", "splits", "rows_done",
+                   *(k for k in cache_key_fields() if k not in optional_key_fields(ExtractConfig)),
                    "batch_size", "tensorflow_version", "keras_version", "created_utc",
                    "config_sha256")
 

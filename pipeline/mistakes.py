@@ -90,7 +90,7 @@ def plot_grid(images, titles, path: Path, suptitle: str) -> None:
 def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
                    data_dir: str | os.PathLike | None = None) -> Path | None:
     """Write ``<report_dir>/mistakes.png`` for ``results``' best row; its path, or None."""
-    from .heads import as_head, load_head
+    from .heads import HEADS, as_head, load_head
     from .store import load_features
 
     report_dir = Path(report_dir)
@@ -100,10 +100,13 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
         fs = load_features(results["feature_file"], ["test"], flip=tta)
         test = fs["test"]
         head = as_head(load_head(report_dir / best["saved"]))  # a plain sklearn head too
-        Xf = test.features_flip if tta else None
-        pred = np.asarray(head.predict(test.features, X_flip=Xf) if tta
-                          else head.predict(test.features))
-        proba = _probabilities(head, test.features, Xf)
+        X, Xf = test.features, (test.features_flip if tta else None)
+        if getattr(HEADS.get(best.get("head")), "file_rows", None):  # finetune: file rows
+            from .finetune_data import file_test_rows
+
+            X, Xf = file_test_rows(results["feature_file"], len(test.labels), tta)
+        pred = np.asarray(head.predict(X, X_flip=Xf) if tta else head.predict(X))
+        proba = _probabilities(head, X, Xf)
         rows = confident_mistakes(test.labels, pred, proba, n)
         if not len(rows):
             log.info("no wrong test predictions: no mistakes.png")

@@ -138,8 +138,9 @@ def runtime_version(runtime: str) -> str:
 
 def conversion_key(*, backbone: str, weights_sha256: str, input_shape: tuple, input_dtype: str,
                    image_size: int, preprocess: str, pooling: str, flip: bool,
-                   precision: str) -> dict:
-    """Everything the converted graph depends on (batch size does not: it is set at compile)."""
+                   precision: str, cut: str | None = None) -> dict:
+    """Everything the converted graph depends on (batch size does not: it is set at compile);
+    ``cut`` only when set, so the keys of graphs without one do not change."""
     import keras
     import openvino
     import tensorflow as tf
@@ -148,7 +149,8 @@ def conversion_key(*, backbone: str, weights_sha256: str, input_shape: tuple, in
             "input_shape": [int(d) for d in input_shape], "input_dtype": str(input_dtype),
             "image_size": int(image_size), "preprocess": preprocess, "pooling": pooling,
             "flip": bool(flip), "precision": precision, "openvino_version": openvino.__version__,
-            "tensorflow_version": tf.__version__, "keras_version": keras.__version__}
+            "tensorflow_version": tf.__version__, "keras_version": keras.__version__,
+            **({"cut": cut} if cut else {})}
 
 
 def _key_hash(key: dict) -> str:
@@ -277,6 +279,14 @@ class OpenVINOStep:
     def __call__(self, images):
         self._request.infer({0: self._padded(images)})
         return self._outputs(self._request, len(images))
+
+    def outputs(self, images) -> dict:
+        """Every named output for ``images`` (the activations at a cut too) as a dict."""
+        n = len(images)
+        self._request.infer({0: self._padded(images)})
+        names = {name for o in self.compiled.outputs for name in o.get_names()}
+        return {name: self._request.get_tensor(self.compiled.output(name)).data[:n].copy()
+                for name in ("features", "features_flip", "acts", "acts_flip") if name in names}
 
 
 def openvino_step(graph: Callable, key: dict, *, batch: int, threads: int | None = None,

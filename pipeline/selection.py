@@ -46,7 +46,10 @@ class _Data:
     """Training rows reordered as [fit rows | validation rows] (views, no copies later),
     optional mirrored features, and the test split. With ``shared``
     (:class:`pipeline.workers.SharedArrays`) the float32 arrays are read-only memmaps
-    that worker processes map instead of copying."""
+    that worker processes map instead of copying. ``order`` and ``feature_file`` (set by
+    :func:`split_data`) let a ``file_rows`` head find the same rows in the file."""
+
+    feature_file: str | None = None
 
     def __init__(self, X, y, Xf, X_test, y_test, Xf_test, fraction: float, seed: int,
                  shared=None):
@@ -56,7 +59,7 @@ class _Data:
         def rows(name, A, o):
             return _f32_rows(A, o) if shared is None else shared.put(name, A, o)
 
-        self.n_fit = len(fit)
+        self.n_fit, self.order = len(fit), order
         self.X, self.y = rows("X", X, order), y[order]
         self.Xf = None if Xf is None else rows("X_flip", Xf, order)
         self.X_test, self.y_test = rows("X_test", X_test, None), y_test
@@ -93,6 +96,7 @@ def select(spec, data: _Data, *, train_flip: bool, tta: bool, seed: int, label: 
     on all training rows warm-starts (:meth:`~pipeline.heads.Head.refit_from`).
     ``search="fast"`` stops a path (:func:`is_path`) at the first point whose validation
     accuracy is below the best so far; the points after it are returned as skipped."""
+    data = spec.data_for(data)   # a file_rows head (finetune) takes file rows
     X_fit, y_fit, Xf_fit = data.part("fit", train_flip)
     X_val, y_val, Xf_val = data.part("val", tta)
     grid = list(spec.grid) or [{}]
@@ -125,6 +129,7 @@ def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
                           f"in an importable module and pass --heads module:{name}, or run "
                           f"with --workers 0")
     spec = HEADS[name]
+    data = spec.data_for(data)
     label = row_label(name, train_flip, tta)
     t0 = time.perf_counter()
     params, scores, est, skipped = select(spec, data, train_flip=train_flip, tta=tta,
@@ -212,6 +217,7 @@ def split_data(fs, cfg: HeadsConfig, shared=None) -> tuple[_Data, bool]:
     tr, te = fs["train"], fs["test"]
     data = _Data(tr.features, tr.labels, tr.features_flip, te.features, te.labels,
                  te.features_flip, cfg.val_fraction, cfg.seed, shared=shared)
+    data.feature_file = str(cfg.feature_file)
     has_flip = fs.has_flip
     fs.splits.clear()
     return data, has_flip

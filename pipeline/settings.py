@@ -14,6 +14,8 @@ the field's metadata everything the rest of featcache needs to know about it:
 - ``key`` — whether the setting is part of the feature file's cache key, with ``attr`` (its
   name in the file, default the field name), ``to_key`` (how the value is written there)
   and ``companion`` (a measured value stored beside it, e.g. ``dataset_sha256``);
+  ``key_if_set`` — in the key only when its value is not ``None`` (a setting added later,
+  e.g. ``cut``: files made without it keep their key and name);
 - ``make`` — the Makefile variable that passes it (empty by default there);
 - ``env`` — an environment variable that overrides the default.
 
@@ -35,16 +37,17 @@ from typing import Any, Callable
 def setting(default: Any = MISSING, *, help: str, choices=None, flag: str | None | bool = True,
             aliases: tuple[str, ...] = (), key: bool = False, attr: str | None = None,
             to_key: Callable | None = None, companion: str | None = None,
-            make: str | None = None, env: str | None = None, type: Callable | None = None,
-            parse: Callable | None = None, metavar: str | None = None,
-            positional: bool = False):
+            key_if_set: bool = False, make: str | None = None, env: str | None = None,
+            type: Callable | None = None, parse: Callable | None = None,
+            metavar: str | None = None, positional: bool = False):
     """A dataclass field carrying its row of the settings table (see the module docstring).
 
     ``type`` converts the CLI string (default: from the default's type); ``parse`` turns the
     converted value into the field's value (e.g. ``"0/4"`` -> ``(0, 4)``)."""
     meta = dict(help=help, choices=choices, flag=flag, aliases=tuple(aliases), key=key,
-                attr=attr, to_key=to_key, companion=companion, make=make, env=env, type=type,
-                parse=parse, metavar=metavar, positional=positional)
+                attr=attr, to_key=to_key, companion=companion, key_if_set=key_if_set,
+                make=make, env=env, type=type, parse=parse, metavar=metavar,
+                positional=positional)
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default")
     return field(default=default, metadata={"setting": meta})
@@ -64,6 +67,7 @@ class Setting:
     attr: str
     to_key: Callable | None
     companion: str | None
+    key_if_set: bool
     make: str | None
     env: str | None
     type: Callable | None
@@ -117,10 +121,16 @@ def key_fields(cls) -> tuple[str, ...]:
     return tuple(names)
 
 
+def optional_key_fields(cls) -> tuple[str, ...]:
+    """The key attributes a file has only when the setting was given (``key_if_set``)."""
+    return tuple(s.attr for s in table(cls) if s.key and s.key_if_set)
+
+
 def cache_key(cfg, measured: dict) -> dict:
     """The cache key of a resolved config: each key setting as written by its ``to_key``,
     with its companion taken from ``measured``. A setting whose companion is given as
-    ``None`` is left out with it (files made before that setting was recorded)."""
+    ``None`` is left out with it (files made before that setting was recorded), and so is
+    a ``key_if_set`` setting whose value is ``None``."""
     key = {}
     for s in table(type(cfg)):
         if not s.key:
@@ -128,6 +138,8 @@ def cache_key(cfg, measured: dict) -> dict:
         if s.companion and measured.get(s.companion, ...) is None:
             continue
         value = getattr(cfg, s.name)
+        if s.key_if_set and value is None:
+            continue
         key[s.attr] = s.to_key(value) if s.to_key else value
         if s.companion:
             key[s.companion] = measured[s.companion]

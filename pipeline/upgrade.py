@@ -47,8 +47,9 @@ ATTR_RENAMES = {"val_fraction": "test_fraction"}
 
 
 def cache_key_names() -> list[str]:
-    """The attribute names this featcache's cache key is made of (runtime ones included)."""
-    cfg = ExtractConfig(dataset="synthetic", weights="none", runtime="tensorflow")
+    """The attribute names this featcache's cache key is made of (runtime ones included;
+    ``cut`` too: it is in a file's key when the file has one)."""
+    cfg = ExtractConfig(dataset="synthetic", weights="none", runtime="tensorflow", cut="any")
     return list(cfg.cache_key(dataset_sha256="", weights_sha256="", runtime_version="-"))
 
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "architecture.md"
 PACKAGE = ROOT / "pipeline"
 #: The modules that put attributes into feature files.
-WRITERS = ("extract", "store", "merge", "upgrade", "featfile", "datasets", "folders")
+WRITERS = ("extract", "store", "merge", "upgrade", "featfile", "datasets", "folders",
+           "actstore")
 
 
 def _page() -> str:

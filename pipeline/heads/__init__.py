@@ -3,7 +3,9 @@ classifier as a head.
 
 Reads and writes only what :func:`save_head`/:func:`load_head` are given (joblib files;
 ``.keras`` + ``.json`` for the dense head). Takes arrays, never feature files, and never
-imports stage one (extract/backbones/datasets). Keras is imported only by
+imports stage one (extract/backbones/datasets) — except the opt-in ``finetune`` head
+(:mod:`~pipeline.heads.finetune`), which takes file rows and lazily rebuilds the
+backbone's layers above a cut. Keras is imported only by
 :mod:`pipeline.heads.dense` (:func:`~pipeline.heads.dense.keras_module`), on first use.
 
 Modules: :mod:`~pipeline.heads.base` (registry, :class:`Head` base class: validation,
@@ -11,7 +13,7 @@ mirrored features, grid loop, warm starts, save/load), :mod:`~pipeline.heads.lin
 (``logreg``, ``linear_svm``), :mod:`~pipeline.heads.rff` (``rbf_svm``),
 :mod:`~pipeline.heads.knn` (``knn``), :mod:`~pipeline.heads.dense` (``dense``,
 ``dense_ens``), :mod:`~pipeline.heads.plain` (plain scikit-learn classifiers, ``module:attr``
-user heads, save/load).
+user heads, save/load), :mod:`~pipeline.heads.finetune` (``finetune``, opt-in).
 
 Every head follows the scikit-learn estimator contract: ``fit(X, y)`` returns self,
 learned state ends in ``_``, ``random_state``, ``predict``, ``predict_proba``,
@@ -49,6 +51,7 @@ from .rff import RFFSVMHead, cosine_block, rbf_svm  # noqa: F401
 from .knn import CosineKNNHead, _inv_norms, knn, top_k  # noqa: F401
 from .dense import DenseHead, dense, dense_ens  # noqa: F401
 from .plain import SklearnHead, as_head, load_head, resolve_user_head, save_head  # noqa: F401
+from .finetune import FinetuneHead, finetune  # noqa: F401
 
 #: the base class under its former name
 _Head = Head
@@ -56,4 +59,4 @@ _Head = Head
 __all__ = ["HEADS", "Head", "HeadSpec", "default_heads", "get_head", "is_path",
            "register_head", "resolve_heads", "FAST_PATH", "LinearHead", "RFFSVMHead",
            "cosine_block", "CosineKNNHead", "top_k", "DenseHead", "SklearnHead", "as_head",
-           "load_head", "resolve_user_head", "save_head"]
+           "load_head", "resolve_user_head", "save_head", "FinetuneHead"]

@@ -52,9 +52,20 @@ class HeadSpec:
     cost: float = 1.0              # relative seconds per training row (job order, ETA)
     tensorflow: bool = False       # fitting imports TensorFlow (one thread per worker)
     fast_select: dict = field(default_factory=dict)  # --search fast: params while selecting
+    file_rows: Callable | None = None   # reads the file itself: data -> its own (finetune)
+    mirror_rows_only: bool = False      # with mirrors in the file: only its +flip row
 
     def make(self, random_state: int = 0, **params) -> BaseEstimator:
         return self.factory(random_state=random_state, **{**self.fixed, **params})
+
+    def data_for(self, data):
+        """The comparison's data as this head takes it (``file_rows`` heads: file rows)."""
+        return self.file_rows(data) if self.file_rows is not None else data
+
+    def flip_rows(self, extra: list) -> list:
+        """(train_flip, tta) of this head's rows: plain, then ``extra`` (the mirrored row);
+        a ``mirror_rows_only`` head runs only the mirrored one when there is one."""
+        return list(extra) if extra and self.mirror_rows_only else [(False, False), *extra]
 
 
 HEADS: dict[str, HeadSpec] = {}
@@ -62,7 +73,8 @@ HEADS: dict[str, HeadSpec] = {}
 
 def register_head(name: str, *, default: bool = True, grid=(), summary: str = "",
                   keras: bool = True, cost: float = 1.0, tensorflow: bool = False,
-                  fast_select: dict | None = None, **fixed):
+                  fast_select: dict | None = None, file_rows: Callable | None = None,
+                  mirror_rows_only: bool = False, **fixed):
     """Register ``factory(random_state=..., **params) -> estimator`` under ``name``.
 
     The estimator is a :class:`Head` or any scikit-learn classifier (stage two wraps a
@@ -74,12 +86,15 @@ def register_head(name: str, *, default: bool = True, grid=(), summary: str = ""
     TensorFlow's thread pools at one); ``fast_select`` are parameters used under
     ``--search fast`` (e.g. a looser solver tolerance, a short learning-rate schedule),
     where the model selected on the fit rows is the final one; ``--search exhaustive``
-    refits the chosen point on all training rows with the head's own parameters."""
+    refits the chosen point on all training rows with the head's own parameters.
+    ``file_rows(data)``: the head reads the feature file itself and takes the comparison's
+    data through this function (``finetune``: :class:`pipeline.finetune_data.ActRows`);
+    ``mirror_rows_only``: only its ``+flip`` row when the file has mirrors."""
     def deco(factory):
         doc = summary or ((factory.__doc__ or "").strip().splitlines() or [""])[0]
         HEADS[name] = HeadSpec(name, factory, default, tuple(dict(g) for g in grid), doc,
                                keras, dict(fixed), float(cost), bool(tensorflow),
-                               dict(fast_select or {}))
+                               dict(fast_select or {}), file_rows, bool(mirror_rows_only))
         return factory
     return deco
 
