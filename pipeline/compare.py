@@ -131,7 +131,7 @@ def compare_heads(cfg: HeadsConfig, *, write: bool = True, progress=None) -> dic
             left = sum(costs) - state["cost"]
             state["eta"] = (now - start) * left / state["cost"] if state["cost"] else 0.0
             state["at"] = now
-            for row, _ in result:
+            for row, *_ in result:
                 line = (f"{row['name']:<16} test {row['test_accuracy']:.4f} "
                         f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]  val "
                         f"{row['val_accuracy']:.4f}  {_fmt(row['params'])}  select "
@@ -149,9 +149,10 @@ def compare_heads(cfg: HeadsConfig, *, write: bool = True, progress=None) -> dic
                            on_done=done)
         y_test = np.asarray(data.y_test)
         del data
-    by_name = {row["name"]: (row, pred) for out in outputs for row, pred in out}
+    by_name = {row["name"]: (row, pred, proba) for out in outputs for row, pred, proba in out}
     rows = [by_name[row_label(*r)][0] for r in specs]
     preds = {r["name"]: by_name[r["name"]][1] for r in rows}
+    probas = {r["name"]: by_name[r["name"]][2] for r in rows}
     best = max(range(len(rows)), key=lambda i: (rows[i]["val_accuracy"], -i))
     results = {
         "feature_file": str(cfg.feature_file),
@@ -175,7 +176,7 @@ def compare_heads(cfg: HeadsConfig, *, write: bool = True, progress=None) -> dic
     results["wall_s"] = time.perf_counter() - t0
     if write:
         _publish_heads(staging, cfg.report_dir)
-        report.write_report(results, preds, y_test, cfg.report_dir)
+        report.write_report(results, preds, y_test, cfg.report_dir, probabilities=probas)
     return results
 
 
@@ -224,7 +225,7 @@ def label_curve(cfg: HeadsConfig, sizes=CURVE_SIZES, *, write: bool = True) -> d
                      frac, cfg.seed)
         for name in names:
             log.info("curve: %s with %s labelled rows per class", name, size or "all")
-            row, _, _ = run_row(name, data, train_flip=False, tta=False, seed=cfg.seed,
+            row, _, _, _ = run_row(name, data, train_flip=False, tta=False, seed=cfg.seed,
                                 n_classes=len(fs.classes), search=cfg.search)
             points.append({"head": name, "per_class": size or "all",
                            "n_train": len(idx), "test_accuracy": row["test_accuracy"],

@@ -48,8 +48,9 @@ def _cost(row, data: _Data) -> float:
     return HEADS[name].cost * len(data.y) * (2 if train_flip else 1) * (1.25 if tta else 1)
 
 
-def _run_job(job: _Job, data: _Data) -> list[tuple[dict, np.ndarray]]:
-    """Worker side: run the job's rows; returns [(row, test predictions)…]."""
+def _run_job(job: _Job, data: _Data) -> list[tuple[dict, np.ndarray, np.ndarray | None]]:
+    """Worker side: run the job's rows; returns [(row, test predictions, test
+    probabilities or None)…]."""
     if job.in_worker:
         _worker_logging(job.log_level)
         if job.user_heads:   # a fresh worker process registers the user's heads again
@@ -61,11 +62,11 @@ def _run_job(job: _Job, data: _Data) -> list[tuple[dict, np.ndarray]]:
             from .workers import tensorflow_single_threaded
 
             tensorflow_single_threaded()
-        row, pred, _ = run_row(name, data, train_flip=train_flip, tta=tta, seed=job.seed,
+        row, pred, proba, _ = run_row(name, data, train_flip=train_flip, tta=tta, seed=job.seed,
                                n_classes=job.n_classes, search=job.search,
                                report_dir=Path(job.out_dir) if job.out_dir else None)
         row["worker_pid"] = os.getpid()
-        out.append((row, pred))
+        out.append((row, pred, proba))
     return out
 
 

@@ -1,8 +1,9 @@
 """``mistakes.png``: the best row's most confident wrong test predictions, as an image grid.
 
-Reads the feature file named in stage two's ``results`` (test features, labels and per-row
-``ids``), the best row's saved head (``<report>/heads/<row>.joblib|.keras``) for its
-probabilities, and the images themselves through the ids: registry data sets (CIFAR-10,
+Reads the feature file named in stage two's ``results`` (test labels and per-row ``ids``;
+the test features too when it must predict), the best row's test probabilities as the
+comparison computed them or else its saved head (``<report>/heads/<row>.joblib|.keras``),
+and the images themselves through the ids: registry data sets (CIFAR-10,
 synthetic) by index in the test split (from ``data_dir``, default
 :func:`pipeline.paths.find_cifar10` else ``data``), image folders by relative path under
 the file's ``source_dir``. Writes ``<report>/mistakes.png`` (atomically). When the images
@@ -88,8 +89,11 @@ def plot_grid(images, titles, path: Path, suptitle: str) -> None:
 
 
 def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
-                   data_dir: str | os.PathLike | None = None) -> Path | None:
-    """Write ``<report_dir>/mistakes.png`` for ``results``' best row; its path, or None."""
+                   data_dir: str | os.PathLike | None = None,
+                   predicted: tuple | None = None) -> Path | None:
+    """Write ``<report_dir>/mistakes.png`` for ``results``' best row; its path, or None.
+    ``predicted``: the best row's (test predictions, test probabilities) as the comparison
+    computed them; without probabilities the saved head predicts again."""
     from .heads import HEADS, as_head, load_head
     from .store import load_features
 
@@ -99,14 +103,17 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
         tta = bool(best.get("tta"))
         fs = load_features(results["feature_file"], ["test"], flip=tta)
         test = fs["test"]
-        head = as_head(load_head(report_dir / best["saved"]))  # a plain sklearn head too
-        X, Xf = test.features, (test.features_flip if tta else None)
-        if getattr(HEADS.get(best.get("head")), "file_rows", None):  # finetune: file rows
-            from .finetune_data import file_test_rows
+        if predicted is not None and predicted[1] is not None:
+            pred, proba = np.asarray(predicted[0]), np.asarray(predicted[1])
+        else:
+            head = as_head(load_head(report_dir / best["saved"]))  # a plain sklearn head too
+            X, Xf = test.features, (test.features_flip if tta else None)
+            if getattr(HEADS.get(best.get("head")), "file_rows", None):  # finetune
+                from .finetune_data import file_test_rows
 
-            X, Xf = file_test_rows(results["feature_file"], len(test.labels), tta)
-        pred = np.asarray(head.predict(X, X_flip=Xf) if tta else head.predict(X))
-        proba = _probabilities(head, X, Xf)
+                X, Xf = file_test_rows(results["feature_file"], len(test.labels), tta)
+            pred = np.asarray(head.predict(X, X_flip=Xf) if tta else head.predict(X))
+            proba = _probabilities(head, X, Xf)
         rows = confident_mistakes(test.labels, pred, proba, n)
         if not len(rows):
             log.info("no wrong test predictions: no mistakes.png")

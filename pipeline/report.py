@@ -224,9 +224,11 @@ def plot_per_class(names, matrix, classes, path: Path) -> None:
 
 # --------------------------------------------------------------------------- writers
 
-def write_report(results: dict, predictions: dict, y_test, report_dir) -> dict:
+def write_report(results: dict, predictions: dict, y_test, report_dir, *,
+                 probabilities: dict | None = None) -> dict:
     """Write every report file, ``results.json`` last; returns ``results`` with the
-    ``plots`` and ``files`` entries filled in."""
+    ``plots`` and ``files`` entries filled in. ``probabilities`` (row -> test
+    probabilities, from the comparison) spare ``mistakes.png`` a second prediction."""
     d = Path(report_dir)
     d.mkdir(parents=True, exist_ok=True)
     best = next(r for r in results["rows"] if r["name"] == results["best_row"])
@@ -248,7 +250,9 @@ def write_report(results: dict, predictions: dict, y_test, report_dir) -> dict:
                         "fit_time": "fit_time.png", "per_class": "per_class.png"}
     results["files"] = ["results.csv", "report.md", "predictions.npz", "accuracy.png",
                         "confusion.png", "fit_time.png", "per_class.png", "results.json"]
-    if "feature_file" in results and write_mistakes(results, d):  # pipeline.mistakes
+    predicted = (predictions.get(results["best_row"]),
+                 (probabilities or {}).get(results["best_row"]))
+    if "feature_file" in results and write_mistakes(results, d, predicted=predicted):
         results["plots"]["mistakes"] = "mistakes.png"; results["files"].insert(-1, "mistakes.png")  # noqa: E702
     # the data files after the plots: a run interrupted while plotting keeps the old ones
     buf = io.BytesIO()

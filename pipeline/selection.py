@@ -120,10 +120,10 @@ def row_label(name: str, train_flip: bool, tta: bool) -> str:
 
 def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
             n_classes: int, report_dir=None,
-            search: str = "exhaustive") -> tuple[dict, np.ndarray, object]:
+            search: str = "exhaustive") -> tuple[dict, np.ndarray, np.ndarray | None, object]:
     """Select, refit on all training rows (``search="exhaustive"``; under ``"fast"`` the
     model selected on the fit rows is the final one), test once. Returns (row, test
-    predictions, head)."""
+    predictions, test probabilities or None, head)."""
     if name not in HEADS:      # a worker process that was not told how to import it
         raise ConfigError(f"head {name!r} is not registered in this process; register it "
                           f"in an importable module and pass --heads module:{name}, or run "
@@ -144,7 +144,7 @@ def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
         head = est.set_grid_point(params)
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
-    pred = head.predict(data.X_test, data.Xf_test if tta else None)
+    pred, proba = _test_predictions(head, data.X_test, data.Xf_test if tta else None)
     predict_s = time.perf_counter() - t
     y = data.y_test
     correct = int(np.sum(pred == y))
@@ -171,7 +171,18 @@ def run_row(name: str, data: _Data, *, train_flip: bool, tta: bool, seed: int,
         row["saved"] = str(path.relative_to(report_dir))
     log.debug("%-16s test %.4f [%.4f, %.4f]  %s  select %.1f s, fit %.1f s", label,
               row["test_accuracy"], lo, hi, _fmt(params), select_s, fit_s)
-    return row, pred, head
+    return row, pred, proba, head
+
+
+def _test_predictions(head, X, X_flip):
+    """(predictions, probabilities): one pass for featcache's own heads, whose ``predict``
+    is the argmax of ``predict_proba``; other estimators predict (probabilities None)."""
+    from .heads import Head, SklearnHead
+
+    if isinstance(head, Head) and not isinstance(head, SklearnHead):
+        P = np.asarray(head.predict_proba(X, X_flip), dtype=np.float32)
+        return head.classes_[np.argmax(P, axis=1)], P
+    return np.asarray(head.predict(X, X_flip)), None
 
 
 def load_data(cfg: HeadsConfig, *, flip: bool = True):

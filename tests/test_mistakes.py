@@ -66,6 +66,21 @@ def test_report_writes_mistakes_png(synthetic_file):
         assert im.size[0] > 200 and im.size[1] > 200
 
 
+def test_comparison_hands_its_probabilities_over_without_predicting_again(synthetic_file,
+                                                                        monkeypatch):
+    """The report's mistakes come from the comparison's own test probabilities: the saved
+    head is not loaded again (for the dense head that would import TensorFlow)."""
+    import pipeline.heads as heads_pkg
+
+    def no_reload(*a, **k):
+        raise AssertionError("mistakes.png loaded the saved head again")
+
+    monkeypatch.setattr(heads_pkg, "load_head", no_reload)
+    cfg = HeadsConfig(str(synthetic_file), heads=("logreg",), flip="off", workers=0)
+    results = compare_heads(cfg)
+    assert results["plots"]["mistakes"] == "mistakes.png"
+
+
 def test_no_images_no_file_and_no_failure(synthetic_file, tmp_path):
     """A data set stage two cannot reach (here: an unknown name) leaves the report whole."""
     import h5py

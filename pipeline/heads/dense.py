@@ -243,7 +243,7 @@ class _Batches:
 FAST_DENSE = {"epochs": 4, "schedule": "cosine", "learning_rate": 2e-3}
 
 
-@register_head("dense", grid=[{"dropout": 0.5}], cost=1.5, tensorflow=True,
+@register_head("dense", grid=[{"dropout": 0.5}], cost=3.5, tensorflow=True,
                fast_select=FAST_DENSE)
 def dense(random_state=0, **params):
     """Keras Dense(1024, relu) -> Dense(n_classes, softmax), Adam; early-stopped epochs
@@ -251,7 +251,7 @@ def dense(random_state=0, **params):
     return DenseHead(random_state=random_state, **params)
 
 
-@register_head("dense_ens", default=False, grid=[{"dropout": 0.5}], cost=4.5, tensorflow=True,
+@register_head("dense_ens", default=False, grid=[{"dropout": 0.5}], cost=10.5, tensorflow=True,
                fast_select=FAST_DENSE, members=3)
 def dense_ens(random_state=0, **params):
     """Three `dense` heads (seeds differ), probabilities averaged in one Keras model; 3x the time."""
