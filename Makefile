@@ -129,8 +129,11 @@ curve: $(FEATURE_FILE) | $(STAMP) ## label-efficiency curve: accuracy vs labelle
 export: $(REPORT_DIR)/results.json | $(STAMP) ## one model: raw images -> classes (best head; FORMAT=keras|savedmodel|tflite)
 	$(FEATCACHE) export $(FEATURE_FILE) $(if $(HEAD),--head $(HEAD)) $(if $(FORMAT),--format $(FORMAT))
 
+# test: one pytest worker per core (pytest-xdist), each test file on one worker (module
+# fixtures run once); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= logical
 test: $(DEV_STAMP) ## run the test suite (real-data tests run when ../shared or FEATCACHE_REAL_DATA is there)
-	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not isolated"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) -m "not isolated"
 	$(PY) -m pytest -q $(PYTEST_ARGS) -m isolated
 
 bench: $(DEV_STAMP) ## side-by-side benchmarks -> BENCHMARKS.md (minutes)

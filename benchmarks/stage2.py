@@ -15,6 +15,8 @@ import logging
 import time
 from pathlib import Path
 
+from .before12 import HEADS_ARG
+
 log = logging.getLogger(__name__)
 
 
@@ -44,8 +46,9 @@ def fit_predict_logreg(Xtr, ytr, Xte, *, seed: int = 0) -> dict:
 #: exhaustive``): "today's time", measured side by side.
 RUNS = (("new", [], "default: --workers = cores, --search fast"),
         ("new_1worker", ["--workers", "1"], "--workers 1 (memory check)"),
-        ("old", ["--workers", "0", "--search", "exhaustive"],
-         "--workers 0 --search exhaustive (the protocol before issue 12)"))
+        ("old", ["--workers", "0", "--search", "exhaustive", "--heads", HEADS_ARG],
+         "--workers 0 --search exhaustive, the heads of that time (benchmarks/before12.py): "
+         "the comparison before issue 12"))
 
 
 def tree_memory(pid: int) -> tuple[float, float]:

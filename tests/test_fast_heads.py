@@ -95,3 +95,23 @@ def test_knn_without_projection_keeps_the_rows_as_given():
     assert np.shares_memory(head.index_[0], X)
     wide = CosineKNNHead(dim=256).fit(X, rng.integers(0, 3, 100))   # dim >= D: no PCA
     assert wide.projection_ is None and np.shares_memory(wide.index_[0], X)
+
+
+def test_heads_study_prints_both_parts(tmp_path, capsys):
+    """``python -m benchmarks.heads_study`` (the docs' validation studies) runs end to end."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import heads_study
+    from stage_two_util import make_feature_file
+
+    path = make_feature_file(tmp_path / "f.h5", n_train=300, flip=True)
+    heads_study.main([str(path), "--parts", "linear,knn", "--dims", "4"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    lin = [x for x in lines if x["part"] == "linear"]
+    assert len(lin) == 2 * 2 * 2 * 3                 # losses x flip x preconditioner x C
+    assert all(0 <= x["val_accuracy"] <= 1 and x["iterations"] >= 1 for x in lin)
+    kn = [x for x in lines if x["part"] == "knn"]
+    assert {(x["dim"], x["whiten"]) for x in kn} == {(None, False), (4, False), (4, True)}

@@ -93,12 +93,12 @@ FAST_PATH = {"tol": 3e-4}
 @register_head("logreg", grid=[{"C": c} for c in (0.001, 0.003, 0.01)], cost=1.0,
                fast_select=FAST_PATH)
 def logreg(random_state=0, **params):
-    """Multinomial logistic regression on standardized features (float32 L-BFGS)."""
+    """Multinomial logistic regression on standardized features (float32 preconditioned L-BFGS)."""
     return LinearHead(loss="softmax", random_state=random_state, **params)
 
 
 @register_head("linear_svm", grid=[{"C": c} for c in (0.0001, 0.0003, 0.001)], cost=1.5,
                fast_select=FAST_PATH)
 def linear_svm(random_state=0, **params):
-    """One-vs-rest linear SVM (squared hinge) on standardized features (float32 L-BFGS)."""
+    """One-vs-rest linear SVM (squared hinge) on standardized features (float32 preconditioned L-BFGS)."""
     return LinearHead(loss="squared_hinge", random_state=random_state, **params)
