@@ -82,3 +82,15 @@ def synthetic_features(tmp_path):
     cfg = ExtractConfig(dataset="synthetic", backbone="mobilenet_025", weights="none", size=32,
                         batch=32, out_dir=str(tmp_path), flip=False)
     return extract_features(cfg).path
+
+
+#: the test files that take longest (``--durations``), started first: ``make test`` runs
+#: the files on pytest-xdist workers (``--dist loadfile``) in collection order, and a long
+#: file started last would leave one worker running it alone at the end.
+LONGEST_FIRST = ("test_bench.py", "test_real.py", "test_ship.py", "test_faults.py",
+                 "test_export.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable
