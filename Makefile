@@ -133,8 +133,7 @@ export: $(REPORT_DIR)/results.json | $(STAMP) ## one model: raw images -> classe
 # fixtures run once); TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= logical
 test: $(DEV_STAMP) ## run the test suite (real-data tests run when ../shared or FEATCACHE_REAL_DATA is there)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) -m "not isolated"
-	$(PY) -m pytest -q $(PYTEST_ARGS) -m isolated
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(DEV_STAMP) ## side-by-side benchmarks -> BENCHMARKS.md (minutes)
 	$(PY) -m benchmarks $(BENCH_ARGS)
