@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import resource
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -35,6 +33,7 @@ from .backbones import build_backbone, get_backbone, preprocess, weights_sha256
 from .config import ExtractConfig, config_sha256
 from .datasets import Dataset, open_dataset
 from .errors import ConfigError, Interrupted
+from .prefetch import prefetch
 from .resize import REGISTRY_ANTIALIAS
 from .resize import describe as describe_resize
 from .store import FeatureWriter, SplitSpec, check_output
@@ -158,44 +157,6 @@ def make_runtime_step(cfg: ExtractConfig, model, ds: Dataset, *, batch: int,
     return runtimes.openvino_step(graph, key, batch=batch, threads=cfg.threads)
 
 
-def _prefetch(it: Iterator, depth: int = 3) -> Iterator:
-    """Run ``it`` in a daemon thread, ``depth`` items ahead; re-raise its errors here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(end)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put(exc)
-
-    t = threading.Thread(target=work, daemon=True, name="featcache-reader")
-    t.start()
-    try:
-        while True:
-            try:   # a timeout keeps the wait short, so Ctrl-C is seen at once
-                item = q.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
 # ---------------------------------------------------------------------------- shards
 
 def shard_range(rows: int, batch: int, shard: tuple[int, int] | None) -> tuple[int, int]:
@@ -298,7 +259,7 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
                 if start >= hi:
                     continue
                 log.info("%s: rows %d..%d of %d", split, start, hi, ds.splits[split])
-                for images, labels in _prefetch(ds.batches(split, start, hi, batch)):
+                for images, labels in prefetch(ds.batches(split, start, hi, batch)):
                     if cfg.cut:   # activations at the cut too (pipeline.actstore)
                         out = step.outputs(images)
                         feats, flipped = out["features"], out.get("features_flip")

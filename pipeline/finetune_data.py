@@ -19,13 +19,12 @@ a few row blocks — flat in the number of rows.
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import ConfigError
+from .prefetch import prefetch
 
 #: Rows per contiguous read from the file (x ~31 KiB per row for a 7x7x320 float16 cut).
 READ_ROWS = 512
@@ -94,43 +93,6 @@ def file_test_rows(path, n: int, flip: bool):
 
 # ---------------------------------------------------------------------------- streaming
 
-def _prefetch(gen, depth: int = 2):
-    """Run the generator ``gen`` in a thread, ``depth`` items ahead."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in gen:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(end)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(exc)
-
-    threading.Thread(target=work, daemon=True, name="featcache-act-reader").start()
-    try:
-        while True:
-            try:   # a timeout keeps the wait short, so Ctrl-C is seen at once
-                item = q.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
 def _blocks_of(rows: np.ndarray, n_file: int, read_rows: int):
     """Contiguous file blocks ``[lo, hi)`` holding any of ``rows``, and each block's rows."""
     rows = np.sort(np.asarray(rows))
@@ -170,7 +132,7 @@ def train_batches(reader, X: ActRows, labels_by_row, batch: int, rng, *,
                 sel = perm[i:i + batch]
                 yield x[sel].astype(np.float32), y[sel]
 
-    return _prefetch(gen())
+    return prefetch(gen(), 2, name="featcache-act-reader")
 
 
 def predict_blocks(reader, X: ActRows, *, read_rows: int = READ_ROWS, what: str = "acts"):
@@ -184,7 +146,7 @@ def predict_blocks(reader, X: ActRows, *, read_rows: int = READ_ROWS, what: str 
             yield pos[rows], reader.read(X.split, lo, hi, flip=X.flip,
                                          what=what)[rows - lo].astype(np.float32)
 
-    return _prefetch(gen())
+    return prefetch(gen(), 2, name="featcache-act-reader")
 
 
 
