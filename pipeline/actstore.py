@@ -22,16 +22,15 @@ blocks (:meth:`ActivationReader.blocks`), so memory stays flat in the number of 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from . import atomic
-from .errors import CacheError, ConfigError, DiskFullError, IncompleteFeatureFile
+from .errors import CacheError, ConfigError, IncompleteFeatureFile
 from .featfile import CHUNK_BYTES, _check_schema, _open_h5
-from .store import FeatureWriter, _is_disk_full, _preallocated
+from .store import FeatureWriter, _building, _preallocated, _require_free, _writing
 
 ACT_DTYPE = "float16"
 
@@ -59,15 +58,11 @@ class ActivationWriter(FeatureWriter):
         shape = cls.act_shape
         per_row = int(np.prod(shape)) * np.dtype(ACT_DTYPE).itemsize * (2 if flip else 1)
         need = sum(s.rows for s in specs.values()) * per_row
-        path.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(path.parent).free
-        if need > free:
-            raise DiskFullError(
-                f"{path}: the activations at the cut need {need / 2**20:.0f} MiB but only "
-                f"{free / 2**20:.0f} MiB are free on {path.parent}; free some space, write "
-                f"elsewhere (--out-dir) or choose a smaller cut")
+        _require_free(path, need, subject=f"{path}: the activations at the cut need",
+                      advice="free some space, write elsewhere (--out-dir) or choose a "
+                             "smaller cut")
         staging = atomic.temp_name(path, ".acts")
-        try:
+        with _building(staging, path):
             FeatureWriter._create(staging, attrs=attrs, classes=classes, specs=specs, dim=dim,
                                   dtype=dtype, flip=flip)
             with h5py.File(staging, "r+") as f:
@@ -77,13 +72,6 @@ class ActivationWriter(FeatureWriter):
                         _preallocated(f[name], key, (spec.rows, *shape), ACT_DTYPE,
                                       (min(rows, max(spec.rows, 1)), *shape))
                 f.attrs["cut_shape"] = list(shape)
-            atomic.replace(staging, path)
-        except BaseException as exc:
-            staging.unlink(missing_ok=True)
-            if _is_disk_full(exc):
-                raise DiskFullError(f"disk full while creating {path}; free some space or "
-                                    f"write elsewhere (--out-dir)") from None
-            raise
 
     def write(self, split: str, features: np.ndarray, labels: np.ndarray,
               features_flip: np.ndarray | None = None, *, acts: np.ndarray | None = None,
@@ -95,16 +83,10 @@ class ActivationWriter(FeatureWriter):
         if stop > self.rows(split):
             raise CacheError(f"{self.path}: {split} would exceed its {self.rows(split)} rows")
         g = self._f[split]
-        try:
+        with _writing(self.path, lambda: f"{start} {split} rows"):
             g["acts"][start:stop] = acts.astype(ACT_DTYPE, copy=False)
             if self.flip:
                 g["acts_flip"][start:stop] = acts_flip.astype(ACT_DTYPE, copy=False)
-        except (OSError, ValueError, RuntimeError) as exc:
-            if _is_disk_full(exc):
-                raise DiskFullError(
-                    f"disk full while writing {self.path}; {start} {split} rows are safe: "
-                    f"free some space and run the same command again to resume") from None
-            raise
         return super().write(split, features, labels, features_flip)
 
 

@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -41,6 +42,44 @@ from .featfile import (  # noqa: F401 - re-exported: the store's public names
 from .lock import FileLock, check_output, partial_path  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
+
+
+def _require_free(path: Path, need: int, *, subject: str | None = None,
+                  advice: str = "free some space or write elsewhere (--out-dir)") -> None:
+    """Refuse before any work when ``path``'s folder has less than ``need`` bytes free."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise DiskFullError(f"{subject or f'{path} needs'} {need / 2**20:.0f} MiB but only "
+                            f"{free / 2**20:.0f} MiB are free on {path.parent}; {advice}")
+
+
+@contextmanager
+def _building(tmp: Path, path: Path):
+    """The body builds ``tmp``, which is then renamed to ``path``; on any failure ``tmp``
+    is removed, and a full disk is a one-line :class:`DiskFullError`."""
+    try:
+        yield
+        atomic.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise DiskFullError(f"disk full while creating {path}; free some space or "
+                                f"write elsewhere (--out-dir)") from None
+        raise
+
+
+@contextmanager
+def _writing(path: Path, safe: Callable[[], str]):
+    """A full disk while writing into ``path`` is a one-line :class:`DiskFullError` saying
+    what is safe (``safe()``, e.g. ``"320 train rows"``) and how to resume."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as exc:
+        if _is_disk_full(exc):
+            raise DiskFullError(f"disk full while writing {path}; {safe()} are safe: free "
+                                f"some space and run the same command again to resume") from None
+        raise
 
 
 def _is_disk_full(exc: BaseException | None) -> bool:
@@ -185,14 +224,9 @@ class FeatureWriter:
     def _create(path: Path, *, attrs, classes, specs, dim, dtype, flip) -> None:
         itemsize = np.dtype(dtype).itemsize
         need = sum(s.rows * (dim * itemsize * (2 if flip else 1) + 8) for s in specs.values())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(path.parent).free
-        if need > free:
-            raise DiskFullError(
-                f"{path} needs {need / 2**20:.0f} MiB but only {free / 2**20:.0f} MiB are free "
-                f"on {path.parent}; free some space or write elsewhere (--out-dir)")
+        _require_free(path, need)
         tmp = path.with_name(path.name + ".tmp")
-        try:
+        with _building(tmp, path):
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("classes", data=np.array(classes, dtype=object),
                                  dtype=h5py.string_dtype("utf-8"))
@@ -213,13 +247,6 @@ class FeatureWriter:
                 f.attrs["complete"] = False
                 f.attrs["flip"] = bool(flip)
                 f.attrs["dtype"] = dtype
-            atomic.replace(tmp, path)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            if _is_disk_full(exc):
-                raise DiskFullError(f"disk full while creating {path}; free some space or "
-                                    f"write elsewhere (--out-dir)") from None
-            raise
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -247,7 +274,7 @@ class FeatureWriter:
         if stop > self.rows(split):
             raise CacheError(f"{self.path}: {split} would exceed its {self.rows(split)} rows")
         g = self._f[split]
-        try:
+        with _writing(self.path, lambda: f"{self.rows_done(split)} {split} rows"):
             g["features"][start:stop] = features
             if self.flip:
                 if features_flip is None:
@@ -257,12 +284,6 @@ class FeatureWriter:
             self._rows[i] = stop
             self._f.attrs["rows_done"] = self._rows
             self._f.flush()
-        except (OSError, ValueError, RuntimeError) as exc:
-            if _is_disk_full(exc):
-                raise DiskFullError(
-                    f"disk full while writing {self.path}; {self.rows_done(split)} {split} rows "
-                    f"are safe: free some space and run the same command again to resume") from None
-            raise
         return stop
 
     def mark_complete(self) -> None:
