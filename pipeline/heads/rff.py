@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..linear import Scaler, fit_linear, folded, softmax
+from ..linear import Scaler, covariance, fit_linear, folded, softmax
 from .base import Head, data_key, register_head
 
 
@@ -32,14 +32,7 @@ class RFFSVMHead(Head):
     def _fit_projection(self, blocks):
         self.scaler_ = Scaler.fit(blocks)
         D = blocks[0].shape[1]
-        cov = np.zeros((D, D), np.float64)
-        n = 0
-        for X in blocks:
-            for i in range(0, len(X), 8192):
-                b = (X[i:i + 8192] - self.scaler_.mean) / self.scaler_.scale
-                cov += b.T @ b
-                n += len(b)
-        evals, evecs = np.linalg.eigh(cov / n)
+        evals, evecs = np.linalg.eigh(covariance(blocks, self.scaler_.mean, self.scaler_.scale))
         p = min(self.n_pca, D)
         V = evecs[:, ::-1][:, :p].astype(np.float32)
         self.proj_, self.proj_bias_ = folded(self.scaler_, V, np.zeros(p, np.float32))
