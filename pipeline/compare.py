@@ -225,8 +225,8 @@ def label_curve(cfg: HeadsConfig, sizes=CURVE_SIZES, *, write: bool = True) -> d
                      frac, cfg.seed)
         for name in names:
             log.info("curve: %s with %s labelled rows per class", name, size or "all")
-            row, _, _, _ = run_row(name, data, train_flip=False, tta=False, seed=cfg.seed,
-                                n_classes=len(fs.classes), search=cfg.search)
+            row, *_ = run_row(name, data, train_flip=False, tta=False, seed=cfg.seed,
+                              n_classes=len(fs.classes), search=cfg.search)
             points.append({"head": name, "per_class": size or "all",
                            "n_train": len(idx), "test_accuracy": row["test_accuracy"],
                            "ci95": row["ci95"], "params": row["params"],

@@ -62,9 +62,9 @@ def _run_job(job: _Job, data: _Data) -> list[tuple[dict, np.ndarray, np.ndarray 
             from .workers import tensorflow_single_threaded
 
             tensorflow_single_threaded()
-        row, pred, proba, _ = run_row(name, data, train_flip=train_flip, tta=tta, seed=job.seed,
-                               n_classes=job.n_classes, search=job.search,
-                               report_dir=Path(job.out_dir) if job.out_dir else None)
+        row, pred, proba, _ = run_row(
+            name, data, train_flip=train_flip, tta=tta, seed=job.seed, n_classes=job.n_classes,
+            search=job.search, report_dir=Path(job.out_dir) if job.out_dir else None)
         row["worker_pid"] = os.getpid()
         out.append((row, pred, proba))
     return out
