@@ -13,8 +13,10 @@ on validation, test once, the interval, McNemar, the report) is the comparison's
 
 Streaming: contiguous row blocks (``READ_ROWS``) read in a shuffled block order and mixed
 ``BUFFER_BLOCKS`` at a time in a shuffle buffer; with mirrored activations each sample is
-plain or mirrored at random per epoch. A reader thread keeps two batches ready. Memory:
-a few row blocks — flat in the number of rows.
+plain or mirrored at random per epoch, and with ``shift`` each activation map is moved by
+up to ``shift`` cells in each direction (edge cells repeated; :func:`shift_maps`). A
+reader thread keeps two batches ready. Memory: a few row blocks — flat in the number of
+rows.
 """
 
 from __future__ import annotations
@@ -104,12 +106,34 @@ def _blocks_of(rows: np.ndarray, n_file: int, read_rows: int):
     return out
 
 
+def shift_maps(x: np.ndarray, shift: int, rng) -> np.ndarray:
+    """``x`` (N, H, W, C) with each map translated by a random (dy, dx) in
+    ``[-shift, shift]``^2, the edge rows/columns repeated into the cells left empty: the
+    activation-map form of the random-crop augmentation (a cell of a 7x7 map at 224 px is
+    32 input pixels, 4.6 of a 32 px CIFAR image). ``shift`` 0 returns ``x``."""
+    if not shift or x.ndim != 4:
+        return x
+    s = int(shift)
+    h, w = x.shape[1], x.shape[2]
+    pad = np.pad(x, ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
+    dy = rng.integers(-s, s + 1, len(x))
+    dx = rng.integers(-s, s + 1, len(x))
+    out = np.empty_like(x)
+    for a in range(-s, s + 1):
+        for b in range(-s, s + 1):
+            sel = np.flatnonzero((dy == a) & (dx == b))
+            if len(sel):
+                out[sel] = pad[sel, s + a:s + a + h, s + b:s + b + w]
+    return out
+
+
 def train_batches(reader, X: ActRows, labels_by_row, batch: int, rng, *,
                   mirror: bool, read_rows: int = READ_ROWS, buffer_blocks: int = BUFFER_BLOCKS,
-                  what: str = "acts"):
+                  what: str = "acts", shift: int = 0):
     """One epoch of shuffled ``(x float32, y)`` batches over ``X``'s rows: blocks in random
     order, mixed ``buffer_blocks`` at a time; with ``mirror`` each sample is plain or
-    mirrored at random."""
+    mirrored at random; with ``shift`` (activations only) each map is translated at random
+    (:func:`shift_maps`)."""
     blocks = _blocks_of(X.rows, reader.rows(X.split), read_rows)
     order = rng.permutation(len(blocks))
 
@@ -130,7 +154,8 @@ def train_batches(reader, X: ActRows, labels_by_row, batch: int, rng, *,
             perm = rng.permutation(len(y))
             for i in range(0, len(y), batch):
                 sel = perm[i:i + batch]
-                yield x[sel].astype(np.float32), y[sel]
+                xb = x[sel].astype(np.float32)
+                yield (shift_maps(xb, shift, rng) if what == "acts" else xb), y[sel]
 
     return prefetch(gen(), 2, name="featcache-act-reader")
 

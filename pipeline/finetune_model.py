@@ -8,7 +8,7 @@ functions only.
 
 :func:`build` gives ``activations (H, W, C) -> the layers above the cut (the top
 ``trainable_blocks`` blocks trainable, the rest frozen; every BatchNorm frozen, in
-inference mode) -> pooled features -> Normalization (fit-row statistics) ->
+inference mode; ``None``: all of them) -> pooled features -> Normalization (fit-row statistics) ->
 Dense(hidden, relu) -> Dropout -> Dense(n_classes, softmax)`` as one model, its top and
 its head (the head alone takes pooled features: phase 1 trains it on the stored ones).
 """
@@ -33,6 +33,7 @@ class Built:
     cut: str
     backbone: str
     top_layers: list
+    trainable_blocks: int     # resolved: ``None`` asked for every block above the cut
 
 
 def file_weights(attrs: dict) -> str:
@@ -43,9 +44,10 @@ def file_weights(attrs: dict) -> str:
     return weights
 
 
-def build(path: str, n_classes: int, mean, var, *, trainable_blocks: int, hidden: int,
+def build(path: str, n_classes: int, mean, var, *, trainable_blocks: int | None, hidden: int,
           dropout: float, seed: int) -> Built:
-    """The model for the feature file at ``path`` (see the module docstring)."""
+    """The model for the feature file at ``path`` (see the module docstring);
+    ``trainable_blocks`` None: every block above the cut."""
     import keras
 
     from .actstore import ActivationReader
@@ -63,7 +65,7 @@ def build(path: str, n_classes: int, mean, var, *, trainable_blocks: int, hidden
                               seed=int(attrs.get("seed", 0)))
     top = top_model(backbone, str(attrs["cut"]), spec.name)
     units = top_units(top)
-    k = int(trainable_blocks)
+    k = len(units) if trainable_blocks is None else int(trainable_blocks)
     if not 0 <= k <= len(units):
         raise ConfigError(f"trainable_blocks={k}: the cut {attrs['cut']} has {len(units)} "
                           f"blocks above it (0..{len(units)})")
@@ -83,7 +85,7 @@ def build(path: str, n_classes: int, mean, var, *, trainable_blocks: int, hidden
     inp = keras.Input(shape, dtype="float32", name="activations")
     model = keras.Model(inp, head(top(inp)), name="featcache_finetune")
     return Built(model, top, head, str(attrs["cut"]), spec.name,
-                 [layer.name for layer in top.layers if layer.weights])
+                 [layer.name for layer in top.layers if layer.weights], k)
 
 
 def export_bottom(estimator, backbone, head_model, feature_file, n: int = 16):

@@ -12,13 +12,16 @@ imported lazily; it never runs the bottom of the backbone. Writes only what
 Training (:meth:`FinetuneHead.fit`), two phases as fine-tuning practice has it: (1) the
 dense head alone on the stored pooled features (the top's output before training: cheap),
 batch ``warmup_batch_size``, Adam at ``learning_rate``; (2) the top's ``trainable_blocks``
-blocks and the head together on the activations, the pretrained layers at ``backbone_lr``
-(lower than the head's ``finetune_lr``), BatchNorm frozen. Each phase early-stops on
+blocks (default: all of them) and the head together on the activations, the pretrained
+layers at ``backbone_lr`` (lower than the head's ``finetune_lr``), both decaying to 0 over
+``decay_epochs`` (default ``epochs``) epochs with ``schedule="cosine"``, BatchNorm frozen. Each phase early-stops on
 validation accuracy (test-time averaging of plain and mirror when the row uses it) and
 restores its best epoch; phase 2 starts from phase 1's best, so it can only keep or
 improve it. With mirrored activations each sample is plain or mirrored at random per
-epoch. ``time_budget_s`` stops before an epoch that would not finish in time. Memory:
-the model, the optimizer state and a few row blocks — flat in the number of rows.
+epoch; ``shift`` (off by default) also translates each activation map at random by up
+to that many cells (:func:`pipeline.finetune_data.shift_maps`). ``time_budget_s`` stops
+before an epoch that would not finish in time. Memory: the model, the optimizer state and
+a few row blocks — flat in the number of rows.
 """
 
 from __future__ import annotations
@@ -31,9 +34,29 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
 from .base import Head, register_head
 
 log = logging.getLogger(__name__)
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def check_schedule(schedule: str) -> None:
+    """Refuse a phase-2 learning-rate schedule other than :data:`SCHEDULES`."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"finetune: schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
+
+
+def learning_rate(lr: float, decay_steps: int = 0):
+    """Adam's learning rate: ``lr``, or with ``decay_steps`` a cosine from ``lr`` down to 0
+    over that many steps (phase 2's ``schedule="cosine"``: all its planned epochs)."""
+    if not decay_steps:
+        return float(lr)
+    import keras
+
+    return keras.optimizers.schedules.CosineDecay(float(lr), int(decay_steps))
 
 
 class FinetuneHead(Head):
@@ -42,15 +65,17 @@ class FinetuneHead(Head):
 
     _transient = ("warm_state_", "_forward_fn", "head_")
 
-    def __init__(self, trainable_blocks=1, hidden=1024, dropout=0.5, learning_rate=1e-3,
-                 warmup_epochs=30, warmup_batch_size=512, warmup_patience=3, backbone_lr=1e-5,
-                 finetune_lr=1e-4, batch_size=256, epochs=12, patience=2,
-                 time_budget_s=1500.0, threads=None, random_state=0):
+    def __init__(self, trainable_blocks=None, hidden=1024, dropout=0.5, learning_rate=1e-3,
+                 warmup_epochs=30, warmup_batch_size=512, warmup_patience=3, backbone_lr=1e-4,
+                 finetune_lr=2e-4, batch_size=256, epochs=3, patience=2, shift=0,
+                 schedule="cosine", decay_epochs=None, time_budget_s=1500.0, threads=None,
+                 random_state=0):
         self.trainable_blocks, self.hidden, self.dropout = trainable_blocks, hidden, dropout
         self.learning_rate, self.backbone_lr = learning_rate, backbone_lr
         self.warmup_epochs, self.finetune_lr = warmup_epochs, finetune_lr
         self.warmup_batch_size, self.warmup_patience = warmup_batch_size, warmup_patience
         self.batch_size, self.epochs, self.patience = batch_size, epochs, patience
+        self.shift, self.schedule, self.decay_epochs = shift, schedule, decay_epochs
         self.time_budget_s, self.threads = time_budget_s, threads
         self.random_state = random_state
 
@@ -69,6 +94,7 @@ class FinetuneHead(Head):
     def fit(self, X, y, X_flip=None, validation_data=None):
         """Both phases (see the module docstring); ``validation_data``: ``(X_val, y_val[,
         X_val_flip])`` for early stopping, else every epoch runs."""
+        check_schedule(self.schedule)
         self._set_threads()
         import keras
         import tensorflow as tf
@@ -86,14 +112,16 @@ class FinetuneHead(Head):
                   hidden=self.hidden, dropout=self.dropout, seed=self.random_state)
         self.model_, self.head_ = b.model, b.head
         self.cut_, self.backbone_, self.top_layers_ = b.cut, b.backbone, b.top_layers
+        self.trainable_blocks_ = b.trainable_blocks
         self.__dict__.pop("_forward_fn", None)
         loss_fn = keras.losses.SparseCategoricalCrossentropy()
         head_vars, bb_vars = list(b.head.trainable_weights), list(b.top.trainable_weights)
         log.info("finetune: %d trainable tensors above the cut (%d values), %d in the head",
                  len(bb_vars), sum(int(np.prod(v.shape)) for v in bb_vars), len(head_vars))
 
-        def make_step(net, groups):
-            opts = [(keras.optimizers.Adam(lr), vs) for lr, vs in groups if vs and lr]
+        def make_step(net, groups, decay_steps=0):
+            opts = [(keras.optimizers.Adam(learning_rate(lr, decay_steps)), vs)
+                    for lr, vs in groups if vs and lr]
             for opt, vs in opts:
                 opt.build(vs)
             all_vars = [v for _, vs in opts for v in vs]
@@ -130,7 +158,11 @@ class FinetuneHead(Head):
             best2 = (best1[0], self.model_.get_weights(), 0)
             if int(self.epochs) > 0 and bb_vars:
                 groups = [(self.backbone_lr, bb_vars), (self.finetune_lr, head_vars)]
-                best2 = self._run_phase(2, make_step(b.model, groups), int(self.epochs), "acts",
+                span = int(self.epochs if self.decay_epochs is None else self.decay_epochs)
+                steps = span * -(-len(X) // int(self.batch_size)) \
+                    if self.schedule == "cosine" else 0
+                best2 = self._run_phase(2, make_step(b.model, groups, steps), int(self.epochs),
+                                        "acts",
                                         start=best2, batch=int(self.batch_size),
                                         patience=int(self.patience), **run)
         if best2[1] is not None:
@@ -154,7 +186,8 @@ class FinetuneHead(Head):
             te = time.perf_counter()
             losses = [float(step(tf.constant(xb), tf.constant(yb)))
                       for xb, yb in train_batches(reader, X, labels, batch, rng,
-                                                  mirror=X_flip is not None, what=what)]
+                                                  mirror=X_flip is not None, what=what,
+                                                  shift=int(self.shift or 0))]
             entry = {"phase": phase, "epoch": epoch, "loss": float(np.mean(losses)),
                      "train_s": time.perf_counter() - te}
             if val is not None:
@@ -209,14 +242,18 @@ class FinetuneHead(Head):
     def score_grid(self, grid, X_fit, y_fit, X_val, y_val, X_fit_flip=None, X_val_flip=None,
                    *, stop_early: bool = False, label: str = ""):
         """Per grid point: an early-stopped fit on the fit rows, scored on validation; the
-        chosen ``warmup_epochs``/``epochs`` are the best epochs. Leaves the best fitted."""
+        chosen ``warmup_epochs``/``epochs`` are the best epochs, and ``decay_epochs`` the
+        cosine's length they were trained on (a refit stops where the fit did). Leaves the
+        best fitted."""
         out, best = [], None
         for g in grid:
             self.set_params(**g).fit(X_fit, y_fit, X_fit_flip,
                                      validation_data=(X_val, y_val, X_val_flip))
             acc = float(np.mean(self.predict(X_val, X_val_flip) == np.asarray(y_val)))
-            out.append(({**g, "warmup_epochs": self.warmup_epochs_,
-                         "epochs": self.best_epochs_}, acc))
+            span = self.epochs if self.decay_epochs is None else self.decay_epochs
+            out.append(({**g, "trainable_blocks": self.trainable_blocks_,
+                         "warmup_epochs": self.warmup_epochs_, "epochs": self.best_epochs_,
+                         "decay_epochs": int(span)}, acc))
             if best is None or acc > best[0]:
                 best = (acc, dict(g), self.__getstate__())
         if best is not None and len(grid) > 1:
@@ -260,7 +297,7 @@ def _file_rows(data):
     return activation_data(data)
 
 
-@register_head("finetune", default=False, grid=[{"trainable_blocks": 1}], cost=60.0,
+@register_head("finetune", default=False, grid=[{}], cost=60.0,
                file_rows=_file_rows, mirror_rows_only=True)
 def finetune(random_state=0, **params):
     """The backbone's blocks above the cut (--cut) fine-tuned with a dense head, on cached activations."""
