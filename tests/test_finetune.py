@@ -225,6 +225,23 @@ def test_training_batches_stream_every_row_once_per_epoch(tmp_path):
     assert seen[:50] != sorted(seen[:50])   # shuffled
 
 
+def test_shift_maps_translates_each_map_with_edges_repeated():
+    from pipeline.finetune_data import shift_maps
+
+    x = np.random.default_rng(0).normal(size=(400, 5, 6, 3)).astype(np.float32)
+    assert shift_maps(x, 0, np.random.default_rng(0)) is x
+    out = shift_maps(x, 1, np.random.default_rng(1))
+    pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    seen = set()
+    for i in range(len(x)):
+        hits = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)
+                if np.array_equal(out[i], pad[i, 1 + a:6 + a, 1 + b:7 + b])]
+        assert len(hits) == 1, i      # exactly one translation of its own map
+        seen.add(hits[0])
+    assert len(seen) == 9             # every (dy, dx) in [-1, 1]^2 drawn
+    # a map moved by (+1, 0) repeats its last row: out[i] row 4 == x[i] row 4
+    i = next(i for i in range(len(x)) if np.array_equal(out[i], pad[i, 2:7, 1:7]))
+    assert np.array_equal(out[i][:4], x[i][1:]) and np.array_equal(out[i][4], x[i][4])
 # ---------------------------------------------------------------------------- stage two
 
 @pytest.mark.slow
@@ -255,7 +272,9 @@ def test_finetune_head_in_the_comparison_never_runs_the_bottom_and_exports(cut_f
     assert row["name"] == "finetune+flip" and row["head"] == "finetune"
     assert (report / "mistakes.png").is_file()   # drawn from the head's file rows
     assert row["test_accuracy"] > 0.35 and row["ci95"][0] <= row["test_accuracy"]  # chance: 0.25
-    assert row["params"]["trainable_blocks"] == 1 and row["params"]["epochs"] >= 0  # 0: phase 2 kept phase 1
+    # the default trains every block above the cut (block_15: block_16 and Conv_1)
+    assert row["params"]["trainable_blocks"] == 2
+    assert row["params"]["epochs"] >= 0  # 0: phase 2 kept phase 1
 
     head = load_head(report / row["saved"])
     out = export_model(cut_file, head="finetune+flip", report_dir=report,
@@ -280,3 +299,39 @@ def test_openvino_cut_outputs_match_tensorflow(cut_file, weights, tmp_path):
             np.testing.assert_allclose(b["test"][key][()].astype(np.float32),
                                        a["test"][key][:32].astype(np.float32),
                                        rtol=5e-3, atol=5e-3)
+
+
+def test_phase_two_cosine_schedule_falls_from_the_rate_to_zero():
+    from pipeline.heads.finetune import FinetuneHead, learning_rate
+
+    assert learning_rate(1e-4) == 1e-4
+    s = learning_rate(1e-4, 100)
+    assert [round(float(s(t)) / 1e-4, 4) for t in (0, 50, 100)] == [1.0, 0.5, 0.0]
+    with pytest.raises(ConfigError, match="schedule='linear'"):
+        FinetuneHead(schedule="linear").fit(None, [0, 1])
+
+
+@pytest.mark.slow
+def test_finetune_study_reads_only_the_training_split(cut_file, monkeypatch, capsys):
+    import json
+
+    sys.path.insert(0, str(store.Path(__file__).resolve().parents[1]))
+    from benchmarks import finetune_study
+    from pipeline.actstore import ActivationReader
+
+    real_read = ActivationReader.read
+
+    def read(self, split, *a, **k):
+        assert split == "train", "the study read the test split"
+        return real_read(self, split, *a, **k)
+
+    monkeypatch.setattr(ActivationReader, "read", read)
+    assert finetune_study.main([str(cut_file), json.dumps(
+        {"warmup_epochs": 2, "epochs": 1, "hidden": 16, "time_budget_s": 0})]) == 0
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+    epochs, result = lines[:-1], lines[-1]
+    assert [e["phase"] for e in epochs] == [1, 1, 2]
+    assert all(0 <= e["val_accuracy"] <= 1 for e in epochs)
+    assert result["best_val_accuracy"] == max(e["val_accuracy"] for e in epochs)
+    assert result["trainable_blocks"] == 2 and result["fit_rows"] + result["val_rows"] == \
+        len(h5py.File(cut_file, "r")["train/labels"])
