@@ -335,3 +335,18 @@ def test_finetune_study_reads_only_the_training_split(cut_file, monkeypatch, cap
     assert result["best_val_accuracy"] == max(e["val_accuracy"] for e in epochs)
     assert result["trainable_blocks"] == 2 and result["fit_rows"] + result["val_rows"] == \
         len(h5py.File(cut_file, "r")["train/labels"])
+
+
+def test_a_file_without_a_cut_is_a_one_line_error_naming_cut(tmp_path):
+    sys.path.insert(0, str(store.Path(__file__).resolve().parents[1]))
+    from benchmarks.finetune_mem import write_activation_file
+    from pipeline.actstore import ActivationReader
+
+    p = write_activation_file(tmp_path / "a.h5", n_train=8, n_test=4, shape=(1, 1, 4))
+    with h5py.File(p, "r+") as f:
+        del f.attrs["cut"]             # a file made without --cut has no such attribute
+    with pytest.raises(ConfigError) as e:
+        ActivationReader(p)
+    msg = str(e.value)
+    assert "\n" not in msg and "no activations at a cut" in msg
+    assert "--cut BLOCK" in msg and "CUT= for make heads" in msg
