@@ -22,17 +22,20 @@ import time
 import numpy as np
 
 
-def fit_rows(path: str, val_fraction: float = 0.1, seed: int = 0):
-    """(fit rows, their labels, validation rows, their labels) as ``featcache heads``
-    splits them (:func:`pipeline.selection.stratified_split`), with the mirrored rows."""
+def fit_rows(path: str):
+    """``(fit rows, labels, mirrored rows), (validation rows, labels, mirrored rows)`` as
+    ``featcache heads`` splits them with its default ``--val-fraction`` and ``--seed``
+    (:class:`pipeline.config.HeadsConfig`, :func:`pipeline.selection.stratified_split`)."""
     import h5py
 
+    from pipeline.config import HeadsConfig
     from pipeline.finetune_data import ActRows
     from pipeline.selection import stratified_split
 
+    cfg = HeadsConfig(str(path))
     with h5py.File(path, "r") as f:
         y = f["train/labels"][:]
-    fit, val = stratified_split(y, val_fraction, seed)
+    fit, val = stratified_split(y, cfg.val_fraction, cfg.seed)
 
     def rows(r, flip=False):
         return ActRows(str(path), "train", r, flip)

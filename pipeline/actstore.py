@@ -109,9 +109,9 @@ class ActivationReader:
         if "cut" not in attrs or attrs["cut"] in ("", "none"):
             self._f.close()
             raise ConfigError(f"{self.path} has no activations at a cut; make one with "
-                              f"`featcache features --cut BLOCK` (make features CUT=BLOCK, and the same "
-                              f"CUT= for make heads and make export; `featcache cuts "
-                              f"BACKBONE` lists them)")
+                              f"`featcache features --cut BLOCK` (make features CUT=BLOCK, "
+                              f"and the same CUT= for make heads and make export; "
+                              f"`featcache cuts BACKBONE` lists them)")
         if not attrs.get("complete"):
             self._f.close()
             raise IncompleteFeatureFile(f"{self.path} is incomplete; finish it with the same "

@@ -111,7 +111,7 @@ def shift_maps(x: np.ndarray, shift: int, rng) -> np.ndarray:
     ``[-shift, shift]``^2, the edge rows/columns repeated into the cells left empty: the
     activation-map form of the random-crop augmentation (a cell of a 7x7 map at 224 px is
     32 input pixels, 4.6 of a 32 px CIFAR image). ``shift`` 0 returns ``x``."""
-    if not shift or x.ndim != 4:
+    if not shift:
         return x
     s = int(shift)
     h, w = x.shape[1], x.shape[2]

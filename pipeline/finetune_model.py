@@ -7,9 +7,9 @@ layers are found by :mod:`pipeline.cut`); writes nothing. Imports Keras inside i
 functions only.
 
 :func:`build` gives ``activations (H, W, C) -> the layers above the cut (the top
-``trainable_blocks`` blocks trainable, the rest frozen; every BatchNorm frozen, in
-inference mode; ``None``: all of them) -> pooled features -> Normalization (fit-row statistics) ->
-Dense(hidden, relu) -> Dropout -> Dense(n_classes, softmax)`` as one model, its top and
+``trainable_blocks`` blocks trainable, ``None``: all of them, the rest frozen; every
+BatchNorm frozen, in inference mode) -> pooled features -> Normalization (fit-row
+statistics) -> Dense(hidden, relu) -> Dropout -> Dense(n_classes, softmax)`` as one model, its top and
 its head (the head alone takes pooled features: phase 1 trains it on the stored ones).
 """
 

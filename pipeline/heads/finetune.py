@@ -91,6 +91,10 @@ class FinetuneHead(Head):
         except RuntimeError:
             pass
 
+    def _decay_epochs(self) -> int:
+        """The cosine's length in epochs: ``decay_epochs``, or ``epochs`` when unset."""
+        return int(self.epochs if self.decay_epochs is None else self.decay_epochs)
+
     def fit(self, X, y, X_flip=None, validation_data=None):
         """Both phases (see the module docstring); ``validation_data``: ``(X_val, y_val[,
         X_val_flip])`` for early stopping, else every epoch runs."""
@@ -158,8 +162,7 @@ class FinetuneHead(Head):
             best2 = (best1[0], self.model_.get_weights(), 0)
             if int(self.epochs) > 0 and bb_vars:
                 groups = [(self.backbone_lr, bb_vars), (self.finetune_lr, head_vars)]
-                span = int(self.epochs if self.decay_epochs is None else self.decay_epochs)
-                steps = span * -(-len(X) // int(self.batch_size)) \
+                steps = self._decay_epochs() * -(-len(X) // int(self.batch_size)) \
                     if self.schedule == "cosine" else 0
                 best2 = self._run_phase(2, make_step(b.model, groups, steps), int(self.epochs),
                                         "acts",
@@ -250,10 +253,9 @@ class FinetuneHead(Head):
             self.set_params(**g).fit(X_fit, y_fit, X_fit_flip,
                                      validation_data=(X_val, y_val, X_val_flip))
             acc = float(np.mean(self.predict(X_val, X_val_flip) == np.asarray(y_val)))
-            span = self.epochs if self.decay_epochs is None else self.decay_epochs
             out.append(({**g, "trainable_blocks": self.trainable_blocks_,
                          "warmup_epochs": self.warmup_epochs_, "epochs": self.best_epochs_,
-                         "decay_epochs": int(span)}, acc))
+                         "decay_epochs": self._decay_epochs()}, acc))
             if best is None or acc > best[0]:
                 best = (acc, dict(g), self.__getstate__())
         if best is not None and len(grid) > 1:
