@@ -8,10 +8,10 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed-featcache
 DEV_STAMP := $(VENV)/.installed-featcache-dev
-FEATCACHE := $(PY) -m pipeline
+FEATCACHE := $(PY) -m featcache
 
 # ---- settings: empty = featcache's own default (`make settings` lists the table) -----------
-# Every default lives in pipeline/config.py; a variable set here is passed as its flag.
+# Every default lives in featcache/config.py; a variable set here is passed as its flag.
 # stage one (featcache features/path)
 DATASET    ?=
 DATA_DIR   ?=
@@ -50,7 +50,7 @@ FEATURE_ARGS = $(call opt,DATASET,--dataset) $(call opt,DATA_DIR,--data-dir) \
 HEADS_ARGS = $(call opt,HEADS,--heads) $(call opt,WORKERS,--workers)
 
 # The feature file is a real target: its name comes from the settings (no TensorFlow needed).
-FEATURE_FILE := $(shell PYTHONPATH=. $(PYTHON) -m pipeline path -q $(FEATURE_ARGS) 2>/dev/null)
+FEATURE_FILE := $(shell PYTHONPATH=. $(PYTHON) -m featcache path -q $(FEATURE_ARGS) 2>/dev/null)
 ifeq ($(strip $(FEATURE_FILE)),)
 # The settings are invalid: run the real command anyway so it prints the one-line error.
 FEATURE_FILE := .featcache-invalid-settings
@@ -77,7 +77,7 @@ help: ## this list
 	@echo "  -> $(FEATURE_FILE)"
 
 settings: ## the settings table: every flag, its default, cache key and make variable
-	@PYTHONPATH=. $(PYTHON) -m pipeline settings
+	@PYTHONPATH=. $(PYTHON) -m featcache settings
 
 args: ## the featcache arguments the make variables give (stage one, then stage two)
 	@echo 'features: $(strip $(FEATURE_ARGS))'

@@ -8,22 +8,22 @@ with the exported model's predictions on the raw images: top-1 agreement, and ea
 accuracy.
 
 Run: ``KERAS_HOME=... python benchmarks/agreement.py [N]`` (CIFAR-10 from
-FEATCACHE_REAL_DATA, data/ or ../shared/data: pipeline.paths); writes under ``bench-out/agreement/``.
+FEATCACHE_REAL_DATA, data/ or ../shared/data: featcache.paths); writes under ``bench-out/agreement/``.
 """
 import sys
 
 import numpy as np
 
-from pipeline import paths
+from featcache import paths
 
 paths.keras_home()  # a writable KERAS_HOME before Keras is imported
-from pipeline.compare import compare_heads
-from pipeline.config import ExtractConfig, HeadsConfig
-from pipeline.datasets import open_dataset
-from pipeline.export import export_model, load_classifier, resolve_head
-from pipeline.extract import extract_features
-from pipeline.heads import load_head
-from pipeline.store import load_features
+from featcache.compare import compare_heads
+from featcache.config import ExtractConfig, HeadsConfig
+from featcache.datasets import open_dataset
+from featcache.export import export_model, load_classifier, resolve_head
+from featcache.extract import extract_features
+from featcache.heads import load_head
+from featcache.store import load_features
 
 DATA = str(paths.find_cifar10() or "../shared/data")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 1000

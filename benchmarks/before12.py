@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pipeline.heads import HEADS
+from featcache.heads import HEADS
 
 _TODAY = {name: HEADS[name] for name in ("logreg", "linear_svm", "knn")}
 

@@ -29,16 +29,16 @@ def main(argv=None) -> dict:
     p.add_argument("--flip", type=int, default=1, help="train on mirrors, TTA on validation")
     a = p.parse_args(argv)
 
-    from pipeline.workers import tensorflow_single_threaded
+    from featcache.workers import tensorflow_single_threaded
     tensorflow_single_threaded()
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)
     import keras
 
-    from pipeline.config import HeadsConfig
-    from pipeline.heads.dense import _Batches
-    from pipeline.linear import Scaler
-    from pipeline.selection import load_data, split_data
+    from featcache.config import HeadsConfig
+    from featcache.heads.dense import _Batches
+    from featcache.linear import Scaler
+    from featcache.selection import load_data, split_data
 
     cfg = HeadsConfig(a.file)
     data, _ = split_data(load_data(cfg), cfg)

@@ -3,7 +3,7 @@ training throughput.
 
 Writes a synthetic feature file with activations at a cut (``write_activation_file``: the
 layout of ``featcache features --cut``, random class-dependent activations, no backbone run)
-for each row count under ``<work_dir>/s7_finetune/``, then runs ``python -m pipeline heads
+for each row count under ``<work_dir>/s7_finetune/``, then runs ``python -m featcache heads
 FILE --heads finetune --workers 0`` on it in a child process (through
 :func:`benchmarks.processes.run_child`, so the peak RSS is the child's own) and reads its
 ``results.json``.
@@ -29,9 +29,9 @@ def write_activation_file(path, *, n_train: int, n_test: int, shape=(7, 7, 320),
     """A complete feature file with activations at ``cut`` (float16) and pooled features,
     written block by block like stage one (memory flat in rows). Class ``c``'s activations
     are a fixed random pattern plus noise, so a head can learn them."""
-    from pipeline.actstore import ActivationWriter
-    from pipeline.backbones import get_backbone
-    from pipeline.store import SplitSpec
+    from featcache.actstore import ActivationWriter
+    from featcache.backbones import get_backbone
+    from featcache.store import SplitSpec
 
     dim = get_backbone(backbone).dim
     rng = np.random.default_rng(seed)
@@ -72,7 +72,7 @@ def run(s) -> dict:
         path = write_activation_file(work / f"acts_{n}.h5", n_train=n, n_test=n // 5,
                                      shape=shape)
         report = work / f"report_{n}"
-        cmd = [sys.executable, "-m", "pipeline", "heads", str(path), "-q", "--heads",
+        cmd = [sys.executable, "-m", "featcache", "heads", str(path), "-q", "--heads",
                "finetune", "--workers", "0", "--out-dir", str(report)]
         r = run_child(cmd)
         if r["rc"] != 0:

@@ -1,5 +1,5 @@
 """The validation study behind the ``finetune`` head's defaults (docs/fine-tuning.md):
-one fit of :class:`pipeline.heads.finetune.FinetuneHead` with the given settings on the
+one fit of :class:`featcache.heads.finetune.FinetuneHead` with the given settings on the
 comparison's own fit rows, early-stopped on its validation rows, with every epoch's loss,
 validation accuracy and seconds. The test split is read only with ``--test``: then the
 fitted head scores it once, for the depth study (the defaults were chosen on validation
@@ -25,12 +25,12 @@ import numpy as np
 def fit_rows(path: str):
     """``(fit rows, labels, mirrored rows), (validation rows, labels, mirrored rows)`` as
     ``featcache heads`` splits them with its default ``--val-fraction`` and ``--seed``
-    (:class:`pipeline.config.HeadsConfig`, :func:`pipeline.selection.stratified_split`)."""
+    (:class:`featcache.config.HeadsConfig`, :func:`featcache.selection.stratified_split`)."""
     import h5py
 
-    from pipeline.config import HeadsConfig
-    from pipeline.finetune_data import ActRows
-    from pipeline.selection import stratified_split
+    from featcache.config import HeadsConfig
+    from featcache.finetune_data import ActRows
+    from featcache.selection import stratified_split
 
     cfg = HeadsConfig(str(path))
     with h5py.File(path, "r") as f:
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
-    from pipeline.heads.finetune import FinetuneHead
+    from featcache.heads.finetune import FinetuneHead
 
     params = json.loads(args.params)
     (X, y, Xf), (V, yv, Vf) = fit_rows(args.feature_file)
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     if args.test:
         import h5py
 
-        from pipeline.finetune_data import file_test_rows
+        from featcache.finetune_data import file_test_rows
 
         with h5py.File(args.feature_file, "r") as f:
             y_test = f["test/labels"][:]

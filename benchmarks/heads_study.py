@@ -1,7 +1,7 @@
 """The validation studies behind two of stage two's shortcuts (docs/stage-two.md):
 
 - ``--parts linear``: the linear heads' C paths with and without the preconditioner
-  (:class:`pipeline.linear.Preconditioner`) at a gradient tolerance: L-BFGS iterations,
+  (:class:`featcache.linear.Preconditioner`) at a gradient tolerance: L-BFGS iterations,
   seconds, the objective reached and validation accuracy per C (warm-started along the path,
   as stage two walks it);
 - ``--parts knn``: cosine kNN on the raw features against a PCA projection of ``--dims``
@@ -23,8 +23,8 @@ import numpy as np
 
 
 def _data(path):
-    from pipeline.config import HeadsConfig
-    from pipeline.selection import load_data, split_data
+    from featcache.config import HeadsConfig
+    from featcache.selection import load_data, split_data
 
     cfg = HeadsConfig(str(path))
     data, _ = split_data(load_data(cfg), cfg)
@@ -32,7 +32,7 @@ def _data(path):
 
 
 def linear(fit, val, tol: float):
-    from pipeline.linear import Preconditioner, Scaler, decision, fit_linear, folded, objective
+    from featcache.linear import Preconditioner, Scaler, decision, fit_linear, folded, objective
 
     (X, y, Xf), (V, yv, Vf) = fit, val
     K = int(max(y.max(), yv.max())) + 1
@@ -65,7 +65,7 @@ def linear(fit, val, tol: float):
 
 
 def knn(fit, val, dims):
-    from pipeline.heads import CosineKNNHead
+    from featcache.heads import CosineKNNHead
 
     (X, y, Xf), (V, yv, Vf) = fit, val
     for flip in (False, True):

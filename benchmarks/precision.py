@@ -2,14 +2,14 @@
 alternating, and the accuracy of a logistic probe on 1,000/1,000 real CIFAR-10 images).
 Run: KERAS_HOME=... python benchmarks/precision.py (CIFAR-10 from FEATCACHE_REAL_DATA or ../shared/data)."""
 import time, numpy as np
-from pipeline import paths  # noqa: E402
+from featcache import paths  # noqa: E402
 paths.keras_home()  # a writable KERAS_HOME before Keras is imported
 DATA = str(paths.find_cifar10() or "../shared/data")
-from pipeline.config import ExtractConfig
-from pipeline.extract import extract_features, make_step
-from pipeline.backbones import build_backbone, get_backbone
-from pipeline.datasets import open_dataset
-from pipeline.store import load_features
+from featcache.config import ExtractConfig
+from featcache.extract import extract_features, make_step
+from featcache.backbones import build_backbone, get_backbone
+from featcache.datasets import open_dataset
+from featcache.store import load_features
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 for bb in ["mobilenet_v2", "resnet50"]:

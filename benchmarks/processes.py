@@ -1,7 +1,7 @@
 """Sections 3 and 5: stage one in child processes — peak RSS at two dataset sizes, and
 the time of a repeated run with nothing changed (the cache hit).
 
-Each run is the real command line a user types (``python -m pipeline features …``, then
+Each run is the real command line a user types (``python -m featcache features …``, then
 ``make features …``) in its own process, so its peak resident memory is its own: it is
 read from the kernel's accounting of that child (``os.wait4`` rusage ``ru_maxrss``),
 which catches short peaks a poller would miss. Children are started through a small
@@ -107,7 +107,7 @@ def run_memory(s: Settings) -> dict:
         pair = {"size": size, "runs": []}
         for limit in (small, big):
             args = features_args(s, size=size, limit=limit, out_dir=out_dir)
-            run = _check(run_child([sys.executable, "-m", "pipeline", "features", *args]))
+            run = _check(run_child([sys.executable, "-m", "featcache", "features", *args]))
             run.update(limit=limit, n_images=expected_images(s, limit))
             log.info("features %d px, %d images: %.1f s, peak RSS %.0f MiB", size,
                      run["n_images"], run["seconds"], run["peak_rss_mib"])
@@ -127,10 +127,10 @@ def run_cache_hit(s: Settings, memory: dict) -> dict:
     size, limit = memory["last"]
     first = memory["pairs"][-1]["runs"][-1]
     args = features_args(s, size=size, limit=limit, out_dir=out_dir)
-    again = _check(run_child([sys.executable, "-m", "pipeline", "features", *args]))
+    again = _check(run_child([sys.executable, "-m", "featcache", "features", *args]))
     result = {"cli_first_s": first["seconds"], "cli_repeat_s": again["seconds"],
               "cli_repeat_output": again["output"].strip().splitlines()[-1:],
-              "cli_cmd": "python -m pipeline features " + " ".join(args)}
+              "cli_cmd": "python -m featcache features " + " ".join(args)}
     result.update(_make_repeat(s, size=size, limit=limit, out_dir=out_dir))
     return result
 

@@ -237,13 +237,13 @@ def _s1(a: dict, r: dict) -> list[str]:
 def _s2(b: dict, r: dict) -> list[str]:
     fl = b["flops"]
     L = ["## 2. Stage one vs the bare backbone, and vs the hardware", "",
-         f"{len(b['pipeline'])} interleaved rounds (A B / B A): **A** = `extract_features` end "
+         f"{len(b['featcache'])} interleaved rounds (A B / B A): **A** = `extract_features` end "
          f"to end on {b['images_per_rep']:,} uint8 32 px images (read, resize, preprocess, "
          f"forward, write HDF5), timed over its steady state; **B** = the same backbone on a "
          f"pre-made preprocessed {fl['size']} px float32 batch, same batch size, same number "
          f"of batches. Then a {b['matmul_n']}x{b['matmul_n']} float32 matmul.", ""]
     rows = []
-    for i, (p, q) in enumerate(zip(b["pipeline"], b["bare"])):
+    for i, (p, q) in enumerate(zip(b["featcache"], b["bare"])):
         rows.append([i + 1, _f(p["images_per_s"]), _f(q["images_per_s"]),
                      f"{p['images_per_s'] / q['images_per_s']:.3f}",
                      _f(p["end_to_end_images_per_s"])])
@@ -264,7 +264,7 @@ def _s2(b: dict, r: dict) -> list[str]:
 
 def _s3(c: dict, r: dict) -> list[str]:
     L = ["## 3. Memory: peak RSS of stage one at two dataset sizes", "",
-         "Each run is `python -m pipeline features …` in its own process; peak RSS is that "
+         "Each run is `python -m featcache features …` in its own process; peak RSS is that "
          "child's `ru_maxrss` (kernel accounting via `os.wait4`).", ""]
     rows = []
     for pair in c["pairs"]:
@@ -342,7 +342,7 @@ def _s5(d: dict, r: dict) -> list[str]:
 def _s6(d: dict, r: dict) -> list[str]:
     fl = d["flops"]
     L = ["## 6. Stage one runtimes", "",
-         f"Each runtime in {len(d['rows'][0]['pipeline'])} alternating rounds on the same "
+         f"Each runtime in {len(d['rows'][0]['featcache'])} alternating rounds on the same "
          f"{d['images_per_rep']:,} images: the **pipeline** (`extract_features --flip` through "
          f"that runtime, steady state; conversion done once before the rounds and cached) and "
          f"its **bare engine** (the backbone alone in the same engine on a pre-made, "
@@ -357,7 +357,7 @@ def _s6(d: dict, r: dict) -> list[str]:
                   f"**{x['vs_tensorflow']:.2f}x**", _f(x["bare_images_per_s"]),
                   f"{x['ratio']:.3f}", _f(x["pipeline_gflops"]),
                   f"{x['pipeline_flops_ratio']:.3f}",
-                  ", ".join(_f(p["images_per_s"]) for p in x["pipeline"])]
+                  ", ".join(_f(p["images_per_s"]) for p in x["featcache"])]
                  for x in d["rows"]])
     for why in d.get("skipped", []):
         L += ["", f"Not run: {why}."]
@@ -401,8 +401,8 @@ def draw_chart(r: dict, path: Path) -> None:
         ax[1].legend(fontsize=7)
     if "s2" in r:
         b = r["s2"]
-        n = len(b["pipeline"])
-        ax[2].plot(range(1, n + 1), [p["images_per_s"] for p in b["pipeline"]], "o-",
+        n = len(b["featcache"])
+        ax[2].plot(range(1, n + 1), [p["images_per_s"] for p in b["featcache"]], "o-",
                    label="stage one")
         ax[2].plot(range(1, n + 1), [q["images_per_s"] for q in b["bare"]], "s--",
                    label="bare backbone")
@@ -411,7 +411,7 @@ def draw_chart(r: dict, path: Path) -> None:
         ax[2].set_ylabel("images/s", fontsize=8)
         ax[2].set_title(f"2. pipeline / bare = {b['ratio']:.3f}", fontsize=9)
         ax[2].legend(fontsize=7)
-        ax[3].bar(["matmul", "bare", "pipeline"],
+        ax[3].bar(["matmul", "bare", "featcache"],
                   [b["matmul_gflops_median"], b["bare_gflops"], b["pipeline_gflops"]],
                   color=["#777", "#3b7dd8", "#e08a2c"])
         ax[3].set_ylabel("GFLOP/s", fontsize=8)

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, datefmt="%H:%M:%S",
                         format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("pipeline", "h5py", "matplotlib", "PIL"):
+    for noisy in ("featcache", "h5py", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for noisy in ("tensorflow", "absl"):  # retracing chatter: every extraction is a new graph
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
 
 def _own(s: env.Settings) -> str:
-    from pipeline.backbones import get_backbone
+    from featcache.backbones import get_backbone
 
     return get_backbone(s.backbone).preprocess
 

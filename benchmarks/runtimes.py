@@ -3,7 +3,7 @@ OpenVINO bf16 (where the CPU has it).
 
 For each runtime, in alternating rounds on the same images:
 
-- **pipeline**: :func:`pipeline.extract.extract_features` end to end with ``--flip`` (as
+- **pipeline**: :func:`featcache.extract.extract_features` end to end with ``--flip`` (as
   ``make features`` runs it) through that runtime, steady-state images/s from the progress
   callback (:func:`benchmarks.throughput.pipeline_rep`); the conversion, when there is one,
   is done once before the rounds (the on-disk cache), so it is outside every window;
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def engines() -> list[tuple[str, str]]:
     """(runtime, precision) pairs this machine can run."""
-    from pipeline.runtime import cpu_has_bf16
+    from featcache.runtime import cpu_has_bf16
 
     out = [("tensorflow", "float32"), ("openvino", "float32")]
     if cpu_has_bf16():
@@ -52,8 +52,8 @@ class BareEngine(Bare):
         import numpy as np
         import tensorflow as tf
 
-        from pipeline.backbones import build_backbone, get_backbone, preprocess
-        from pipeline.resize import REGISTRY_ANTIALIAS, resize_images
+        from featcache.backbones import build_backbone, get_backbone, preprocess
+        from featcache.resize import REGISTRY_ANTIALIAS, resize_images
 
         spec = get_backbone(s.backbone)
         model = build_backbone(spec, weights=s.weights, seed=s.seed)
@@ -68,7 +68,7 @@ class BareEngine(Bare):
         else:
             import openvino as ov
 
-            from pipeline.runtime import _convert
+            from featcache.runtime import _convert
 
             graph = lambda t: {"features": tf.cast(model(t, training=False), tf.float32)}  # noqa: E731
             m = _convert(graph, (s.size, s.size, 3), "float32")
@@ -133,7 +133,7 @@ def run(s: Settings) -> dict:
         b = statistics.median(x["images_per_s"] for x in bare[e])
         base = base or p
         rows.append({"runtime": e[0], "precision": e[1], "label": label(*e),
-                     "pipeline": pipe[e], "bare": bare[e],
+                     "featcache": pipe[e], "bare": bare[e],
                      "pipeline_images_per_s": p, "bare_images_per_s": b, "ratio": p / b,
                      "vs_tensorflow": p / base,
                      "pipeline_gflops": p * per_image / 1e9, "bare_gflops": b * per_image / 1e9,

@@ -4,7 +4,7 @@ each row's selection, fit and predict seconds, and the peak memory of the whole 
 tree with one and with several workers.
 
 Reads a feature file (the real full-CIFAR-10 one when it exists, else section 1's) in
-child processes (``python -m pipeline heads``); writes their reports into
+child processes (``python -m featcache heads``); writes their reports into
 ``<work_dir>/s4_heads/{new,new_1worker,old}/``. Like stage two itself, imports nothing of
 stage one.
 """
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def _logreg(seed: int):
     """The registry's logistic regression with its default parameters."""
-    from pipeline.heads import get_head
+    from featcache.heads import get_head
 
     est = get_head("logreg").make(random_state=seed)
     return est, f"featcache logreg, C={est.get_params().get('C')}"
@@ -75,7 +75,7 @@ def tree_memory(pid: int) -> tuple[float, float]:
 
 def run_heads(path: str | Path, out_dir: Path, extra: list[str], *, seed: int,
               interval: float = 0.25) -> dict:
-    """``python -m pipeline heads FILE --out-dir OUT EXTRA`` in a child process: its wall
+    """``python -m featcache heads FILE --out-dir OUT EXTRA`` in a child process: its wall
     time (start-up included, as a user sees it), the peak PSS/RSS of its whole process
     tree (sampled every ``interval`` s), and its results.json."""
     import json
@@ -86,7 +86,7 @@ def run_heads(path: str | Path, out_dir: Path, extra: list[str], *, seed: int,
     from .env import ROOT
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pipeline", "heads", str(path), "--out-dir", str(out_dir),
+    cmd = [sys.executable, "-m", "featcache", "heads", str(path), "--out-dir", str(out_dir),
            "--seed", str(seed), "-q", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -154,4 +154,4 @@ def run(feature_file: str | Path, *, seed: int, work: Path) -> dict:
     try:
         return time_comparison(feature_file, work / "s4_heads", seed=seed)
     except ImportError as exc:
-        return {"file": str(feature_file), "missing": f"pipeline.compare not available ({exc})"}
+        return {"file": str(feature_file), "missing": f"featcache.compare not available ({exc})"}

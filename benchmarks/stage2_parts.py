@@ -2,11 +2,11 @@
 behind stage two's design choices (docs/stage-two.md, "Why it is fast"), on one feature
 file, with the comparison's own split (validation fraction 0.1, seed 0), one thread:
 
-- ``solvers``: the hand-written L-BFGS (``pipeline.linear.lbfgs``) vs
+- ``solvers``: the hand-written L-BFGS (``featcache.linear.lbfgs``) vs
   ``scipy.optimize.minimize(method="L-BFGS-B")`` on the same float32 objective and rows
   (logreg and linear_svm at their chosen C, fit rows, tol 1e-4, max_iter 300): seconds,
   iterations, function evaluations, final objective, validation accuracy.
-- ``knn``: the tiled top-k search (``pipeline.heads.top_k``) vs the search it replaced
+- ``knn``: the tiled top-k search (``featcache.heads.top_k``) vs the search it replaced
   (normalised copy of the index, one full (1,024 x n) similarity block per step,
   ``argpartition`` of its negation), on test queries against all training rows and their
   mirrors: seconds per 1,000 queries, and whether the neighbours agree.
@@ -29,8 +29,8 @@ import numpy as np
 
 
 def _data(path: str):
-    from pipeline.compare import _Data
-    from pipeline.store import load_features
+    from featcache.compare import _Data
+    from featcache.store import load_features
 
     fs = load_features(path)
     tr, te = fs["train"], fs["test"]
@@ -41,8 +41,8 @@ def _data(path: str):
 def solvers(data, rows: int | None) -> list[str]:
     from threadpoolctl import threadpool_limits
 
-    from pipeline.heads import LinearHead
-    from pipeline.linear import Scaler, fit_linear, objective
+    from featcache.heads import LinearHead
+    from featcache.linear import Scaler, fit_linear, objective
 
     X, y, _ = data.part("fit", False)
     Xv, yv, _ = data.part("val", False)
@@ -61,7 +61,7 @@ def solvers(data, rows: int | None) -> list[str]:
                 calls[0] += 1
                 return _f(theta)
 
-            import pipeline.linear as lin
+            import featcache.linear as lin
 
             orig = lin.objective
             lin.objective = lambda *a, **k: counted   # count this fit's evaluations
@@ -76,7 +76,7 @@ def solvers(data, rows: int | None) -> list[str]:
                 value = fun(np.concatenate([W.ravel(), b]).astype(np.float64))[0]
             head = LinearHead(C=C, loss=loss)
             head.classes_ = np.arange(10)
-            from pipeline.linear import folded
+            from featcache.linear import folded
 
             head.coef_, head.intercept_ = folded(sc, W, b)
             acc = float(np.mean(head.predict(Xv) == yv))
@@ -87,7 +87,7 @@ def solvers(data, rows: int | None) -> list[str]:
 
 
 def _old_neighbours(X, index, k):
-    """The search before issue 12 (pipeline/heads.py at d25a515), for the comparison."""
+    """The search before issue 12 (featcache/heads.py at d25a515), for the comparison."""
     def nz(A):
         return A / np.maximum(np.linalg.norm(A, axis=1, keepdims=True), 1e-12)
 
@@ -104,7 +104,7 @@ def _old_neighbours(X, index, k):
 def knn(data, queries: int) -> list[str]:
     from threadpoolctl import threadpool_limits
 
-    from pipeline.heads import _inv_norms, top_k
+    from featcache.heads import _inv_norms, top_k
 
     index = [np.asarray(data.X), np.asarray(data.Xf)]
     Q = np.concatenate([data.X_test[:queries], data.Xf_test[:queries]])
@@ -130,9 +130,9 @@ def knn(data, queries: int) -> list[str]:
 
 
 def refit(data, flip: bool) -> list[str]:
-    from pipeline.compare import stratified_split
-    from pipeline.heads import DenseHead
-    from pipeline.workers import single_threaded, tensorflow_single_threaded
+    from featcache.compare import stratified_split
+    from featcache.heads import DenseHead
+    from featcache.workers import single_threaded, tensorflow_single_threaded
 
     X, y, Xf = data.part("fit", flip)
     Xv, yv, Xfv = data.part("val", flip)
@@ -151,7 +151,7 @@ def refit(data, flip: bool) -> list[str]:
         t_b = time.perf_counter() - t
         acc_b = float(np.mean(b.predict(Xv, Xfv) == yv))
     pa, pb = a.predict(Xv, Xfv) == yv, b.predict(Xv, Xfv) == yv
-    from pipeline.stats import mcnemar
+    from featcache.stats import mcnemar
 
     m = mcnemar(pb, pa)
     name = "dense+flip" if flip else "dense"
@@ -173,7 +173,7 @@ def tolerance(data, flip: bool) -> list[str]:
     gradient tolerances: validation accuracy per C, and seconds."""
     from threadpoolctl import threadpool_limits
 
-    from pipeline.heads import HEADS
+    from featcache.heads import HEADS
 
     X, y, Xf = data.part("fit", flip)
     Xv, yv, Xfv = data.part("val", flip)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.store import FeatureWriter
+from featcache.store import FeatureWriter
 
 
 def blobs(n: int, dim: int = 16, k: int = 4, *, sep: float = 3.0, seed: int = 0):

@@ -1,4 +1,4 @@
-"""The one atomic-write helper (pipeline.atomic) and the writer's lock (pipeline.lock)."""
+"""The one atomic-write helper (featcache.atomic) and the writer's lock (featcache.lock)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from pipeline import atomic
-from pipeline.errors import CacheError, LockedError
-from pipeline.lock import FileLock, check_output, partial_path
+from featcache import atomic
+from featcache.errors import CacheError, LockedError
+from featcache.lock import FileLock, check_output, partial_path
 
 
 def _count_fsyncs(monkeypatch) -> list:

@@ -8,9 +8,9 @@ import importlib
 import numpy as np
 import pytest
 
-from pipeline.backbones import (BACKBONES, PREPROCESS_MODES, build_backbone, get_backbone,
+from featcache.backbones import (BACKBONES, PREPROCESS_MODES, build_backbone, get_backbone,
                                 preprocess, weights_sha256)
-from pipeline.errors import ConfigError, WeightsError
+from featcache.errors import ConfigError, WeightsError
 
 REQUIRED = {"resnet50", "resnet50v2", "vgg16", "mobilenet", "mobilenet_v2", "mobilenet_v3_small",
             "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",

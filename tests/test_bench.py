@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `benchmarks` is a top-level package beside `pipeline`
+sys.path.insert(0, str(ROOT))  # `benchmarks` is a top-level package beside `featcache`
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,9 @@ def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
 
     s2 = r["s2"]
     assert _positive(s2["ratio"]) and _positive(s2["flops_ratio"])
-    assert len(s2["pipeline"]) == len(s2["bare"]) == r["settings"]["tp_reps"]
+    assert len(s2["featcache"]) == len(s2["bare"]) == r["settings"]["tp_reps"]
     # the bare backbone is timed on exactly as many batches as the pipeline's window
-    for p, b in zip(s2["pipeline"], s2["bare"]):
+    for p, b in zip(s2["featcache"], s2["bare"]):
         assert p["batches"] == b["batches"] > 0
 
     pairs = r["s3"]["pairs"]
@@ -94,8 +94,8 @@ def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
     for x in s6["rows"]:
         assert _positive(x["pipeline_images_per_s"]) and _positive(x["bare_images_per_s"])
         assert _positive(x["ratio"]) and _positive(x["pipeline_flops_ratio"])
-        assert len(x["pipeline"]) == len(x["bare"]) == r["settings"]["rt_reps"]
-        for p, b in zip(x["pipeline"], x["bare"]):
+        assert len(x["featcache"]) == len(x["bare"]) == r["settings"]["rt_reps"]
+        for p, b in zip(x["featcache"], x["bare"]):
             assert p["batches"] == b["batches"] > 0
         assert f"{x['ratio']:.3f}" in md
     assert s6["rows"][0]["vs_tensorflow"] == 1.0

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ExtractConfig
+from featcache.config import ExtractConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, env=None, cwd=None):
     e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "featcache", *args], capture_output=True,
                           text=True, env=e, cwd=cwd or ROOT, timeout=600)
 
 
@@ -29,7 +29,7 @@ def test_path_needs_no_tensorflow():
     code = ("import sys, runpy; sys.modules['tensorflow'] = None; sys.modules['keras'] = None;"
             "sys.modules['numpy'] = None; sys.modules['h5py'] = None;"
             "sys.argv = ['featcache', 'path', '--size', '96', '--flip'];"
-            "runpy.run_module('pipeline', run_name='__main__')")
+            "runpy.run_module('featcache', run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     # the default runtime and precision as resolved here (_ov, _ov_bf16 or nothing)
     want = ExtractConfig(size=96, flip=True).output_path
@@ -75,7 +75,7 @@ def test_features_then_noop_then_stale(tmp_path):
 
 
 def test_backbones_table_lists_every_backbone():
-    from pipeline.backbones import BACKBONES
+    from featcache.backbones import BACKBONES
 
     r = run("backbones")
     assert r.returncode == 0

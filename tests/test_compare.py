@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.compare import _flip_rows, compare_heads, select, stratified_split, _Data
-from pipeline.config import HeadsConfig
-from pipeline.errors import ConfigError, CorruptFeatureFile, IncompleteFeatureFile
-from pipeline.heads import HEADS
+from featcache.compare import _flip_rows, compare_heads, select, stratified_split, _Data
+from featcache.config import HeadsConfig
+from featcache.errors import ConfigError, CorruptFeatureFile, IncompleteFeatureFile
+from featcache.heads import HEADS
 from stage_two_util import make_feature_file
 
 FAST_HEADS = ("logreg", "linear_svm", "knn")
@@ -48,7 +48,7 @@ def test_permuting_test_labels_changes_no_choice(tmp_path):
     # ... and a grid scored on the test split instead picks differently under the
     # permutation, so selection that leaked test labels would change the choices above.
     def leaky(path):
-        from pipeline.store import load_features
+        from featcache.store import load_features
 
         fs = load_features(path)
         tr, te = fs["train"], fs["test"]

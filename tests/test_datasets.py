@@ -9,9 +9,9 @@ import urllib.error
 import numpy as np
 import pytest
 
-from pipeline import datasets
-from pipeline.datasets import Cifar10, open_dataset
-from pipeline.errors import ConfigError, DataError
+from featcache import datasets
+from featcache.datasets import Cifar10, open_dataset
+from featcache.errors import ConfigError, DataError
 
 
 def fake_cifar(root, per_file=6, seed=0):

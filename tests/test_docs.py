@@ -1,7 +1,7 @@
 """docs/architecture.md against the code: the module map, the modules it names, and the
 feature file's schema-2 names. Fast (no TensorFlow): it reads the source (the attribute
 names the writers set, found with :mod:`ast`) and writes one tiny feature file through the
-real :class:`pipeline.store.FeatureWriter`.
+real :class:`featcache.store.FeatureWriter`.
 
 A new module fails ``test_every_module_is_in_the_module_map`` with its path in the message:
 add its row to the module map."""
@@ -16,13 +16,13 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.config import cache_key_fields
-from pipeline.featfile import PROVENANCE_KEYS
-from pipeline.store import FeatureWriter, SplitSpec
+from featcache.config import cache_key_fields
+from featcache.featfile import PROVENANCE_KEYS
+from featcache.store import FeatureWriter, SplitSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "architecture.md"
-PACKAGE = ROOT / "pipeline"
+PACKAGE = ROOT / "featcache"
 #: The modules that put attributes into feature files.
 WRITERS = ("extract", "store", "merge", "upgrade", "featfile", "datasets", "folders",
            "actstore")
@@ -64,10 +64,10 @@ def test_every_module_is_in_the_module_map():
 
 
 def _named_modules(text: str) -> set[str]:
-    """Every module the page names: ``pipeline/x.py`` paths and dotted ``pipeline.x`` names
+    """Every module the page names: ``featcache/x.py`` paths and dotted ``featcache.x`` names
     (the longest prefix that is a module; a following part must be defined in it)."""
-    named = set(re.findall(r"\bpipeline/[\w/]+\.py\b", text))
-    for dotted in re.findall(r"(?<![\w/.])pipeline(?:\.\w+)+", text):
+    named = set(re.findall(r"\bfeatcache/[\w/]+\.py\b", text))
+    for dotted in re.findall(r"(?<![\w/.])featcache(?:\.\w+)+", text):
         parts = dotted.split(".")
         for i in range(len(parts), 1, -1):
             base = PACKAGE.joinpath(*parts[1:i])
@@ -84,7 +84,7 @@ def _named_modules(text: str) -> set[str]:
                 named.add(rel)
                 break
         else:
-            named.add(f"pipeline/{parts[1]}.py")
+            named.add(f"featcache/{parts[1]}.py")
     return named
 
 
@@ -94,7 +94,7 @@ def test_every_module_the_page_names_exists():
     assert not bad, f"docs/architecture.md names modules that do not exist: {', '.join(bad)}"
     # bare module names in the map's first column are paths too
     mapped = _first_column_names(_section(text, "Module map"))
-    assert all(m.startswith("pipeline/") and m.endswith(".py") for m in mapped), mapped
+    assert all(m.startswith("featcache/") and m.endswith(".py") for m in mapped), mapped
 
 
 def _schema_names() -> set[str]:
@@ -192,7 +192,7 @@ def test_every_name_a_feature_file_has_is_on_the_page(tmp_path):
                          f"docs/architecture.md: {', '.join(missing)}")
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md", "pipeline/featfile.py"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md", "featcache/featfile.py"])
 def test_no_reference_to_the_missing_design_note(doc):
     assert "DESIGN.md" not in (ROOT / doc).read_text(encoding="utf-8")
 
@@ -205,7 +205,7 @@ MAX_MODULE_LINES = 360   # "small modules": ~350 lines (docs/architecture.md, co
 
 
 def test_no_module_is_over_the_size_limit():
-    """Issue 13's rule, kept: no module in pipeline/ grows past ~350 lines unnoticed."""
-    big = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "pipeline").rglob("*.py"))
+    """Issue 13's rule, kept: no module in featcache/ grows past ~350 lines unnoticed."""
+    big = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "featcache").rglob("*.py"))
            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
     assert not big, f"split these modules (lines): {big}"

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.heads import CosineKNNHead, DenseHead, LinearHead, RFFSVMHead
-from pipeline.linear import Scaler
+from featcache.heads import CosineKNNHead, DenseHead, LinearHead, RFFSVMHead
+from featcache.linear import Scaler
 
 
 @parametrize_with_checks([LinearHead(), LinearHead(loss="squared_hinge"),

@@ -1,7 +1,7 @@
-"""Export + predict (pipeline.export): the exported .keras model reproduces the pipeline.
+"""Export + predict (featcache.export): the exported .keras model reproduces the pipeline.
 
 Offline: the generated image folder of test_folders.py, a tiny random-weight backbone, and
-a small linear stand-in head with ``to_keras`` (the export contract of pipeline.heads).
+a small linear stand-in head with ``to_keras`` (the export contract of featcache.heads).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_folders import CLASSES, make_image_folder, write_image
 
-from pipeline.errors import ConfigError, DataError, WeightsError
+from featcache.errors import ConfigError, DataError, WeightsError
 
 
 def _softmax(z):
@@ -63,9 +63,9 @@ class NotKeras:
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     """(folder, feature file, fitted stand-in) on a random-weight mobilenet_025 at 32 px."""
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import extract_features
-    from pipeline.store import load_features
+    from featcache.config import ExtractConfig
+    from featcache.extract import extract_features
+    from featcache.store import load_features
 
     root = tmp_path_factory.mktemp("exp")
     folder = make_image_folder(root / "pets", copies=2)
@@ -79,8 +79,8 @@ def extracted(tmp_path_factory):
 
 
 def _pipeline_rows(folder, path):
-    from pipeline.folders import FolderDataset
-    from pipeline.store import load_features
+    from featcache.folders import FolderDataset
+    from featcache.store import load_features
 
     fs = load_features(path)
     files = FolderDataset(folder, image_size=32).files("test")
@@ -89,7 +89,7 @@ def _pipeline_rows(folder, path):
 
 @pytest.mark.parametrize("tta", [False, True])
 def test_exported_model_reproduces_the_pipeline(extracted, tmp_path, tta):
-    from pipeline.export import export_model, load_classifier, predict_images
+    from featcache.export import export_model, load_classifier, predict_images
 
     folder, path, head = extracted
     res = export_model(path, head=head, output=tmp_path / "m.keras", tta=tta)
@@ -100,7 +100,7 @@ def test_exported_model_reproduces_the_pipeline(extracted, tmp_path, tta):
     clf = load_classifier(res.path)  # a fresh load from disk
     assert clf.class_names == list(CLASSES)
     assert clf.metadata["backbone"] == "mobilenet_025" and clf.metadata["tta"] is tta
-    from pipeline.folders import decode_image
+    from featcache.folders import decode_image
 
     got = np.concatenate([clf.probabilities(decode_image(p)[None]) for p in images])
     assert got.shape == want.shape == (len(images), 3)
@@ -114,7 +114,7 @@ def test_exported_model_reproduces_the_pipeline(extracted, tmp_path, tta):
 
 
 def test_export_refuses_heads_without_a_keras_form(extracted, tmp_path):
-    from pipeline.export import export_model
+    from featcache.export import export_model
 
     _, path, _ = extracted
     with pytest.raises(ConfigError, match="Keras-expressible head: .*logreg"):
@@ -125,13 +125,13 @@ def test_export_refuses_heads_without_a_keras_form(extracted, tmp_path):
 
 
 def test_export_refuses_other_backbone_weights(extracted, tmp_path):
-    from pipeline.export import export_model
-    from pipeline.store import read_attrs
+    from featcache.export import export_model
+    from featcache.store import read_attrs
 
     _, path, head = extracted
     attrs = read_attrs(path)
     with pytest.raises(WeightsError, match="weights_sha256 differs"):
-        from pipeline.export import rebuild_backbone
+        from featcache.export import rebuild_backbone
 
         rebuild_backbone({**attrs, "seed": 12345})
     with pytest.raises(ConfigError, match="no head comparison"):
@@ -139,7 +139,7 @@ def test_export_refuses_other_backbone_weights(extracted, tmp_path):
 
 
 def test_export_without_comparison_and_bad_output(extracted, tmp_path):
-    from pipeline.export import export_model
+    from featcache.export import export_model
 
     _, path, head = extracted
     with pytest.raises(ConfigError, match="must end in .keras"):
@@ -147,8 +147,8 @@ def test_export_without_comparison_and_bad_output(extracted, tmp_path):
 
 
 def test_predict_cli_text_json_and_errors(extracted, tmp_path, capsys):
-    from pipeline.cli import main
-    from pipeline.export import export_model
+    from featcache.cli import main
+    from featcache.export import export_model
 
     folder, path, head = extracted
     model = export_model(path, head=head, output=tmp_path / "m.keras").path
@@ -175,13 +175,13 @@ def test_predict_cli_text_json_and_errors(extracted, tmp_path, capsys):
 
     keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(other)
     with pytest.raises(DataError, match="not one exported by featcache"):
-        from pipeline.export import load_classifier
+        from featcache.export import load_classifier
 
         load_classifier(other)
 
 
 def test_exported_model_takes_any_size_and_mode(extracted, tmp_path):
-    from pipeline.export import export_model, predict_images
+    from featcache.export import export_model, predict_images
 
     _, path, head = extracted
     model = export_model(path, head=head, output=tmp_path / "m.keras").path
@@ -206,12 +206,12 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
     and the exported model must reproduce the pipeline's probabilities on held-out images."""
     from PIL import Image
 
-    from pipeline.config import ExtractConfig
-    from pipeline.datasets import open_dataset
-    from pipeline.export import export_model, predict_images
-    from pipeline.extract import extract_features
-    from pipeline.folders import FolderDataset
-    from pipeline.store import load_features
+    from featcache.config import ExtractConfig
+    from featcache.datasets import open_dataset
+    from featcache.export import export_model, predict_images
+    from featcache.extract import extract_features
+    from featcache.folders import FolderDataset
+    from featcache.store import load_features
 
     cifar = open_dataset("cifar10", data_dir=real_data_dir, download=False)
     folder = tmp_path / "cifar_pngs"
@@ -229,7 +229,7 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
                         test_fraction=0.4, precision="float32", out_dir=str(tmp_path / "features"))
     fs = load_features(extract_features(cfg).path)
     assert len(fs["train"]) == 300 and len(fs["test"]) == 200
-    from pipeline.heads import get_head
+    from featcache.heads import get_head
 
     head = get_head("logreg").make(C=0.01).fit(fs["train"].features, fs["train"].labels)
     proba = head.predict_proba(fs["test"].features)
@@ -250,8 +250,8 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
 @pytest.fixture(scope="module")
 def compared(extracted, tmp_path_factory):
     """A head comparison (logreg, rbf_svm, dense, knn; +flip rows: mirrored rows + TTA)."""
-    from pipeline.compare import compare_heads
-    from pipeline.config import HeadsConfig
+    from featcache.compare import compare_heads
+    from featcache.config import HeadsConfig
 
     folder, path, _ = extracted
     report = tmp_path_factory.mktemp("report")
@@ -262,9 +262,9 @@ def compared(extracted, tmp_path_factory):
 
 @pytest.mark.parametrize("row", ["logreg", "rbf_svm", "dense", "logreg+flip"])
 def test_export_a_compared_head_reproduces_it(compared, tmp_path, row):
-    from pipeline.export import export_model, load_classifier
-    from pipeline.folders import decode_image
-    from pipeline.heads import load_head
+    from featcache.export import export_model, load_classifier
+    from featcache.folders import decode_image
+    from featcache.heads import load_head
 
     folder, path, report, results = compared
     rows = {r["name"]: r for r in results["rows"]}
@@ -282,8 +282,8 @@ def test_export_a_compared_head_reproduces_it(compared, tmp_path, row):
 
 
 def test_export_default_head_and_knn_refusal(compared, tmp_path, capsys):
-    from pipeline.cli import main
-    from pipeline.export import export_model
+    from featcache.cli import main
+    from featcache.export import export_model
 
     _, path, report, results = compared
     with pytest.raises(ConfigError, match=r"'knn' cannot be exported.*Keras-expressible head: "

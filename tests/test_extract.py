@@ -8,12 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline import store
-from pipeline.backbones import build_backbone, get_backbone
-from pipeline.config import ExtractConfig
-from pipeline.datasets import Synthetic
-from pipeline.errors import ConfigError, Interrupted, StaleCacheError
-from pipeline.extract import extract_features, make_step, shard_range
+from featcache import store
+from featcache.backbones import build_backbone, get_backbone
+from featcache.config import ExtractConfig
+from featcache.datasets import Synthetic
+from featcache.errors import ConfigError, Interrupted, StaleCacheError
+from featcache.extract import extract_features, make_step, shard_range
 
 
 def _cfg(tmp_path, **kw):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.heads import CosineKNNHead, LinearHead
-from pipeline.linear import Preconditioner, Scaler, fit_linear, objective
+from featcache.heads import CosineKNNHead, LinearHead
+from featcache.linear import Preconditioner, Scaler, fit_linear, objective
 
 
 def _correlated(n=3000, d=60, k=3, seed=0):

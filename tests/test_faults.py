@@ -2,7 +2,7 @@
 
 Most tests drive the real CLI in a subprocess (``python -c DRIVER ...``): the driver
 registers a test-only dataset ``faulty`` (the synthetic images, optionally slowed down per
-batch and with a changeable seed) and then runs ``pipeline.cli.main``, so a run can be
+batch and with a changeable seed) and then runs ``featcache.cli.main``, so a run can be
 killed, interrupted or raced mid-way. Results are compared array by array with an
 uninterrupted in-process run of the same settings. Writes only under ``tmp_path``.
 """
@@ -26,16 +26,16 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.config import ExtractConfig
-from pipeline.datasets import Synthetic
-from pipeline.errors import (
+from featcache.config import ExtractConfig
+from featcache.datasets import Synthetic
+from featcache.errors import (
     CacheError,
     CorruptFeatureFile,
     DiskFullError,
     IncompleteFeatureFile,
 )
-from pipeline.progress import read_progress
-from pipeline.store import load_features, partial_path
+from featcache.progress import read_progress
+from featcache.store import load_features, partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ DRIVER = textwrap.dedent("""
     # (`make test &` in a script) ignores SIGINT, its children inherit that, and Python then
     # installs no KeyboardInterrupt handler: the interrupted writer would never see it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from pipeline.datasets import Synthetic, register_dataset
+    from featcache.datasets import Synthetic, register_dataset
 
     class Slow(Synthetic):
         # FC_SLEEP: seconds per batch; FC_HOLD: after the first batch, wait while this
@@ -77,7 +77,7 @@ DRIVER = textwrap.dedent("""
         return Slow(n_train=int(os.environ.get("FC_N", "120")), n_test=40,
                     seed=int(os.environ.get("FC_SEED", "0")), name="faulty")
 
-    from pipeline.cli import main
+    from featcache.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -163,7 +163,7 @@ def assert_same_features(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted run of the driver's settings, in-process."""
-    from pipeline.extract import extract_features
+    from featcache.extract import extract_features
 
     out = tmp_path_factory.mktemp("reference")
     cfg = ExtractConfig(dataset="faulty", backbone="mobilenet_025", weights="none", size=32,
@@ -367,7 +367,7 @@ def test_disk_full_mid_run_keeps_partial_resumable(tmp_path, reference, monkeypa
     that can meet a full disk, since chunks are preallocated): a clear error, the flushed
     rows are kept, the same call resumes to the same bytes, and a complete file beside it
     is untouched."""
-    from pipeline.extract import extract_features
+    from featcache.extract import extract_features
 
     neighbour = tmp_path / "other_complete.h5"
     shutil.copy(reference, neighbour)
@@ -427,7 +427,7 @@ def test_disk_full_at_creation_is_a_one_line_error(tmp_path, reference):
 # ------------------------------------------------------------------ determinism
 
 def test_same_settings_give_identical_features_twice(tmp_path, reference):
-    from pipeline.extract import extract_features
+    from featcache.extract import extract_features
 
     cfg = ExtractConfig(dataset="faulty", backbone="mobilenet_025", weights="none", size=32,
                         batch=BATCH, out_dir=str(tmp_path), flip=True)
@@ -448,7 +448,7 @@ def test_same_settings_give_identical_features_twice(tmp_path, reference):
 PEAK_RSS = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from pipeline.config import ExtractConfig
+    from featcache.config import ExtractConfig
 
     def hwm_mb():
         # this process's own peak (VmHWM): ru_maxrss would include the parent's peak,
@@ -457,8 +457,8 @@ PEAK_RSS = textwrap.dedent("""
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
 
-    from pipeline.datasets import Dataset
-    from pipeline.extract import extract_features
+    from featcache.datasets import Dataset
+    from featcache.extract import extract_features
 
     class Big(Dataset):
         # 96x96 random images, made per batch: holding them all would cost n * 27 KiB
@@ -509,7 +509,7 @@ def test_stage_one_peak_memory_does_not_grow_with_the_dataset(tmp_path):
 LOAD_RSS = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from pipeline.store import load_features
+    from featcache.store import load_features
     def rss():  # own peak (VmHWM), not ru_maxrss (which inherits the parent's peak)
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
@@ -526,7 +526,7 @@ LOAD_RSS = textwrap.dedent("""
 def test_stage_two_reads_features_without_copies(tmp_path):
     """load_features of a 120 MiB float32 file: arrays stay float32 and peak memory grows
     by about the arrays' size, not twice it (no float64 or duplicate copies)."""
-    from pipeline.store import FeatureWriter
+    from featcache.store import FeatureWriter
 
     path = tmp_path / "big.h5"
     n, dim = 30000, 1024
@@ -575,8 +575,8 @@ def toy_report(tmp_path_factory):
     """A feature file and a finished report on it (logreg + knn), plus its file hashes."""
     from stage_two_util import make_feature_file
 
-    from pipeline.compare import compare_heads
-    from pipeline.config import HeadsConfig
+    from featcache.compare import compare_heads
+    from featcache.config import HeadsConfig
 
     d = tmp_path_factory.mktemp("heads")
     path = make_feature_file(d / "toy.h5", n_train=300, n_test=120)
@@ -586,7 +586,7 @@ def toy_report(tmp_path_factory):
 
 
 def _count_replaces(cfg) -> int:
-    from pipeline.compare import compare_heads
+    from featcache.compare import compare_heads
 
     calls = []
     real = os.replace
@@ -611,7 +611,7 @@ def test_interrupted_heads_leaves_the_previous_report_intact(tmp_path, toy_repor
     final name is whole; killed before its first rename, nothing at all changed."""
     from dataclasses import replace as dc_replace
 
-    from pipeline.compare import compare_heads
+    from featcache.compare import compare_heads
 
     cfg0, before = toy_report
     report = tmp_path / "report"
@@ -653,7 +653,7 @@ def _strip_timing(results: dict) -> list:
 
 
 def test_same_settings_give_identical_head_results_twice(toy_report):
-    from pipeline.compare import compare_heads
+    from featcache.compare import compare_heads
 
     cfg, _ = toy_report
     a = compare_heads(cfg, write=False)
@@ -668,7 +668,7 @@ def test_same_settings_give_identical_head_results_twice(toy_report):
 def test_keras_dense_head_and_svms_are_deterministic_too(toy_report):
     from dataclasses import replace as dc_replace
 
-    from pipeline.compare import compare_heads
+    from featcache.compare import compare_heads
 
     cfg = dc_replace(toy_report[0], heads=("dense", "linear_svm", "rbf_svm"))
     a = compare_heads(cfg, write=False)
@@ -683,8 +683,8 @@ def test_heads_killed_while_fitting_leave_report_and_saved_heads_untouched(tmp_p
     folder until all are done), so results.json never points at heads from another run."""
     from dataclasses import replace as dc_replace
 
-    from pipeline import heads as heads_mod
-    from pipeline.compare import compare_heads
+    from featcache import heads as heads_mod
+    from featcache.compare import compare_heads
 
     cfg0, before = toy_report
     report = tmp_path / "report"

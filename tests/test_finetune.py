@@ -16,15 +16,15 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import store
-from pipeline.config import ExtractConfig
-from pipeline.errors import ConfigError, Interrupted
+from featcache import store
+from featcache.config import ExtractConfig
+from featcache.errors import ConfigError, Interrupted
 
 SIZE = 32
 
 
 def _images(n=16):
-    from pipeline.datasets import Synthetic
+    from featcache.datasets import Synthetic
 
     images, _ = next(Synthetic().batches("train", 0, n, n))
     return images
@@ -35,7 +35,7 @@ def weights(tmp_path_factory):
     """A MobileNetV2 weight file: random, BatchNorm statistics set to the data's."""
     import keras
 
-    from pipeline.backbones import build_backbone, get_backbone
+    from featcache.backbones import build_backbone, get_backbone
 
     m = build_backbone(get_backbone("mobilenet_v2"), weights="none")
     x = _images().astype(np.float32) / 127.5 - 1.0
@@ -60,7 +60,7 @@ def _cfg(tmp_path, weights, **kw):
 
 @pytest.fixture(scope="module")
 def cut_file(tmp_path_factory, weights):
-    from pipeline.extract import extract_features
+    from featcache.extract import extract_features
 
     return extract_features(_cfg(tmp_path_factory.mktemp("cut"), weights)).path
 
@@ -68,8 +68,8 @@ def cut_file(tmp_path_factory, weights):
 # ---------------------------------------------------------------------------- cut points
 
 def test_cut_points_are_block_ends_a_single_tensor_crosses():
-    from pipeline.backbones import build_backbone, get_backbone
-    from pipeline.cut import cut_points
+    from featcache.backbones import build_backbone, get_backbone
+    from featcache.cut import cut_points
 
     points = {p.name: p.layer for p in cut_points(
         build_backbone(get_backbone("mobilenet_v2"), weights="none"))}
@@ -80,7 +80,7 @@ def test_cut_points_are_block_ends_a_single_tensor_crosses():
 
 
 def test_cuts_command_lists_shape_cache_size_and_flops(capsys):
-    from pipeline.cli import main
+    from featcache.cli import main
 
     assert main(["cuts", "mobilenet_v2"]) == 0
     out = capsys.readouterr().out
@@ -100,7 +100,7 @@ def test_cuts_command_lists_shape_cache_size_and_flops(capsys):
     (["path", "--cut", "block_16", "--shard", "0/2"], "--cut does not work with --shard"),
 ])
 def test_bad_cut_is_one_line_error(argv, want, tmp_path, capsys):
-    from pipeline.cli import main
+    from featcache.cli import main
 
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err.strip()
@@ -123,8 +123,8 @@ def test_cut_is_in_the_file_name_and_cache_key(weights, tmp_path):
 def test_activations_are_stored_as_the_backbone_computes_them(cut_file, weights):
     import keras
 
-    from pipeline.backbones import build_backbone, get_backbone
-    from pipeline.cut import bottom_model
+    from featcache.backbones import build_backbone, get_backbone
+    from featcache.cut import bottom_model
 
     with h5py.File(cut_file, "r") as f:
         assert f.attrs["cut"] == "block_15" and f.attrs["cut_layer"] == "block_15_add"
@@ -144,7 +144,7 @@ def test_activations_are_stored_as_the_backbone_computes_them(cut_file, weights)
 
 
 def test_interrupted_cut_extraction_resumes_bit_identically(cut_file, weights, tmp_path):
-    from pipeline.extract import extract_features
+    from featcache.extract import extract_features
 
     cfg = _cfg(tmp_path, weights)
     with pytest.raises(Interrupted, match="run the same command again to resume"):
@@ -164,9 +164,9 @@ def test_interrupted_cut_extraction_resumes_bit_identically(cut_file, weights, t
 def test_top_rebuilt_from_the_cut_is_the_backbone_above_it(cut_file, weights):
     import keras
 
-    from pipeline.backbones import build_backbone, get_backbone
-    from pipeline.cut import bottom_model, top_model, top_units
-    from pipeline.finetune_model import build
+    from featcache.backbones import build_backbone, get_backbone
+    from featcache.cut import bottom_model, top_model, top_units
+    from featcache.finetune_model import build
 
     model = build_backbone(get_backbone("mobilenet_v2"), weights=weights)
     x = keras.applications.mobilenet_v2.preprocess_input(
@@ -189,7 +189,7 @@ def test_top_rebuilt_from_the_cut_is_the_backbone_above_it(cut_file, weights):
 
 
 def test_too_many_trainable_blocks_is_an_error(cut_file):
-    from pipeline.finetune_model import build
+    from featcache.finetune_model import build
 
     with pytest.raises(ConfigError, match=r"has 2 blocks above it \(0\.\.2\)"):
         build(str(cut_file), 4, np.zeros(1280, np.float32), np.ones(1280, np.float32),
@@ -201,8 +201,8 @@ def test_too_many_trainable_blocks_is_an_error(cut_file):
 def test_training_batches_stream_every_row_once_per_epoch(tmp_path):
     sys.path.insert(0, str(store.Path(__file__).resolve().parents[1]))
     from benchmarks.finetune_mem import write_activation_file
-    from pipeline.actstore import ActivationReader
-    from pipeline.finetune_data import ActRows, train_batches
+    from featcache.actstore import ActivationReader
+    from featcache.finetune_data import ActRows, train_batches
 
     p = write_activation_file(tmp_path / "a.h5", n_train=1000, n_test=10, shape=(1, 2, 4))
     rows = np.sort(np.random.default_rng(0).choice(1000, 700, replace=False))
@@ -226,7 +226,7 @@ def test_training_batches_stream_every_row_once_per_epoch(tmp_path):
 
 
 def test_shift_maps_translates_each_map_with_edges_repeated():
-    from pipeline.finetune_data import shift_maps
+    from featcache.finetune_data import shift_maps
 
     x = np.random.default_rng(0).normal(size=(400, 5, 6, 3)).astype(np.float32)
     assert shift_maps(x, 0, np.random.default_rng(0)) is x
@@ -250,20 +250,20 @@ def test_finetune_head_in_the_comparison_never_runs_the_bottom_and_exports(cut_f
                                                                            monkeypatch):
     import keras
 
-    import pipeline.cut
-    import pipeline.extract
-    from pipeline.compare import compare_heads
-    from pipeline.config import HeadsConfig
-    from pipeline.datasets import Synthetic
-    from pipeline.export import export_model
-    from pipeline.finetune_data import ActRows
-    from pipeline.heads import load_head
+    import featcache.cut
+    import featcache.extract
+    from featcache.compare import compare_heads
+    from featcache.config import HeadsConfig
+    from featcache.datasets import Synthetic
+    from featcache.export import export_model
+    from featcache.finetune_data import ActRows
+    from featcache.heads import load_head
 
     def no_bottom(*a, **k):
         raise AssertionError("stage two ran the backbone's bottom")
 
-    monkeypatch.setattr(pipeline.cut, "bottom_model", no_bottom)
-    monkeypatch.setattr(pipeline.extract, "step_graph", no_bottom)
+    monkeypatch.setattr(featcache.cut, "bottom_model", no_bottom)
+    monkeypatch.setattr(featcache.extract, "step_graph", no_bottom)
     report = tmp_path / "report"
     res = compare_heads(HeadsConfig(str(cut_file), heads=("finetune",), workers=0,
                                     out_dir=str(report)))
@@ -291,7 +291,7 @@ def test_finetune_head_in_the_comparison_never_runs_the_bottom_and_exports(cut_f
 
 @pytest.mark.slow
 def test_openvino_cut_outputs_match_tensorflow(cut_file, weights, tmp_path):
-    from pipeline.extract import extract_features
+    from featcache.extract import extract_features
 
     r = extract_features(_cfg(tmp_path, weights, runtime="openvino", limit=32))
     with h5py.File(cut_file, "r") as a, h5py.File(r.path, "r") as b:
@@ -302,7 +302,7 @@ def test_openvino_cut_outputs_match_tensorflow(cut_file, weights, tmp_path):
 
 
 def test_phase_two_cosine_schedule_falls_from_the_rate_to_zero():
-    from pipeline.heads.finetune import FinetuneHead, learning_rate
+    from featcache.heads.finetune import FinetuneHead, learning_rate
 
     assert learning_rate(1e-4) == 1e-4
     s = learning_rate(1e-4, 100)
@@ -317,7 +317,7 @@ def test_finetune_study_reads_only_the_training_split(cut_file, monkeypatch, cap
 
     sys.path.insert(0, str(store.Path(__file__).resolve().parents[1]))
     from benchmarks import finetune_study
-    from pipeline.actstore import ActivationReader
+    from featcache.actstore import ActivationReader
 
     real_read = ActivationReader.read
 
@@ -340,7 +340,7 @@ def test_finetune_study_reads_only_the_training_split(cut_file, monkeypatch, cap
 def test_a_file_without_a_cut_is_a_one_line_error_naming_cut(tmp_path):
     sys.path.insert(0, str(store.Path(__file__).resolve().parents[1]))
     from benchmarks.finetune_mem import write_activation_file
-    from pipeline.actstore import ActivationReader
+    from featcache.actstore import ActivationReader
 
     p = write_activation_file(tmp_path / "a.h5", n_train=8, n_test=4, shape=(1, 1, 4))
     with h5py.File(p, "r+") as f:

@@ -1,4 +1,4 @@
-"""Image-folder datasets (pipeline.folders): layout, decoding, skipping, fingerprint, stage one.
+"""Image-folder datasets (featcache.folders): layout, decoding, skipping, fingerprint, stage one.
 
 All offline on a small generated folder: varied sizes, JPEG/PNG/BMP/GIF, gray/RGBA/palette,
 an animated GIF, images nested in sub-folders of a class, one corrupt file, ignored files.
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import ConfigError, DataError, StaleCacheError
-from pipeline.folders import FolderDataset, decode_image
+from featcache.errors import ConfigError, DataError, StaleCacheError
+from featcache.folders import FolderDataset, decode_image
 
 CLASSES = ("bird", "cat", "dog")
 COLOURS = {"bird": (200, 40, 40), "cat": (40, 180, 60), "dog": (50, 60, 210)}
@@ -187,7 +187,7 @@ def test_limit_keeps_classes_balanced(folder):
 
 
 def test_corrupt_file_is_skipped_counted_listed_and_warned(folder, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.folders"):
+    with caplog.at_level(logging.WARNING, logger="featcache.folders"):
         ds = FolderDataset(folder, image_size=32)
     assert ds.extra_attrs["skipped_count"] == 1
     assert len(ds.extra_attrs["skipped_files"]) == 1
@@ -281,15 +281,15 @@ def test_file_broken_after_opening_is_a_clear_error(folder):
 
 def _name(folder) -> str:
     """``pets_mobilenet_025_32_random[_ov[_bf16]].h5``: the default runtime's name."""
-    from pipeline.config import ExtractConfig
+    from featcache.config import ExtractConfig
 
     return ExtractConfig(dataset=str(folder), backbone="mobilenet_025", weights="none",
                          size=32).output_path.name
 
 
 def _extract(folder, out, **kw):
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import extract_features
+    from featcache.config import ExtractConfig
+    from featcache.extract import extract_features
 
     cfg = ExtractConfig(dataset=str(folder), backbone="mobilenet_025", weights="none", size=32,
                         batch=8, out_dir=str(out), **kw)
@@ -297,7 +297,7 @@ def _extract(folder, out, **kw):
 
 
 def test_extract_folder_end_to_end_and_staleness(folder, tmp_path):
-    from pipeline.store import load_features
+    from featcache.store import load_features
 
     res = _extract(folder, tmp_path / "out")
     assert res.path.name == _name(folder) and not res.cached
@@ -330,7 +330,7 @@ def test_extract_folder_end_to_end_and_staleness(folder, tmp_path):
 
 
 def test_cli_features_on_a_folder(folder, tmp_path, capsys):
-    from pipeline.cli import main
+    from featcache.cli import main
 
     rc = main(["features", "-q", "--dataset", str(folder), "--backbone", "mobilenet_025",
                "--weights", "none", "--size", "32", "--batch", "16",

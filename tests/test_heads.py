@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from pipeline.errors import ConfigError
-from pipeline.heads import HEADS, default_heads, load_head, register_head, resolve_heads, save_head
+from featcache.errors import ConfigError
+from featcache.heads import HEADS, default_heads, load_head, register_head, resolve_heads, save_head
 from stage_two_util import blobs
 
 # Smaller settings so every head fits in about a second (the grid is not under test here).
@@ -185,7 +185,7 @@ def test_warm_start_reaches_the_cold_solution(name):
 def test_dense_ensemble_is_one_keras_model_that_saves_and_reloads(tmp_path):
     """``dense_ens`` trains several seeded members and averages them inside one Keras model:
     its probabilities are the members' mean, and it saves/loads/exports like ``dense``."""
-    from pipeline.heads import HEADS, load_head, save_head
+    from featcache.heads import HEADS, load_head, save_head
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(240, 12)).astype(np.float32)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.compare import compare_heads
-from pipeline.config import HeadsConfig
-from pipeline.datasets import Synthetic
-from pipeline.mistakes import confident_mistakes, load_images
-from pipeline.store import FeatureWriter
+from featcache.compare import compare_heads
+from featcache.config import HeadsConfig
+from featcache.datasets import Synthetic
+from featcache.mistakes import confident_mistakes, load_images
+from featcache.store import FeatureWriter
 
 
 def test_confident_mistakes_ranks_wrong_rows_by_probability():
@@ -70,7 +70,7 @@ def test_comparison_hands_its_probabilities_over_without_predicting_again(synthe
                                                                         monkeypatch):
     """The report's mistakes come from the comparison's own test probabilities: the saved
     head is not loaded again (for the dense head that would import TensorFlow)."""
-    import pipeline.heads as heads_pkg
+    import featcache.heads as heads_pkg
 
     def no_reload(*a, **k):
         raise AssertionError("mistakes.png loaded the saved head again")

@@ -1,10 +1,10 @@
-"""pipeline.paths: the one place tests, benchmarks and CI find CIFAR-10 and KERAS_HOME."""
+"""featcache.paths: the one place tests, benchmarks and CI find CIFAR-10 and KERAS_HOME."""
 
 from __future__ import annotations
 
 import os
 
-from pipeline import paths
+from featcache import paths
 
 
 def _cifar(folder):

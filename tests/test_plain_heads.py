@@ -10,11 +10,11 @@ import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 
-from pipeline.cli import main
-from pipeline.compare import compare_heads
-from pipeline.config import HeadsConfig
-from pipeline.errors import ConfigError
-from pipeline.heads import HEADS, SklearnHead, load_head, register_head, resolve_heads
+from featcache.cli import main
+from featcache.compare import compare_heads
+from featcache.config import HeadsConfig
+from featcache.errors import ConfigError
+from featcache.heads import HEADS, SklearnHead, load_head, register_head, resolve_heads
 from stage_two_util import blobs, make_feature_file
 
 
@@ -95,7 +95,7 @@ def test_a_classifier_without_scores_predicts_plain_rows_only():
 
 USER_MODULE = '''
 from sklearn.linear_model import RidgeClassifier
-from pipeline.heads import register_head
+from featcache.heads import register_head
 
 
 @register_head("user_ridge", default=False, grid=[{"alpha": 1.0}, {"alpha": 30.0}],

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import ExtractConfig
-from pipeline.errors import StaleCacheError, WeightsError
-from pipeline.store import load_features, read_attrs
+from featcache.config import ExtractConfig
+from featcache.errors import StaleCacheError, WeightsError
+from featcache.store import load_features, read_attrs
 
 ray = pytest.importorskip("ray")
 
@@ -35,8 +35,8 @@ def config(out: Path, **kw) -> ExtractConfig:
 
 
 def test_ray_shards_merge_to_the_single_process_bytes(cluster, tmp_path):
-    from pipeline.distributed import extract_with_ray
-    from pipeline.extract import extract_features
+    from featcache.distributed import extract_with_ray
+    from featcache.extract import extract_features
 
     single = extract_features(config(tmp_path / "single")).path
     cfg = config(tmp_path / "ray")
@@ -58,7 +58,7 @@ def test_ray_shards_merge_to_the_single_process_bytes(cluster, tmp_path):
 
 
 def test_ray_task_errors_arrive_as_project_errors(cluster, tmp_path):
-    from pipeline.distributed import extract_with_ray
+    from featcache.distributed import extract_with_ray
 
     bad = tmp_path / "not_weights.h5"
     bad.write_bytes(b"not an hdf5 file" * 64)
@@ -67,9 +67,9 @@ def test_ray_task_errors_arrive_as_project_errors(cluster, tmp_path):
 
 
 def test_ray_refuses_a_stale_merged_file(tmp_path):
-    from pipeline.distributed import extract_with_ray
+    from featcache.distributed import extract_with_ray
 
-    from pipeline.extract import extract_features
+    from featcache.extract import extract_features
 
     cfg = config(tmp_path)
     # a complete file of another configuration (other random weights) under the same name
@@ -85,7 +85,7 @@ def test_cli_refuses_ray_with_a_single_shard_option(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "features", "--engine", "ray",
+    proc = subprocess.run([sys.executable, "-m", "featcache", "features", "--engine", "ray",
                            "--shard", "0/2", "--dataset", "synthetic", "--weights", "none",
                            "--backbone", "mobilenet_025", "--size", "32",
                            "--out-dir", str(tmp_path)],

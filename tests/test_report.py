@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import report
-from pipeline.cli import main
-from pipeline.compare import compare_heads, label_curve
-from pipeline.config import HeadsConfig
-from pipeline.heads import load_head
-from pipeline.stats import (confusion, holm, macro_f1, mcnemar, pairwise_mcnemar,
+from featcache import report
+from featcache.cli import main
+from featcache.compare import compare_heads, label_curve
+from featcache.config import HeadsConfig
+from featcache.heads import load_head
+from featcache.stats import (confusion, holm, macro_f1, mcnemar, pairwise_mcnemar,
                             per_class_accuracy, wilson)
-from pipeline.store import read_attrs
+from featcache.store import read_attrs
 from stage_two_util import make_feature_file
 
 HEADS = ("logreg", "knn")
@@ -64,7 +64,7 @@ def test_report_files_list_every_head_and_carry_provenance(done):
 
 
 def test_saved_heads_reproduce_the_reported_predictions(done):
-    from pipeline.store import load_features
+    from featcache.store import load_features
 
     path, out, results = done
     te = load_features(path)["test"]
@@ -189,7 +189,7 @@ def test_cli_heads_json_is_the_summary_on_stdout(tmp_path, capsys):
 
 
 def test_cli_backbones_json(capsys):
-    from pipeline.backbones import BACKBONES
+    from featcache.backbones import BACKBONES
 
     assert main(["backbones", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

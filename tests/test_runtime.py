@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import runtime, store
-from pipeline.backbones import BACKBONES, build_backbone, get_backbone
-from pipeline.config import ExtractConfig, config_sha256
-from pipeline.errors import ConfigError, ConversionError
-from pipeline.extract import extract_features, make_step, step_graph
+from featcache import runtime, store
+from featcache.backbones import BACKBONES, build_backbone, get_backbone
+from featcache.config import ExtractConfig, config_sha256
+from featcache.errors import ConfigError, ConversionError
+from featcache.extract import extract_features, make_step, step_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16"})
@@ -117,7 +117,7 @@ def test_xla_needs_tensorflow():
 
 
 def test_naming_imports_neither_tensorflow_nor_openvino():
-    code = ("import sys; from pipeline.cli import main; main(['path', '-q', '--flip']); "
+    code = ("import sys; from featcache.cli import main; main(['path', '-q', '--flip']); "
             "bad = [m for m in ('tensorflow', 'openvino', 'keras') if m in sys.modules]; "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -148,7 +148,7 @@ def test_cache_key_and_hash_include_runtime_and_precision():
 def test_openvino_file_records_runtime_version_and_precision(tmp_path, no_gpu, capsys):
     import openvino
 
-    from pipeline.cli import main
+    from featcache.cli import main
 
     r = extract_features(_cfg(tmp_path, flip=True, precision="float32"))
     assert r.path.name == "synthetic_mobilenet_025_32_random_ov_flip.h5"
@@ -339,7 +339,7 @@ def test_bf16_features_are_close_to_float32(tmp_path):
 
 def test_a_failed_conversion_is_one_line_naming_the_tensorflow_fallback(tmp_path, no_gpu,
                                                                         monkeypatch, capsys):
-    from pipeline.cli import main
+    from featcache.cli import main
 
     def broken(*a, **kw):
         raise RuntimeError("Check 'is_conversion_successful' failed: Cannot create "

@@ -1,4 +1,4 @@
-"""The settings table (pipeline/settings.py + the config fields): one default per setting,
+"""The settings table (featcache/settings.py + the config fields): one default per setting,
 shared by config.py, the CLI and the Makefile; the cache key, argparse and the Makefile's
 arguments generated from it. No TensorFlow: the path command and `make -n` only."""
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import settings
-from pipeline.cli import build_parser
-from pipeline.config import ExtractConfig, HeadsConfig, cache_key_fields, config_sha256
+from featcache import settings
+from featcache.cli import build_parser
+from featcache.config import ExtractConfig, HeadsConfig, cache_key_fields, config_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = ["make", "--no-print-directory", "-s", "-C", str(ROOT), f"PYTHON={sys.executable}"]
@@ -80,7 +80,7 @@ def test_makefile_variables_default_to_empty_and_pass_their_flag():
 ])
 def test_make_and_featcache_name_the_same_file(variables, flags):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEATCACHE_")}
-    cli = subprocess.run([sys.executable, "-m", "pipeline", "path", *flags], cwd=ROOT, env=env,
+    cli = subprocess.run([sys.executable, "-m", "featcache", "path", *flags], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
     assert make("path", *variables).strip() == cli
     if not variables:
@@ -122,7 +122,7 @@ def test_resolved_once():
 
 
 def test_val_fraction_is_a_deprecated_alias_of_test_fraction(capsys):
-    from pipeline.cli import main
+    from featcache.cli import main
 
     assert main(["path", "--val-fraction", "0.3", "--json"]) == 0
     out = capsys.readouterr()
@@ -131,7 +131,7 @@ def test_val_fraction_is_a_deprecated_alias_of_test_fraction(capsys):
 
 
 def test_settings_command_lists_the_table(capsys):
-    from pipeline.cli import main
+    from featcache.cli import main
 
     assert main(["settings", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -143,7 +143,7 @@ def test_settings_command_lists_the_table(capsys):
 
 
 def test_info_shows_the_cache_key_first(tmp_path, capsys):
-    from pipeline.cli import main
+    from featcache.cli import main
     from stage_two_util import make_feature_file
 
     path = make_feature_file(tmp_path / "f.h5")

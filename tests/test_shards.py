@@ -18,14 +18,14 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.config import ExtractConfig
-from pipeline.datasets import Synthetic
-from pipeline.errors import CacheError, Interrupted
-from pipeline.extract import extract_features, shard_range
-from pipeline.merge import find_parts, merge, merged_name
-from pipeline.merge import merge_parts
-from pipeline.progress import read_progress
-from pipeline.store import load_features, partial_path, read_attrs
+from featcache.config import ExtractConfig
+from featcache.datasets import Synthetic
+from featcache.errors import CacheError, Interrupted
+from featcache.extract import extract_features, shard_range
+from featcache.merge import find_parts, merge, merged_name
+from featcache.merge import merge_parts
+from featcache.progress import read_progress
+from featcache.store import load_features, partial_path, read_attrs
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 16
@@ -128,7 +128,7 @@ def test_part_files_hold_the_ids_of_their_rows(tmp_path, made_parts):
 def test_merge_cli_with_explicit_parts_and_remove(tmp_path, single, made_parts):
     parts = made_parts(2, tmp_path)
     target = tmp_path / "joined.h5"
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "merge", *map(str, parts),
+    proc = subprocess.run([sys.executable, "-m", "featcache", "merge", *map(str, parts),
                            "-o", str(target), "--remove-parts"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -138,7 +138,7 @@ def test_merge_cli_with_explicit_parts_and_remove(tmp_path, single, made_parts):
 
 
 def _cli_merge(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", "merge", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "featcache", "merge", *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -205,8 +205,8 @@ def test_duplicate_and_foreign_parts_are_refused(tmp_path, made_parts, single):
 
 def test_interrupted_merge_resumes(tmp_path, single, made_parts, monkeypatch):
     """A merge killed half-way leaves ``.partial``; the same merge finishes it."""
-    import pipeline.merge as merging
-    import pipeline.store as store
+    import featcache.merge as merging
+    import featcache.store as store
 
     cfg = config(tmp_path)
     parts = made_parts(2, tmp_path)

@@ -2,7 +2,7 @@
 answer.
 
 - Export in every format (keras, savedmodel, tflite) through the real CLI, then run the
-  artefact in a fresh Python process that never imports featcache (``pipeline`` is blocked
+  artefact in a fresh Python process that never imports featcache (``featcache`` is blocked
   there) and compare its probabilities with the pipeline's own (stage-one features + the
   fitted head) on the same images. One export per format per test session.
 - Bad inputs through the real CLI in a subprocess: each gets one ``featcache: error:`` line,
@@ -46,7 +46,7 @@ def user_env(**more) -> dict:
 
 
 def cli(*args, timeout=600, prefix=(), env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "pipeline", *map(str, args)],
+    return subprocess.run([*prefix, sys.executable, "-m", "featcache", *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, env=env or user_env(),
                           timeout=timeout, **kw)
 
@@ -74,10 +74,10 @@ def tiny_features(out_dir: Path, dataset: str = "synthetic", size="32", **kw) ->
 # ---------------------------------------------------------------------------- export
 
 #: Runs an exported model with TensorFlow/Keras only. argv: format, model, images.npz,
-#: out.npz. ``pipeline`` (featcache) cannot be imported at all in this process.
+#: out.npz. ``featcache`` (featcache) cannot be imported at all in this process.
 PLAIN_RUNTIME = textwrap.dedent("""
     import json, os, sys
-    sys.modules["pipeline"] = None          # any attempt to import featcache fails
+    sys.modules["featcache"] = None          # any attempt to import featcache fails
     import numpy as np
     fmt, model_path, images_path, out_path = sys.argv[1:5]
     side = json.load(open(model_path + ".json"))
@@ -105,8 +105,8 @@ PLAIN_RUNTIME = textwrap.dedent("""
         it.set_tensor(inp["index"], x)
         it.invoke()
         probs = list(it.get_tensor(out["index"]))
-    loaded = sorted(m for m in sys.modules if m == "pipeline" or m.startswith("pipeline."))
-    assert sys.modules.get("pipeline") is None and loaded == ["pipeline"], loaded
+    loaded = sorted(m for m in sys.modules if m == "featcache" or m.startswith("featcache."))
+    assert sys.modules.get("featcache") is None and loaded == ["featcache"], loaded
     np.savez(out_path, probs=np.stack(probs), classes=np.array(side["class_names"]))
     print("plain runtime ok:", fmt, len(probs))
 """)
@@ -115,9 +115,9 @@ PLAIN_RUNTIME = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
     """A folder, its features (flip), a head comparison (logreg, dense, and their +flip)."""
-    from pipeline.compare import compare_heads
-    from pipeline.config import ExtractConfig, HeadsConfig
-    from pipeline.extract import extract_features
+    from featcache.compare import compare_heads
+    from featcache.config import ExtractConfig, HeadsConfig
+    from featcache.extract import extract_features
 
     root = tmp_path_factory.mktemp("ship")
     folder = make_image_folder(root / "pets", copies=2)
@@ -131,9 +131,9 @@ def shipped(tmp_path_factory):
 
 def _pipeline_probs(folder, path, report, row):
     """The pipeline's own probabilities on the test images, and those images decoded."""
-    from pipeline.folders import FolderDataset, decode_image
-    from pipeline.heads import load_head
-    from pipeline.store import load_features
+    from featcache.folders import FolderDataset, decode_image
+    from featcache.heads import load_head
+    from featcache.store import load_features
 
     results = json.loads((report / "results.json").read_text())
     r = next(r for r in results["rows"] if r["name"] == row)
@@ -173,7 +173,7 @@ def test_export_each_format_runs_without_featcache(shipped, tmp_path, fmt, row):
     assert (got["probs"].argmax(1) == want.argmax(1)).all()
 
     # and featcache's own predict reads every format (its JSON beside it), batched
-    from pipeline.export import predict_images
+    from featcache.export import predict_images
 
     rows = predict_images(out, files, top_k=3, batch=4)
     for row_, p in zip(rows, want):
@@ -182,10 +182,10 @@ def test_export_each_format_runs_without_featcache(shipped, tmp_path, fmt, row):
 
 
 def test_preprocessing_is_a_per_channel_affine_map():
-    """Every mode of pipeline/backbones.py, as the exported model's frozen Dense(3)."""
+    """Every mode of featcache/backbones.py, as the exported model's frozen Dense(3)."""
     import tensorflow as tf
 
-    from pipeline.backbones import PREPROCESS_MODES, preprocess, preprocess_affine
+    from featcache.backbones import PREPROCESS_MODES, preprocess, preprocess_affine
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 5, 7, 3)).astype(np.float32)
     for mode in PREPROCESS_MODES:
@@ -196,8 +196,8 @@ def test_preprocessing_is_a_per_channel_affine_map():
 
 
 def test_export_refuses_bad_outputs_before_building(shipped, tmp_path):
-    from pipeline.errors import ConfigError
-    from pipeline.export import export_model
+    from featcache.errors import ConfigError
+    from featcache.export import export_model
 
     _, path, report, _ = shipped
     with pytest.raises(ConfigError, match="must end in .tflite"):
@@ -212,7 +212,7 @@ def test_export_refuses_bad_outputs_before_building(shipped, tmp_path):
 def test_rbf_svm_cosine_from_builtin_layers():
     import keras
 
-    from pipeline.heads import cosine_block
+    from featcache.heads import cosine_block
 
     inp = keras.Input((4,))
     model = keras.Model(inp, cosine_block(inp))
@@ -272,7 +272,7 @@ def test_class_with_too_few_images_is_refused_in_stage_one(tmp_path):
 def test_stage_two_refuses_one_class_and_single_row_classes(tmp_path):
     from stage_two_util import make_feature_file
 
-    from pipeline.store import FeatureWriter
+    from featcache.store import FeatureWriter
 
     one = make_feature_file(tmp_path / "one.h5", k=1, n_train=40, n_test=10)
     one_line_error(cli("heads", one, "--heads", "logreg"), "hold 1 class (class0)",
@@ -334,14 +334,14 @@ def test_output_naming_a_folder_is_refused_before_any_work(tmp_path):
 def test_symlinked_sub_folder_is_followed_and_loops_are_safe(tmp_path, caplog):
     import logging
 
-    from pipeline.folders import FolderDataset
+    from featcache.folders import FolderDataset
 
     folder = _folder(tmp_path / "pets", {"cat": 3, "dog": 3})
     elsewhere = _folder(tmp_path / "elsewhere", {"more_cats": 4}) / "more_cats"
     (folder / "cat" / "linked").symlink_to(elsewhere, target_is_directory=True)
     (folder / "cat" / "loop").symlink_to(folder / "cat", target_is_directory=True)
     (elsewhere / "back").symlink_to(folder / "cat", target_is_directory=True)  # a longer loop
-    with caplog.at_level(logging.WARNING, logger="pipeline.folders"):
+    with caplog.at_level(logging.WARNING, logger="featcache.folders"):
         ds = FolderDataset(folder, image_size=32)
     every = {rel for s in ds.splits for rel, _ in ds.files(s)}
     assert {f"cat/linked/{i}.png" for i in range(4)} <= every   # followed, not dropped
@@ -352,7 +352,7 @@ def test_symlinked_sub_folder_is_followed_and_loops_are_safe(tmp_path, caplog):
 
 
 def test_skipped_files_name_the_files_not_bytesio(tmp_path):
-    from pipeline.folders import FolderDataset
+    from featcache.folders import FolderDataset
 
     folder = make_image_folder(tmp_path / "pets")
     (folder / "cat" / "junk.png").write_bytes(b"not a png at all")
@@ -378,7 +378,7 @@ def test_empty_heads_selection_is_an_error_and_keeps_the_report(tmp_path):
 def test_two_heads_runs_on_one_report_lock_or_queue(tmp_path):
     from stage_two_util import make_feature_file
 
-    from pipeline.store import FileLock
+    from featcache.store import FileLock
 
     path = make_feature_file(tmp_path / "f.h5", n_train=80, n_test=40)
     report = tmp_path / "f" / "results.json"
@@ -389,7 +389,7 @@ def test_two_heads_runs_on_one_report_lock_or_queue(tmp_path):
                        f"pid {os.getpid()}", "--wait")
         assert not report.parent.exists()      # refused before anything was made
         one_line_error(cli("curve", path, "--heads", "logreg"), "is being written")
-        waiting = subprocess.Popen([sys.executable, "-m", "pipeline", "heads", str(path),
+        waiting = subprocess.Popen([sys.executable, "-m", "featcache", "heads", str(path),
                                     "--heads", "logreg", "--wait"], cwd=ROOT, env=user_env(),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(8)
@@ -405,7 +405,7 @@ def test_two_heads_runs_on_one_report_lock_or_queue(tmp_path):
 
 @pytest.fixture(scope="module")
 def keras_model(shipped, tmp_path_factory):
-    from pipeline.export import export_model
+    from featcache.export import export_model
 
     _, path, report, _ = shipped
     out = tmp_path_factory.mktemp("model") / "m.keras"
@@ -413,7 +413,7 @@ def keras_model(shipped, tmp_path_factory):
 
 
 def test_predict_runs_in_batches_with_the_same_probabilities(shipped, keras_model):
-    from pipeline.export import iter_predictions, load_classifier
+    from featcache.export import iter_predictions, load_classifier
 
     folder, path, report, _ = shipped
     want, images, files = _pipeline_probs(folder, path, report, "logreg")
@@ -437,7 +437,7 @@ def test_predict_streams_goes_on_past_a_bad_file_and_exits_non_zero(shipped, ker
     fifo = tmp_path / "slow.png"          # blocks whoever reads it until we write to it
     os.mkfifo(fifo)
     images = [*good, fifo, folder / "dog" / "broken.jpg", folder / "dog" / "h0.jpeg"]
-    p = subprocess.Popen([sys.executable, "-m", "pipeline", "predict", str(keras_model),
+    p = subprocess.Popen([sys.executable, "-m", "featcache", "predict", str(keras_model),
                           *map(str, images), "--batch", "2"], cwd=ROOT, env=user_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = []
@@ -493,7 +493,7 @@ def test_predict_escapes_a_newline_in_a_file_name(shipped, keras_model, tmp_path
 
 
 def test_escape_name():
-    from pipeline.cli import escape_name
+    from featcache.cli import escape_name
 
     assert escape_name("a b/ç.jpg") == "a b/ç.jpg"
     assert escape_name("a\nb\tc\x1b\\d") == "a\\nb\\tc\\x1b\\\\d"
@@ -505,7 +505,7 @@ def test_no_tensorflow_start_up_lines_unless_verbose(tmp_path):
     r = cli(*tiny_features(tmp_path), "--limit", "20")
     assert r.returncode == 0, r.stderr
     assert not TF_NOISE.search(r.stderr), r.stderr
-    assert "featcache" in r.stderr or "INFO pipeline" in r.stderr   # our own lines stay
+    assert "featcache" in r.stderr or "INFO featcache" in r.stderr   # our own lines stay
     r = cli(*tiny_features(tmp_path), "--limit", "20", "--verbose")
     assert r.returncode == 0 and "up to date" in r.stdout
     assert TF_NOISE.search(r.stderr), r.stderr   # --verbose shows TensorFlow's lines

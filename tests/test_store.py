@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import store
-from pipeline.errors import (CacheError, CorruptFeatureFile, IncompleteFeatureFile, LockedError,
+from featcache import store
+from featcache.errors import (CacheError, CorruptFeatureFile, IncompleteFeatureFile, LockedError,
                              StaleCacheError)
 
 D = 16

@@ -12,12 +12,12 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import upgrade as upgrading
-from pipeline.config import ExtractConfig, config_sha256
-from pipeline.errors import DataError, OldSchemaError, StaleCacheError
-from pipeline.extract import extract_features
-from pipeline.featfile import _attrs_dict
-from pipeline.store import SCHEMA_VERSION, load_features, read_attrs
+from featcache import upgrade as upgrading
+from featcache.config import ExtractConfig, config_sha256
+from featcache.errors import DataError, OldSchemaError, StaleCacheError
+from featcache.extract import extract_features
+from featcache.featfile import _attrs_dict
+from featcache.store import SCHEMA_VERSION, load_features, read_attrs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_upgrade_cli_and_partial_shard_part(tmp_path):
     part = extract_features(cfg).path
     start = int(h5py.File(part, "r")["train"].attrs["row_start"])
     as_schema_1(part)
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "upgrade", str(part)],
+    proc = subprocess.run([sys.executable, "-m", "featcache", "upgrade", str(part)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "upgraded" in proc.stdout
@@ -130,7 +130,7 @@ def test_upgrade_is_atomic_when_interrupted(old_file, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pipeline.store.write_ids", boom)
+    monkeypatch.setattr("featcache.store.write_ids", boom)
     with pytest.raises(KeyboardInterrupt):
         upgrading.upgrade(old_file)
     assert old_file.read_bytes() == before
@@ -173,8 +173,8 @@ def test_upgrade_folder_file_lists_paths_and_refuses_a_changed_folder(tmp_path):
 def test_upgraded_partial_file_resumes(tmp_path, new_file):
     """An interrupted schema-1 run (``.partial``) is upgraded, then the same command
     resumes it; the result equals an uninterrupted run."""
-    from pipeline.errors import Interrupted
-    from pipeline.store import partial_path
+    from featcache.errors import Interrupted
+    from featcache.store import partial_path
 
     cfg = _cfg(tmp_path, limit=50)
     with pytest.raises(Interrupted):

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.compare import compare_heads, is_path
-from pipeline.config import HeadsConfig, default_workers
-from pipeline.heads import HEADS, _inv_norms, top_k
-from pipeline.workers import SharedArrays, run_jobs
+from featcache.compare import compare_heads, is_path
+from featcache.config import HeadsConfig, default_workers
+from featcache.heads import HEADS, _inv_norms, top_k
+from featcache.workers import SharedArrays, run_jobs
 from stage_two_util import blobs, make_feature_file
 
 
@@ -144,7 +144,7 @@ def test_knn_ties_go_to_the_lower_index():
 
 
 def test_scipy_and_handwritten_lbfgs_reach_the_same_optimum():
-    from pipeline.linear import Scaler, fit_linear, objective
+    from featcache.linear import Scaler, fit_linear, objective
 
     X, y, _ = blobs(2000, dim=12, k=3, sep=0.6, seed=1)
     sc = Scaler.fit([X])

@@ -1,0 +1,5 @@
+"""``python -m featcache`` == the ``featcache`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

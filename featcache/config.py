@@ -1,0 +1,347 @@
+"""Frozen settings for each stage, and the one place output paths are derived.
+
+Reads nothing, writes nothing, imports no TensorFlow (the Makefile asks it for paths
+before any virtualenv exists).
+
+File names: ``<out_dir>/<dataset>_<backbone>_<size>[_<variant>].h5``. When no variant is
+given, every setting that changes the numbers and differs from its default is spelled into
+the variant (``scale01``, ``ov``, ``bf16``, ``f16``, ``flip``, ``n5000``…), so different
+configurations land in different files and the cache key check only has to catch what a
+name cannot show (changed data, changed weights, another runtime version). The runtime is
+spelled as resolved: ``ov`` for OpenVINO, nothing for TensorFlow (so files made before
+runtimes existed keep their names), and ``bf16`` is the precision of either runtime
+(OpenVINO's ``bf16``, TensorFlow's ``mixed_bfloat16``); ``--runtime``/``--precision auto``
+are resolved cheaply (:mod:`featcache.runtime`) so naming still needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from . import settings
+from .backbones import BACKBONES, PREPROCESS_MODES, POOLINGS, get_backbone, weights_tag
+from .cut import check_cut_name
+from .errors import ConfigError
+from .runtime import (DEFAULT_PRECISION, DEFAULT_RUNTIME, PRECISIONS, RUNTIMES,
+                      resolve_precision, resolve_runtime)
+from .settings import setting
+
+DEFAULT_BACKBONE = "mobilenet_v2"
+DEFAULT_BATCH = 64
+FEATURE_DTYPES = ("float32", "float16")
+#: The largest input size (px) stage one accepts: one 1024-px float32 image through a
+#: backbone already takes ~0.2 GiB of activations; 10,000 px took 4.7 GiB for one image.
+MAX_SIZE = 1024
+
+
+def check_size(size, backbone: str) -> int:
+    """``size`` as an int if ``backbone`` can run at it (its minimum .. ``MAX_SIZE``), else a
+    one-line :class:`ConfigError` that says the limits. The one home of the size rule."""
+    spec = get_backbone(backbone)
+    try:
+        value = operator.index(size)  # ints (numpy's too); not floats, strings or None
+    except TypeError:
+        value = None
+    if value is None or not spec.min_size <= value <= MAX_SIZE:
+        raise ConfigError(f"--size {size} is out of range: {backbone} needs at least "
+                          f"{spec.min_size} px and featcache takes at most {MAX_SIZE} px")
+    return value
+
+
+def dataset_name(spec: str) -> str:
+    """The short name used in file names: a registry name as is, a folder's base name."""
+    if os.sep in spec or os.path.isdir(spec):
+        return Path(spec).resolve().name.replace(" ", "_") or "folder"
+    return spec
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    if text in (None, ""):
+        return None
+    try:
+        i, n = (int(p) for p in str(text).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard takes i/n (e.g. 0/4), not {text!r}") from None
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Stage one's settings: the settings table's first half (:mod:`featcache.settings`).
+
+    Each field's default is THE default (the CLI and the Makefile pass nothing when not
+    told). ``resolved()`` fills the backbone's defaults and validates, once: it returns a
+    :class:`ResolvedExtractConfig`, whose ``resolved()`` is itself."""
+
+    dataset: str = setting(
+        "cifar10", env="FEATCACHE_DATASET", make="DATASET", key=True, to_key=dataset_name,
+        companion="dataset_sha256",
+        help="cifar10, synthetic, or a folder with one sub-folder per class")
+    data_dir: str = setting(
+        "data", env="FEATCACHE_DATA_DIR", make="DATA_DIR",
+        help="where cifar-10-batches-py is (or is downloaded to)")
+    backbone: str = setting(
+        DEFAULT_BACKBONE, choices=lambda: sorted(BACKBONES), metavar="NAME", make="BACKBONE",
+        key=True, help="the pretrained network")
+    size: int | None = setting(
+        None, type=int, make="SIZE", key=True, attr="image_size",
+        help="input size in px the images are resized to (default: the backbone's own; "
+             "the file attribute image_size)")
+    batch: int = setting(DEFAULT_BATCH, make="BATCH", help="images per forward pass")
+    weights: str = setting(
+        "imagenet", make="WEIGHTS", key=True, to_key=weights_tag, companion="weights_sha256",
+        help="imagenet (Keras cache / KERAS_HOME), none (random), or a .h5 path")
+    preprocess: str | None = setting(
+        None, choices=lambda: sorted(PREPROCESS_MODES), make="PREPROCESS", key=True,
+        help="override the backbone's own preprocessing (scale01 = the tutorial's /255; "
+             "default: the backbone's)")
+    pooling: str = setting("avg", choices=POOLINGS, make="POOLING", key=True,
+                           help="how the last feature map becomes one vector")
+    dtype: str = setting("float32", choices=FEATURE_DTYPES, make="DTYPE", key=True,
+                         help="stored feature dtype")
+    runtime: str = setting(
+        DEFAULT_RUNTIME, choices=RUNTIMES, make="RUNTIME", key=True,
+        companion="runtime_version",
+        help="what runs the backbone: auto = openvino on a CPU, tensorflow when a GPU is "
+             "visible")
+    precision: str = setting(
+        DEFAULT_PRECISION, choices=PRECISIONS, make="PRECISION", key=True,
+        help="auto = bf16 with openvino on a CPU with AVX512-BF16/AMX, else float32; bf16 "
+             "(openvino), mixed_bfloat16 / mixed_float16 (tensorflow Keras policies)")
+    flip: bool = setting(
+        True, make="FLIP", key=True,
+        help="stage one's yes/no: also store the features of horizontally mirrored images "
+             "(files get _flip; stage two's --flip MODE chooses how rows use them); "
+             "--no-flip stores plain features only (half the time)")
+    xla: bool = setting(False, help="compile the forward pass with XLA (tensorflow runtime)")
+    limit: int | None = setting(None, type=int, make="LIMIT", key=True,
+                                to_key=lambda n: n or 0, help="at most N images per split")
+    test_fraction: float = setting(
+        0.2, aliases=("--val-fraction",), key=True,
+        help="image folders without train/ and test/: the stratified TEST share (not stage "
+             "two's validation share)")
+    seed: int = setting(0, key=True, help="seed of an image folder's train/test split")
+    cut: str | None = setting(
+        None, make="CUT", key=True, key_if_set=True, metavar="BLOCK",
+        help="also store float16 activations after this block (and mirrored), for the "
+             "finetune head (`featcache cuts BACKBONE` lists the blocks)")
+    out_dir: str = setting("features", make="OUT_DIR", help="where feature files go")
+    variant: str | None = setting(
+        None, make="VARIANT", help="file name suffix (default: derived from the non-default "
+                                   "settings)")
+    output: str | None = setting(None, help="explicit output path (overrides naming)")
+    shard: tuple[int, int] | None = setting(
+        None, type=str, parse=parse_shard, metavar="I/N",
+        help="extract only the i-th of n slices (then `featcache merge`)")
+    download: bool = setting(True, flag="--no-download", help="never try to download data")
+    force: bool = setting(False, help="rebuild a feature file made with another "
+                                      "configuration")
+    wait: bool = setting(False, help="wait for another process writing the same file "
+                                     "instead of refusing")
+    threads: int | None = setting(None, type=int,
+                                  help="OpenVINO inference threads (default: all cores)")
+
+    def resolved(self) -> "ResolvedExtractConfig":
+        """Backbone defaults filled in and every value checked (a one-line ConfigError)."""
+        spec = get_backbone(self.backbone)
+        # None (not given) means the backbone's default; 0 is a bad size like any other
+        size = spec.default_size if self.size is None else check_size(self.size, self.backbone)
+        pre = self.preprocess or spec.preprocess
+        if pre not in PREPROCESS_MODES:
+            raise ConfigError(f"unknown preprocessing {pre!r}; choose one of "
+                              f"{', '.join(PREPROCESS_MODES)}")
+        runtime = resolve_runtime(self.runtime)
+        precision = resolve_precision(self.precision, runtime)
+        if self.xla and runtime != "tensorflow":
+            raise ConfigError("--xla compiles TensorFlow's graph; it needs --runtime tensorflow")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"unknown pooling {self.pooling!r}; choose one of {POOLINGS}")
+        if self.dtype not in FEATURE_DTYPES:
+            raise ConfigError(f"--dtype must be float32 or float16, not {self.dtype!r}")
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be at least 1, not {self.batch}")
+        check_cut_name(self.cut, self.backbone, self.shard)
+        values = {**{f.name: getattr(self, f.name) for f in fields(self)},
+                  "size": size, "preprocess": pre, "runtime": runtime, "precision": precision}
+        return ResolvedExtractConfig(**values)
+
+    @property
+    def keras_precision(self) -> str:
+        """The Keras dtype policy the backbone is built with (OpenVINO converts float32)."""
+        return self.precision if self.runtime == "tensorflow" else "float32"
+
+    # -- naming -------------------------------------------------------------------------
+    def auto_variant(self) -> str:
+        """The settings that differ from the defaults, as a file-name suffix."""
+        spec = get_backbone(self.backbone)
+        parts = []
+        if self.preprocess and self.preprocess != spec.preprocess:
+            parts.append(self.preprocess)
+        if self.pooling != "avg":
+            parts.append(f"{self.pooling}pool")
+        if self.weights != "imagenet":
+            parts.append("random" if self.weights == "none" else weights_tag(self.weights))
+        if self.runtime == "openvino":
+            parts.append("ov")
+        if self.precision != "float32":
+            parts.append({"mixed_bfloat16": "bf16", "mixed_float16": "mf16",
+                          "bf16": "bf16"}[self.precision])
+        if self.dtype != "float32":
+            parts.append("f16")
+        if self.flip:
+            parts.append("flip")
+        if self.limit:
+            parts.append(f"n{self.limit}")
+        if self.cut:
+            parts.append(f"cut-{self.cut}")
+        return "_".join(parts)
+
+    @property
+    def stem(self) -> str:
+        cfg = self.resolved()  # itself when already resolved
+        variant = self.variant if self.variant is not None else cfg.auto_variant()
+        name = f"{dataset_name(cfg.dataset)}_{cfg.backbone}_{cfg.size}"
+        return f"{name}_{variant}" if variant else name
+
+    @property
+    def output_path(self) -> Path:
+        if self.output:
+            base = Path(self.output)
+        else:
+            base = Path(self.out_dir) / f"{self.stem}.h5"
+        if self.shard:
+            from .merge import part_path  # merge owns the part-file name
+            return part_path(base, self.shard)
+        return base
+
+    @property
+    def merged_path(self) -> Path:
+        """Where the shards of this configuration are merged to."""
+        return replace(self, shard=None).output_path
+
+    # -- cache key ----------------------------------------------------------------------
+    def cache_key(self, *, dataset_sha256: str, weights_sha256: str,
+                  runtime_version: str | None) -> dict:
+        """Everything that changes the numbers (batch size, XLA, paths do not): the table's
+        ``key`` settings (:func:`cache_key_fields`), with their measured companions.
+
+        ``runtime_version=None`` gives the key of files made before runtimes were recorded
+        (no ``runtime``/``runtime_version``): a TensorFlow run still accepts those.
+        """
+        return settings.cache_key(self.resolved(), {
+            "dataset_sha256": dataset_sha256, "weights_sha256": weights_sha256,
+            "runtime_version": runtime_version})
+
+
+@dataclass(frozen=True)
+class ResolvedExtractConfig(ExtractConfig):
+    """An :class:`ExtractConfig` after ``resolved()``: size, preprocessing, runtime and
+    precision are concrete. Change only paths, shard or flags with ``replace()`` on it."""
+
+    def resolved(self) -> "ResolvedExtractConfig":
+        return self
+
+
+def cache_key_fields() -> tuple[str, ...]:
+    """The file attributes that make up the cache key, in order (stage one's ``key``
+    settings, each followed by its measured companion): the list the stale-file message,
+    ``featcache info``, the report header and the merge check use."""
+    return settings.key_fields(ExtractConfig)
+
+
+def provenance_fields() -> tuple[str, ...]:
+    """What a report header and an exported model's metadata show of a feature file."""
+    return (*cache_key_fields(), "config_sha256", "created_utc")
+
+
+def config_sha256(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+SEARCH_MODES = ("fast", "exhaustive")
+
+
+def default_workers() -> int:
+    """Stage two's default number of worker processes: the cores this process may run on
+    (``os.sched_getaffinity``; a container's or ``taskset``'s limit counts). The one place
+    that default is decided (the CLI and the Makefile pass nothing when not told)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def parse_heads(text) -> tuple[str, ...]:
+    """``"logreg, knn"`` (or a sequence) -> ``("logreg", "knn")``; ``None`` -> ``()`` (the
+    registry's defaults). A text that names no head is a one-line error."""
+    if text is None:
+        return ()
+    if not isinstance(text, str):
+        return tuple(text)
+    heads = tuple(h for h in text.replace(" ", "").split(",") if h)
+    if not heads:
+        raise ConfigError(f"--heads {text!r} names no head; give comma-separated names "
+                          f"(`featcache heads --list` shows them), or leave --heads out for "
+                          f"the defaults")
+    return heads
+
+
+FLIP_MODES = ("auto", "off", "train", "tta", "both")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Stage two's settings: the settings table's second half (:mod:`featcache.settings`)."""
+
+    feature_file: str = setting(positional=True, help="a complete feature file (.h5)")
+    heads: tuple[str, ...] = setting(
+        (), type=str, parse=parse_heads, make="HEADS",
+        help="comma-separated heads (default: the registry's defaults; `featcache heads "
+             "--list` shows them)")
+    val_fraction: float = setting(
+        0.1, help="stratified share of the training rows held out for selection "
+                  "(validation; not stage one's --test-fraction)")
+    seed: int = setting(0, help="seed of the validation split and of the heads")
+    flip: str = setting(
+        "auto", choices=FLIP_MODES,
+        help="stage two's mode (stage one's --flip only stores mirrored features): which "
+             "rows use them; auto = a '<head>+flip' row (train on plain+mirrored, average "
+             "both at test) when the file has them; off, train, tta, both")
+    out_dir: str | None = setting(
+        None, help="report folder (default: features/<stem>/ beside the feature file)")
+    workers: int | None = setting(
+        None, type=int, make="WORKERS",
+        help="worker processes, one thread each (default: the cores available to this "
+             "process; 0: everything in this process, one row after another); any count "
+             "gives the same results")
+    search: str = setting(
+        "fast", choices=SEARCH_MODES,
+        help="fast: stop a C path once validation accuracy falls, keep the early-stopped "
+             "dense model; exhaustive: every grid point, every head refit")
+
+    @property
+    def n_workers(self) -> int:
+        """The worker count to use (``workers``, else :func:`default_workers`)."""
+        if self.workers is None:
+            return default_workers()
+        if int(self.workers) < 0:
+            raise ConfigError(f"--workers must be 0 or more, not {self.workers}")
+        return int(self.workers)
+
+    @property
+    def report_dir(self) -> Path:
+        if self.out_dir:
+            return Path(self.out_dir)
+        p = Path(self.feature_file)
+        return p.with_suffix("")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
