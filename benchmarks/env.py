@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from featcache import paths
+from featcache._util import paths
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,13 @@ class Settings:
 
 def find_cifar10(explicit: str | None) -> Path | None:
     """A folder holding ``cifar-10-batches-py`` (or being it): explicit, env, data/, ../shared
-    (:func:`featcache.paths.find_cifar10`)."""
+    (:func:`featcache._util.paths.find_cifar10`)."""
     return paths.find_cifar10(explicit, root=ROOT)
 
 
 def find_weights(backbone_file: str, work_dir: Path) -> Path | None:
     """A writable KERAS_HOME holding ``models/<backbone_file>``; sets ``$KERAS_HOME``
-    (:func:`featcache.paths.keras_home`: a copy from ``../shared/keras`` goes into
+    (:func:`featcache._util.paths.keras_home`: a copy from ``../shared/keras`` goes into
     ``<work_dir>/keras_home``, so Keras never writes into the shared folder)."""
     return paths.keras_home(backbone_file, work_dir=work_dir, root=ROOT)
 
@@ -96,7 +96,7 @@ def find_weights(backbone_file: str, work_dir: Path) -> Path | None:
 def resolve(s: Settings, *, data_dir: str | None, dataset: str | None,
             weights: str | None, feature_file: str | None) -> Settings:
     """Fill in what was found; every fallback becomes a loud note in the report."""
-    from featcache.backbones import get_backbone
+    from featcache.backbones.registry import get_backbone
 
     notes = list(s.notes)
     work = Path(s.work_dir)
@@ -204,7 +204,7 @@ def open_subset(s: Settings, splits: dict[str, int]):
 
     Real CIFAR-10 when it was found, else the synthetic set with 10 classes (same seed).
     """
-    from featcache.datasets import Synthetic, open_dataset
+    from featcache.data.datasets import Synthetic, open_dataset
 
     if s.dataset == "cifar10":
         ds = open_dataset("cifar10", data_dir=s.data_dir, download=False)

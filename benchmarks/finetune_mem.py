@@ -29,9 +29,9 @@ def write_activation_file(path, *, n_train: int, n_test: int, shape=(7, 7, 320),
     """A complete feature file with activations at ``cut`` (float16) and pooled features,
     written block by block like stage one (memory flat in rows). Class ``c``'s activations
     are a fixed random pattern plus noise, so a head can learn them."""
-    from featcache.actstore import ActivationWriter
-    from featcache.backbones import get_backbone
-    from featcache.store import SplitSpec
+    from featcache.backbones.registry import get_backbone
+    from featcache.cache.activations import ActivationWriter
+    from featcache.cache.writer import SplitSpec
 
     dim = get_backbone(backbone).dim
     rng = np.random.default_rng(seed)

@@ -82,7 +82,7 @@ def headline_rows(r: dict) -> list[tuple[str, str, str]]:
         if "old" in runs:
             rows.append((f"Stage two: the default head comparison (`featcache heads`, "
                          f"{len(c['rows'])} rows, {runs['new']['workers']} workers, "
-                         f"--search fast) vs the protocol before issue 12 (`--workers 0 "
+                         f"--search fast) vs the exhaustive protocol (`--workers 0 "
                          f"--search exhaustive`), same file, wall time incl. start-up",
                          f"{_f(c['seconds'])} s vs {_f(runs['old']['seconds'])} s; best "
                          f"`{c.get('best')}` {_pct(_acc(runs['new']))} vs "
@@ -299,7 +299,7 @@ def _s4(c: dict, r: dict) -> list[str]:
                   _f(v.get("peak_rss_mib"), 0), f"`{v.get('best')}` {_pct(_acc(v))}"]
                  for k, v in runs.items()])
     if "speedup" in c:
-        L += ["", f"Default vs the protocol before issue 12: **{_f(c['speedup'])}x** faster."]
+        L += ["", f"Default vs the exhaustive protocol: **{_f(c['speedup'])}x** faster."]
     if "memory_ratio" in c:
         L += [f"Peak memory, {runs['new']['workers']} workers / 1 worker: "
               f"**{c['memory_ratio']:.3f}**; same choices and test accuracies with 1 and "
@@ -463,4 +463,15 @@ def write(r: dict, *, out: Path, chart: Path | None = None) -> None:
         except ValueError:
             rel = str(Path(chart).resolve())
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(markdown(r, rel))
+    Path(out).write_text(relative_paths(markdown(r, rel)))
+
+
+def relative_paths(text: str, cwd: Path | None = None) -> str:
+    """``text`` with the absolute paths of this checkout and of the folder beside it written
+    relative to the checkout (``features/x.h5``, ``../shared/data``): the published page
+    gives commands a reader can run from their own clone, not this machine's paths."""
+    here = (cwd or Path.cwd()).resolve()
+    for prefix, short in ((here, ""), (here.parent, "../")):
+        if str(prefix) != "/":
+            text = text.replace(str(prefix) + "/", short)
+    return text

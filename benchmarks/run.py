@@ -1,8 +1,9 @@
 """``python -m benchmarks [--quick] [--out BENCHMARKS.md]``: run the seven sections, print
 what was measured as it goes, write the markdown report, its chart and a JSON dump.
 
-Writes ``--out`` (default ``BENCHMARKS.md``), ``--chart`` (default ``docs/bench.png``
-beside it) and ``<work_dir>/bench.json``; scratch feature files go to ``--work-dir``
+Writes ``--out`` (default ``BENCHMARKS.md``; ``--quick``: ``bench-out/BENCHMARKS.md``),
+``--chart`` (default ``docs/bench.png`` beside it; ``--quick``: ``bench-out/bench.png``) and
+``<work_dir>/bench.json``; scratch feature files go to ``--work-dir``
 (default ``bench-out/``, git-ignored). This is the benchmark's command line: the one
 module here that prints.
 """
@@ -34,9 +35,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "-> BENCHMARKS.md + a PNG chart (see docs/benchmarks.md).")
     p.add_argument("--quick", action="store_true",
                    help="the one-minute smoke version (tiny subsets, 64 px): checks it runs")
-    p.add_argument("--out", default="BENCHMARKS.md", help="markdown report (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="markdown report (default: BENCHMARKS.md; with --quick "
+                        "<work-dir>/BENCHMARKS.md, so a smoke run never replaces the "
+                        "published page)")
     p.add_argument("--chart", default=None,
-                   help="PNG chart (default: docs/bench.png beside --out)")
+                   help="PNG chart (default: docs/bench.png beside --out; with --quick "
+                        "<work-dir>/bench.png)")
     p.add_argument("--work-dir", default="bench-out",
                    help="scratch feature files and bench.json (default: %(default)s)")
     p.add_argument("--data-dir", default=None,
@@ -53,6 +58,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated subset of 1-7 (default: all; --quick: "
                         f"{QUICK_SECTIONS}, section 7 only when named)")
     return p.parse_args(argv)
+
+
+def report_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where the report and its chart go: the published BENCHMARKS.md and docs/bench.png for
+    a full run, the work folder for ``--quick`` (unless ``--out``/``--chart`` say)."""
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path(args.work_dir) / "BENCHMARKS.md" if args.quick else Path("BENCHMARKS.md")
+    if args.chart:
+        return out, Path(args.chart)
+    return out, (Path(args.work_dir) / "bench.png" if args.quick and not args.out
+                 else out.parent / "docs" / "bench.png")
 
 
 def _fmt_settings(s: env.Settings) -> str:
@@ -80,8 +98,7 @@ def main(argv=None) -> int:
         print(f"benchmarks: error: --sections takes numbers from 1-7, not {args.sections}",
               file=sys.stderr)
         return 2
-    out = Path(args.out)
-    chart = Path(args.chart) if args.chart else out.parent / "docs" / "bench.png"
+    out, chart = report_paths(args)
     preset = env.Settings.quick if args.quick else env.Settings.full
     s = preset(work_dir=str(Path(args.work_dir).resolve()))
     s = env.resolve(s, data_dir=args.data_dir, dataset=args.dataset, weights=args.weights,
@@ -150,7 +167,7 @@ def main(argv=None) -> int:
 
 
 def _own(s: env.Settings) -> str:
-    from featcache.backbones import get_backbone
+    from featcache.backbones.registry import get_backbone
 
     return get_backbone(s.backbone).preprocess
 

@@ -3,7 +3,7 @@ OpenVINO bf16 (where the CPU has it).
 
 For each runtime, in alternating rounds on the same images:
 
-- **pipeline**: :func:`featcache.extract.extract_features` end to end with ``--flip`` (as
+- **pipeline**: :func:`featcache.extract.run.extract_features` end to end with ``--flip`` (as
   ``make features`` runs it) through that runtime, steady-state images/s from the progress
   callback (:func:`benchmarks.throughput.pipeline_rep`); the conversion, when there is one,
   is done once before the rounds (the on-disk cache), so it is outside every window;
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def engines() -> list[tuple[str, str]]:
     """(runtime, precision) pairs this machine can run."""
-    from featcache.runtime import cpu_has_bf16
+    from featcache.backbones.runtime import cpu_has_bf16
 
     out = [("tensorflow", "float32"), ("openvino", "float32")]
     if cpu_has_bf16():
@@ -52,8 +52,8 @@ class BareEngine(Bare):
         import numpy as np
         import tensorflow as tf
 
-        from featcache.backbones import build_backbone, get_backbone, preprocess
-        from featcache.resize import REGISTRY_ANTIALIAS, resize_images
+        from featcache.backbones.registry import build_backbone, get_backbone, preprocess
+        from featcache.data.resize import REGISTRY_ANTIALIAS, resize_images
 
         spec = get_backbone(s.backbone)
         model = build_backbone(spec, weights=s.weights, seed=s.seed)
@@ -68,10 +68,10 @@ class BareEngine(Bare):
         else:
             import openvino as ov
 
-            from featcache.runtime import _convert
+            from featcache.backbones.runtime import convert_graph
 
             graph = lambda t: {"features": tf.cast(model(t, training=False), tf.float32)}  # noqa: E731
-            m = _convert(graph, (s.size, s.size, 3), "float32")
+            m = convert_graph(graph, (s.size, s.size, 3), "float32")
             m.reshape({m.inputs[0]: [s.batch, s.size, s.size, 3]})
             compiled = ov.Core().compile_model(m, "CPU", {
                 "PERFORMANCE_HINT": "LATENCY",

@@ -1,5 +1,5 @@
 """Section 4: stage two on cached features — the wall time of the full default comparison
-(``featcache heads FILE``) side by side with the protocol before issue 12 on the same file,
+(``featcache heads FILE``) side by side with the exhaustive protocol on the same file,
 each row's selection, fit and predict seconds, and the peak memory of the whole process
 tree with one and with several workers.
 
@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from .before12 import HEADS_ARG
+from .baseline_heads import HEADS_ARG
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,14 @@ def fit_predict_logreg(Xtr, ytr, Xte, *, seed: int = 0) -> dict:
 #: The runs of section 4, each ``featcache heads FILE`` in its own process tree:
 #: (key, extra arguments, what it is). ``new`` is the default a user gets; ``new_1worker``
 #: the same with one worker (memory must not grow with the worker count); ``old`` the
-#: protocol before issue 12 — every grid point, every head refit, every row one after
-#: another in one process with the libraries' own threading (``--workers 0 --search
-#: exhaustive``): "today's time", measured side by side.
+#: exhaustive protocol — every grid point, every head refit, every row one after another in
+#: one process with the libraries' own threading (``--workers 0 --search exhaustive``) and
+#: plain solvers — measured side by side.
 RUNS = (("new", [], "default: --workers = cores, --search fast"),
         ("new_1worker", ["--workers", "1"], "--workers 1 (memory check)"),
         ("old", ["--workers", "0", "--search", "exhaustive", "--heads", HEADS_ARG],
-         "--workers 0 --search exhaustive, the heads of that time (benchmarks/before12.py): "
-         "the comparison before issue 12"))
+         "--workers 0 --search exhaustive, plain solvers (benchmarks/baseline_heads.py): "
+         "the exhaustive protocol"))
 
 
 def tree_memory(pid: int) -> tuple[float, float]:
@@ -121,7 +121,7 @@ def _rows(result: dict) -> list[dict]:
 
 def time_comparison(path: str | Path, out_dir: Path, *, seed: int, runs=RUNS) -> dict:
     """Section 4: the default comparison (``featcache heads FILE``), the same with one
-    worker, and the protocol before issue 12, side by side on the same file; per row of
+    worker, and the exhaustive protocol, side by side on the same file; per row of
     each, selection, refit and predict seconds; peak memory of each process tree."""
     res = {"file": str(path), "runs": {}}
     for key, extra, what in runs:
@@ -154,4 +154,4 @@ def run(feature_file: str | Path, *, seed: int, work: Path) -> dict:
     try:
         return time_comparison(feature_file, work / "s4_heads", seed=seed)
     except ImportError as exc:
-        return {"file": str(feature_file), "missing": f"featcache.compare not available ({exc})"}
+        return {"file": str(feature_file), "missing": f"featcache.compare.comparison not available ({exc})"}

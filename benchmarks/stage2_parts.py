@@ -2,7 +2,7 @@
 behind stage two's design choices (docs/stage-two.md, "Why it is fast"), on one feature
 file, with the comparison's own split (validation fraction 0.1, seed 0), one thread:
 
-- ``solvers``: the hand-written L-BFGS (``featcache.linear.lbfgs``) vs
+- ``solvers``: the hand-written L-BFGS (``featcache.heads.solver.lbfgs``) vs
   ``scipy.optimize.minimize(method="L-BFGS-B")`` on the same float32 objective and rows
   (logreg and linear_svm at their chosen C, fit rows, tol 1e-4, max_iter 300): seconds,
   iterations, function evaluations, final objective, validation accuracy.
@@ -29,12 +29,12 @@ import numpy as np
 
 
 def _data(path: str):
-    from featcache.compare import _Data
-    from featcache.store import load_features
+    from featcache.cache.reader import load_features
+    from featcache.compare.protocol import SplitData
 
     fs = load_features(path)
     tr, te = fs["train"], fs["test"]
-    return _Data(tr.features, tr.labels, tr.features_flip, te.features, te.labels,
+    return SplitData(tr.features, tr.labels, tr.features_flip, te.features, te.labels,
                  te.features_flip, 0.1, 0)
 
 
@@ -42,7 +42,7 @@ def solvers(data, rows: int | None) -> list[str]:
     from threadpoolctl import threadpool_limits
 
     from featcache.heads import LinearHead
-    from featcache.linear import Scaler, fit_linear, objective
+    from featcache.heads.solver import Scaler, fit_linear, objective
 
     X, y, _ = data.part("fit", False)
     Xv, yv, _ = data.part("val", False)
@@ -61,7 +61,7 @@ def solvers(data, rows: int | None) -> list[str]:
                 calls[0] += 1
                 return _f(theta)
 
-            import featcache.linear as lin
+            import featcache.heads.solver as lin
 
             orig = lin.objective
             lin.objective = lambda *a, **k: counted   # count this fit's evaluations
@@ -76,7 +76,7 @@ def solvers(data, rows: int | None) -> list[str]:
                 value = fun(np.concatenate([W.ravel(), b]).astype(np.float64))[0]
             head = LinearHead(C=C, loss=loss)
             head.classes_ = np.arange(10)
-            from featcache.linear import folded
+            from featcache.heads.solver import folded
 
             head.coef_, head.intercept_ = folded(sc, W, b)
             acc = float(np.mean(head.predict(Xv) == yv))
@@ -87,7 +87,7 @@ def solvers(data, rows: int | None) -> list[str]:
 
 
 def _old_neighbours(X, index, k):
-    """The search before issue 12 (featcache/heads.py at d25a515), for the comparison."""
+    """Cosine kNN on the raw features (no projection), for the comparison."""
     def nz(A):
         return A / np.maximum(np.linalg.norm(A, axis=1, keepdims=True), 1e-12)
 
@@ -104,11 +104,11 @@ def _old_neighbours(X, index, k):
 def knn(data, queries: int) -> list[str]:
     from threadpoolctl import threadpool_limits
 
-    from featcache.heads import _inv_norms, top_k
+    from featcache.heads import inv_norms, top_k
 
     index = [np.asarray(data.X), np.asarray(data.Xf)]
     Q = np.concatenate([data.X_test[:queries], data.Xf_test[:queries]])
-    inv = np.concatenate([_inv_norms(b) for b in index])
+    inv = np.concatenate([inv_norms(b) for b in index])
     with threadpool_limits(1):
         t = time.perf_counter()
         old = _old_neighbours(Q, index, 50)
@@ -130,9 +130,9 @@ def knn(data, queries: int) -> list[str]:
 
 
 def refit(data, flip: bool) -> list[str]:
-    from featcache.compare import stratified_split
+    from featcache.compare.protocol import stratified_split
+    from featcache.compare.workers import single_threaded, tensorflow_single_threaded
     from featcache.heads import DenseHead
-    from featcache.workers import single_threaded, tensorflow_single_threaded
 
     X, y, Xf = data.part("fit", flip)
     Xv, yv, Xfv = data.part("val", flip)
@@ -151,7 +151,7 @@ def refit(data, flip: bool) -> list[str]:
         t_b = time.perf_counter() - t
         acc_b = float(np.mean(b.predict(Xv, Xfv) == yv))
     pa, pb = a.predict(Xv, Xfv) == yv, b.predict(Xv, Xfv) == yv
-    from featcache.stats import mcnemar
+    from featcache.compare.stats import mcnemar
 
     m = mcnemar(pb, pa)
     name = "dense+flip" if flip else "dense"

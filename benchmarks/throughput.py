@@ -1,6 +1,6 @@
 """Section 2: stage one vs the bare backbone, and the backbone vs the machine's matmul peak.
 
-- **Pipeline** (A): :func:`featcache.extract.extract_features` (TensorFlow runtime; section 6
+- **Pipeline** (A): :func:`featcache.extract.run.extract_features` (TensorFlow runtime; section 6
   compares the runtimes) end to end on uint8 32 px
   images (read, resize and preprocess in the graph, forward, write to HDF5), timed over
   its steady state: from the end of batch ``tp_warmup`` to the end of the last batch
@@ -43,7 +43,7 @@ def count_flops(backbone: str, size: int) -> dict:
     """
     import keras
 
-    from featcache.backbones import get_backbone
+    from featcache.backbones.registry import get_backbone
 
     spec = get_backbone(backbone)
     model = spec.build(include_top=False, input_shape=(size, size, 3), pooling="avg",
@@ -106,9 +106,9 @@ def pipeline_rep(s: Settings, ds, out: Path, *, runtime: str = "tensorflow",
 
     Section 2 times the TensorFlow runtime (its bare side is a ``tf.function``); section 6
     (:mod:`benchmarks.runtimes`) passes each runtime."""
+    from featcache.cache.lock import partial_path
     from featcache.config import ExtractConfig
-    from featcache.extract import extract_features
-    from featcache.store import partial_path
+    from featcache.extract.run import extract_features
 
     for p in (out, partial_path(out)):
         p.unlink(missing_ok=True)
@@ -134,8 +134,8 @@ class Bare:
     def __init__(self, s: Settings, ds):
         import tensorflow as tf
 
-        from featcache.backbones import build_backbone, get_backbone, preprocess
-        from featcache.resize import REGISTRY_ANTIALIAS, resize_images
+        from featcache.backbones.registry import build_backbone, get_backbone, preprocess
+        from featcache.data.resize import REGISTRY_ANTIALIAS, resize_images
 
         spec = get_backbone(s.backbone)
         model = build_backbone(spec, weights=s.weights, seed=s.seed)

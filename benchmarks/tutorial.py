@@ -54,7 +54,7 @@ def tutorial_model(s: Settings, n_classes: int, *, size: int, mode: str):
     import keras
     import tensorflow as tf
 
-    from featcache.backbones import build_backbone, get_backbone, preprocess
+    from featcache.backbones.registry import build_backbone, get_backbone, preprocess
 
     backbone = build_backbone(get_backbone(s.backbone), weights=s.weights, seed=s.seed)
     backbone.trainable = False
@@ -95,9 +95,10 @@ def fit_predict_dense(s: Settings, xtr, ytr, xte, n_classes: int) -> dict:
 def run_featcache(s: Settings, ds, *, size: int, mode: str, work: Path,
                   logreg: bool = True) -> dict:
     """Stage one into a fresh file, then the dense head (and logreg) on the cache."""
+    from featcache.cache.lock import partial_path
+    from featcache.cache.reader import load_features
     from featcache.config import ExtractConfig
-    from featcache.extract import extract_features
-    from featcache.store import load_features, partial_path
+    from featcache.extract.run import extract_features
 
     out = work / f"s1_{size}_{mode}.h5"
     for p in (out, partial_path(out)):
@@ -127,7 +128,7 @@ def run_featcache(s: Settings, ds, *, size: int, mode: str, work: Path,
 
 def run(s: Settings) -> dict:
     """Section 1. Returns the timings, accuracies and ratios (JSON-safe)."""
-    from featcache.backbones import get_backbone
+    from featcache.backbones.registry import get_backbone
 
     work = Path(s.work_dir)
     own = get_backbone(s.backbone).preprocess

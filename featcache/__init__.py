@@ -2,9 +2,9 @@
 
 The notebook API (imported lazily, so ``import featcache`` needs no TensorFlow):
 
-- ``extract_features(ExtractConfig(...))`` — stage one, see :mod:`featcache.extract`
-- ``load_features(path)`` — read a feature file, see :mod:`featcache.store`
-- ``compare_heads(HeadsConfig(...))`` — stage two, see :mod:`featcache.compare`
+- ``extract_features(ExtractConfig(...))`` — stage one, see :mod:`featcache.extract.run`
+- ``load_features(path)`` — read a feature file, see :mod:`featcache.cache.writer`
+- ``compare_heads(HeadsConfig(...))`` — stage two, see :mod:`featcache.compare.comparison`
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "extract_features": ("featcache.extract", "extract_features"),
-    "load_features": ("featcache.store", "load_features"),
-    "compare_heads": ("featcache.compare", "compare_heads"),
+    "extract_features": ("featcache.extract.run", "extract_features"),
+    "load_features": ("featcache.cache.reader", "load_features"),
+    "compare_heads": ("featcache.compare.comparison", "compare_heads"),
     "ExtractConfig": ("featcache.config", "ExtractConfig"),
     "HeadsConfig": ("featcache.config", "HeadsConfig"),
     "FeatcacheError": ("featcache.errors", "FeatcacheError"),

@@ -1,5 +1,5 @@
 """``python -m featcache`` == the ``featcache`` command."""
 
-from .cli import main
+from featcache.cli.main import main
 
 raise SystemExit(main())

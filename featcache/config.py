@@ -11,7 +11,7 @@ name cannot show (changed data, changed weights, another runtime version). The r
 spelled as resolved: ``ov`` for OpenVINO, nothing for TensorFlow (so files made before
 runtimes existed keep their names), and ``bf16`` is the precision of either runtime
 (OpenVINO's ``bf16``, TensorFlow's ``mixed_bfloat16``); ``--runtime``/``--precision auto``
-are resolved cheaply (:mod:`featcache.runtime`) so naming still needs no TensorFlow.
+are resolved cheaply (:mod:`featcache.backbones.runtime`) so naming still needs no TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,16 +20,29 @@ import hashlib
 import json
 import operator
 import os
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from . import settings
-from .backbones import BACKBONES, PREPROCESS_MODES, POOLINGS, get_backbone, weights_tag
-from .cut import check_cut_name
-from .errors import ConfigError
-from .runtime import (DEFAULT_PRECISION, DEFAULT_RUNTIME, PRECISIONS, RUNTIMES,
-                      resolve_precision, resolve_runtime)
-from .settings import setting
+from featcache._util import settings
+from featcache._util.settings import setting
+from featcache.backbones.cut import check_cut_name
+from featcache.backbones.registry import (
+    BACKBONES,
+    POOLINGS,
+    PREPROCESS_MODES,
+    get_backbone,
+    weights_tag,
+)
+from featcache.backbones.runtime import (
+    DEFAULT_PRECISION,
+    DEFAULT_RUNTIME,
+    PRECISIONS,
+    RUNTIMES,
+    resolve_precision,
+    resolve_runtime,
+)
+from featcache.errors import ConfigError
 
 DEFAULT_BACKBONE = "mobilenet_v2"
 DEFAULT_BATCH = 64
@@ -73,9 +86,29 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+#: a shard's part file: ``<stem>.part<i>of<n>.h5``
+PART_RE = re.compile(r"^(?P<stem>.+)\.part(?P<i>\d+)of(?P<n>\d+)\.h5$")
+
+
+def part_path(base: str | Path, shard: tuple[int, int]) -> Path:
+    """``x.h5`` and shard (i, n) -> ``x.part<i>of<n>.h5`` (same folder)."""
+    base = Path(base)
+    i, n = shard
+    return base.with_name(f"{base.stem}.part{int(i)}of{int(n)}.h5")
+
+
+def parse_part(path: str | Path) -> tuple[Path, int, int] | None:
+    """``x.part1of4.h5`` -> (``x.h5``, 1, 4); None when ``path`` is not named like a part."""
+    p = Path(path)
+    m = PART_RE.match(p.name)
+    if not m:
+        return None
+    return p.with_name(m["stem"] + ".h5"), int(m["i"]), int(m["n"])
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Stage one's settings: the settings table's first half (:mod:`featcache.settings`).
+    """Stage one's settings: the settings table's first half (:mod:`featcache._util.settings`).
 
     Each field's default is THE default (the CLI and the Makefile pass nothing when not
     told). ``resolved()`` fills the backbone's defaults and validates, once: it returns a
@@ -218,7 +251,6 @@ class ExtractConfig:
         else:
             base = Path(self.out_dir) / f"{self.stem}.h5"
         if self.shard:
-            from .merge import part_path  # merge owns the part-file name
             return part_path(base, self.shard)
         return base
 
@@ -299,7 +331,7 @@ FLIP_MODES = ("auto", "off", "train", "tta", "both")
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    """Stage two's settings: the settings table's second half (:mod:`featcache.settings`)."""
+    """Stage two's settings: the settings table's second half (:mod:`featcache._util.settings`)."""
 
     feature_file: str = setting(positional=True, help="a complete feature file (.h5)")
     heads: tuple[str, ...] = setting(

@@ -1,5 +1,5 @@
 """Shared fixtures. Real-data tests (marked ``real``) find their files with
-:mod:`featcache.paths` (the one place the tests, benchmarks and CI look):
+:mod:`featcache._util.paths` (the one place the tests, benchmarks and CI look):
 
 - CIFAR-10: ``$FEATCACHE_REAL_DATA`` (a folder holding ``cifar-10-batches-py``), else
   ``data/`` or ``../shared/data`` beside the checkout.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from featcache import paths
+from featcache._util import paths
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -77,7 +77,7 @@ def keras_home() -> Path:
 def synthetic_features(tmp_path):
     """A small, complete feature file from the synthetic dataset and a random tiny backbone."""
     from featcache.config import ExtractConfig
-    from featcache.extract import extract_features
+    from featcache.extract.run import extract_features
 
     cfg = ExtractConfig(dataset="synthetic", backbone="mobilenet_025", weights="none", size=32,
                         batch=32, out_dir=str(tmp_path), flip=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.store import FeatureWriter
+from featcache.cache.writer import FeatureWriter
 
 
 def blobs(n: int, dim: int = 16, k: int = 4, *, sep: float = 3.0, seed: int = 0):

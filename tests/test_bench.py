@@ -73,7 +73,7 @@ def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
     assert _positive(s4["seconds"]) and s4["rows"]
     assert {h["head"] for h in s4["rows"]} >= {"logreg", "dense"}
     assert all(h["fit_s"] >= 0 and 0 <= h["acc"] <= 1 for h in s4["rows"])
-    # stage two side by side: the default vs the protocol before issue 12, and the memory
+    # stage two side by side: the default vs the exhaustive protocol, and the memory
     # of the whole process tree with one worker and with the default count
     assert set(s4["runs"]) == {"new", "new_1worker", "old"}
     assert s4["runs"]["old"]["workers"] == 0 and s4["runs"]["new_1worker"]["workers"] == 1

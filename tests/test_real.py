@@ -25,7 +25,7 @@ def _probe(fs) -> float:
 
 
 def test_real_cifar10_is_the_official_data(real_data_dir):
-    from featcache.datasets import open_dataset
+    from featcache.data.datasets import open_dataset
 
     ds = open_dataset("cifar10", data_dir=real_data_dir, download=False)
     assert ds.splits == {"train": 50000, "test": 10000}
@@ -38,9 +38,9 @@ def test_real_cifar10_is_the_official_data(real_data_dir):
 
 
 def test_imagenet_features_beat_random_features_by_a_wide_margin(real_data_dir, keras_home, tmp_path):
+    from featcache.cache.reader import load_features
     from featcache.config import ExtractConfig
-    from featcache.extract import extract_features
-    from featcache.store import load_features
+    from featcache.extract.run import extract_features
 
     common = dict(dataset="cifar10", data_dir=str(real_data_dir), backbone="mobilenet_v2",
                   size=224, limit=N, out_dir=str(tmp_path), download=False)
@@ -56,9 +56,9 @@ def test_imagenet_features_beat_random_features_by_a_wide_margin(real_data_dir, 
 def test_input_size_does_not_change_the_weight_file(real_data_dir, keras_home, tmp_path):
     """Only the 224-px MobileNetV2 file exists offline; 96 px (a size Keras has its own file
     for) must still run, on exactly the same weights."""
+    from featcache.cache.reader import read_attrs
     from featcache.config import ExtractConfig
-    from featcache.extract import extract_features
-    from featcache.store import read_attrs
+    from featcache.extract.run import extract_features
 
     common = dict(data_dir=str(real_data_dir), limit=8, batch=8, out_dir=str(tmp_path),
                   download=False)

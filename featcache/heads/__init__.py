@@ -8,16 +8,18 @@ imports stage one (extract/backbones/datasets) — except the opt-in ``finetune`
 backbone's layers above a cut. Keras is imported only by
 :mod:`featcache.heads.dense` (:func:`~featcache.heads.dense.keras_module`), on first use.
 
-Modules: :mod:`~featcache.heads.base` (registry, :class:`Head` base class: validation,
-mirrored features, grid loop, warm starts, save/load), :mod:`~featcache.heads.linear`
+Modules: :mod:`~featcache.heads.registry` (``HEADS``, ``register_head``),
+:mod:`~featcache.heads.base` (the :class:`Head` base class: validation, mirrored features,
+grid loop, warm starts, save/load), :mod:`~featcache.heads.user` (``--heads`` names and
+``module:attr`` user heads), :mod:`~featcache.heads.linear`
 (``logreg``, ``linear_svm``), :mod:`~featcache.heads.rff` (``rbf_svm``),
 :mod:`~featcache.heads.knn` (``knn``), :mod:`~featcache.heads.dense` (``dense``,
-``dense_ens``), :mod:`~featcache.heads.plain` (plain scikit-learn classifiers, ``module:attr``
-user heads, save/load), :mod:`~featcache.heads.finetune` (``finetune``, opt-in).
+``dense_ens``), :mod:`~featcache.heads.plain` (any scikit-learn classifier as a head,
+save/load), :mod:`~featcache.heads.finetune` (``finetune``, opt-in).
 
 Every head follows the scikit-learn estimator contract: ``fit(X, y)`` returns self,
 learned state ends in ``_``, ``random_state``, ``predict``, ``predict_proba``,
-``classes_``, ``get_params``/``set_params`` (``tests/test_estimator_checks.py`` runs
+``classes_``, ``get_params``/``set_params`` (``tests/heads/test_estimator_checks.py`` runs
 scikit-learn's ``check_estimator`` on them). Inputs are float32 (N, D) and are never copied to float64.
 Heads derived from :class:`Head` (``takes_mirrors = True``) take ``X_flip`` (features of
 mirrored images) in ``fit`` (train-time augmentation) and ``predict``/``predict_proba``
@@ -44,19 +46,18 @@ sklearn.linear_model:RidgeClassifier`` registers a classifier class as it is.
 
 from __future__ import annotations
 
-from .base import (HEADS, Head, HeadSpec, default_heads, get_head, is_path,  # noqa: F401
-                   register_head, resolve_heads)
-from .linear import FAST_PATH, LinearHead, linear_svm, logreg  # noqa: F401
-from .rff import RFFSVMHead, cosine_block, rbf_svm  # noqa: F401
-from .knn import CosineKNNHead, _inv_norms, knn, top_k  # noqa: F401
-from .dense import DenseHead, dense, dense_ens  # noqa: F401
-from .plain import SklearnHead, as_head, load_head, resolve_user_head, save_head  # noqa: F401
-from .finetune import FinetuneHead, finetune  # noqa: F401
-
-#: the base class under its former name
-_Head = Head
+from featcache.heads.base import Head
+from featcache.heads.dense import DenseHead, dense, dense_ens
+from featcache.heads.finetune import FinetuneHead, finetune
+from featcache.heads.knn import CosineKNNHead, inv_norms, knn, top_k
+from featcache.heads.linear import FAST_PATH, LinearHead, linear_svm, logreg
+from featcache.heads.plain import SklearnHead, as_head, load_head, save_head
+from featcache.heads.registry import HEADS, HeadSpec, default_heads, is_path, register_head
+from featcache.heads.rff import RFFSVMHead, cosine_block, rbf_svm
+from featcache.heads.user import get_head, resolve_heads, resolve_user_head
 
 __all__ = ["HEADS", "Head", "HeadSpec", "default_heads", "get_head", "is_path",
-           "register_head", "resolve_heads", "FAST_PATH", "LinearHead", "RFFSVMHead",
-           "cosine_block", "CosineKNNHead", "top_k", "DenseHead", "SklearnHead", "as_head",
-           "load_head", "resolve_user_head", "save_head", "FinetuneHead"]
+           "register_head", "resolve_heads", "resolve_user_head", "FAST_PATH", "LinearHead",
+           "linear_svm", "logreg", "RFFSVMHead", "cosine_block", "rbf_svm", "CosineKNNHead",
+           "inv_norms", "knn", "top_k", "DenseHead", "dense", "dense_ens", "SklearnHead",
+           "as_head", "load_head", "save_head", "FinetuneHead", "finetune"]

@@ -1,154 +1,36 @@
-"""The head registry and :class:`Head`, the base class of featcache's own heads.
+"""The base class of featcache's own heads, :class:`Head`.
 
 Reads and writes nothing itself; :meth:`Head.save` writes the one file it is given a
 folder and name for (joblib, fsynced, renamed into place) and :meth:`Head.load` reads it.
 Takes arrays, never feature files, and never imports stage one or Keras.
 
-- The registry: ``HEADS`` (name -> :class:`HeadSpec`: factory, default flag, grid, cost …),
-  :func:`register_head`, :func:`resolve_heads` (which also accepts ``module:attr`` user
-  heads, see :mod:`featcache.heads.plain`), :func:`get_head`, :func:`default_heads`.
-- :class:`Head` holds what stage two needs from a head, as scikit-learn holds it on its
-  estimators: input validation and label encoding, probabilities averaged over mirrored
-  features (``takes_mirrors = True``: ``fit(X, y, X_flip)``, ``predict(X, X_flip)``),
-  the default grid loop :meth:`Head.score_grid` (a fit and a validation score per grid
-  point, warm-started along the grid, stopped early on a path), the warm-start hand-over
-  :meth:`Head.warm_start_from` / :meth:`Head.refit_from`, and :meth:`Head.save` /
-  :meth:`Head.load`. Subclasses implement ``fit`` and ``_proba`` and, to warm-start,
-  ``_warm_state`` / ``_set_warm_state``.
+:class:`Head` holds what stage two needs from a head, as scikit-learn holds it on its
+estimators: input validation and label encoding, probabilities averaged over mirrored
+features (``takes_mirrors = True``: ``fit(X, y, X_flip)``, ``predict(X, X_flip)``),
+the default grid loop :meth:`Head.score_grid` (a fit and a validation score per grid
+point, warm-started along the grid, stopped early on a path), the warm-start hand-over
+:meth:`Head.warm_start_from` / :meth:`Head.refit_from`, and :meth:`Head.save` /
+:meth:`Head.load`. Subclasses implement ``fit`` and ``_proba`` and, to warm-start,
+``_warm_state`` / ``_set_warm_state``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from ..atomic import replacing
-from ..errors import ConfigError
+from featcache._util.atomic import replacing
+from featcache.errors import ConfigError
+from featcache.heads.registry import fmt_params, is_path
 
 log = logging.getLogger(__name__)
 
-
-# --------------------------------------------------------------------------- registry
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """One registry entry. ``grid`` is the list of parameter dicts tried on validation."""
-
-    name: str
-    factory: Callable[..., BaseEstimator]
-    default: bool = True
-    grid: tuple[dict, ...] = ()
-    summary: str = ""
-    keras: bool = True             # implements to_keras (export contract)
-    fixed: dict = field(default_factory=dict)
-    cost: float = 1.0              # relative seconds per training row (job order, ETA)
-    tensorflow: bool = False       # fitting imports TensorFlow (one thread per worker)
-    fast_select: dict = field(default_factory=dict)  # --search fast: params while selecting
-    file_rows: Callable | None = None   # reads the file itself: data -> its own (finetune)
-    mirror_rows_only: bool = False      # with mirrors in the file: only its +flip row
-
-    def make(self, random_state: int = 0, **params) -> BaseEstimator:
-        return self.factory(random_state=random_state, **{**self.fixed, **params})
-
-    def data_for(self, data):
-        """The comparison's data as this head takes it (``file_rows`` heads: file rows)."""
-        return self.file_rows(data) if self.file_rows is not None else data
-
-    def flip_rows(self, extra: list) -> list:
-        """(train_flip, tta) of this head's rows: plain, then ``extra`` (the mirrored row);
-        a ``mirror_rows_only`` head runs only the mirrored one when there is one."""
-        return list(extra) if extra and self.mirror_rows_only else [(False, False), *extra]
-
-
-HEADS: dict[str, HeadSpec] = {}
-
-
-def register_head(name: str, *, default: bool = True, grid=(), summary: str = "",
-                  keras: bool = True, cost: float = 1.0, tensorflow: bool = False,
-                  fast_select: dict | None = None, file_rows: Callable | None = None,
-                  mirror_rows_only: bool = False, **fixed):
-    """Register ``factory(random_state=..., **params) -> estimator`` under ``name``.
-
-    The estimator is a :class:`Head` or any scikit-learn classifier (stage two wraps a
-    plain one in :class:`featcache.heads.plain.SklearnHead`). ``grid`` is tried in order; a
-    grid over one numeric parameter is a path (ordered, the linear heads warm-start along
-    it) that ``--search fast`` stops once validation accuracy falls below its best.
-    ``cost`` (relative seconds per training row) orders the jobs and the ETA;
-    ``tensorflow=True`` marks a head whose fit imports TensorFlow (its worker caps
-    TensorFlow's thread pools at one); ``fast_select`` are parameters used under
-    ``--search fast`` (e.g. a looser solver tolerance, a short learning-rate schedule),
-    where the model selected on the fit rows is the final one; ``--search exhaustive``
-    refits the chosen point on all training rows with the head's own parameters.
-    ``file_rows(data)``: the head reads the feature file itself and takes the comparison's
-    data through this function (``finetune``: :class:`featcache.finetune_data.ActRows`);
-    ``mirror_rows_only``: only its ``+flip`` row when the file has mirrors."""
-    def deco(factory):
-        doc = summary or ((factory.__doc__ or "").strip().splitlines() or [""])[0]
-        HEADS[name] = HeadSpec(name, factory, default, tuple(dict(g) for g in grid), doc,
-                               keras, dict(fixed), float(cost), bool(tensorflow),
-                               dict(fast_select or {}), file_rows, bool(mirror_rows_only))
-        return factory
-    return deco
-
-
-def default_heads() -> list[str]:
-    return [n for n, s in HEADS.items() if s.default]
-
-
-def resolve_heads(names) -> list[str]:
-    """Names (a list or a comma-separated string) -> validated list; empty: the defaults.
-    An entry ``module:attr`` (or ``path/to/file.py:attr``) imports a user head and
-    registers it (:func:`featcache.heads.plain.resolve_user_head`); its name is ``attr``."""
-    if isinstance(names, str):
-        names = [n for n in names.replace(" ", "").split(",") if n]
-    names = list(names or [])
-    if not names:
-        return default_heads()
-    if any(":" in n for n in names):
-        from .plain import resolve_user_head
-
-        names = [resolve_user_head(n) if ":" in n else n for n in names]
-    unknown = [n for n in names if n not in HEADS]
-    if unknown:
-        raise ConfigError(f"unknown head {', '.join(map(repr, unknown))}; choose from "
-                          f"{', '.join(HEADS)}, or name your own as module:attr (e.g. "
-                          f"sklearn.linear_model:RidgeClassifier)")
-    return list(dict.fromkeys(names))
-
-
-def get_head(name: str) -> HeadSpec:
-    return HEADS[resolve_heads([name])[0]]
-
-
-def is_path(grid) -> bool:
-    """A grid over one numeric parameter in strictly monotone order (a regularisation
-    path): validation accuracy along it rises to a peak and falls, so it can stop early."""
-    if len(grid) < 3:
-        return False
-    varying = [k for k in grid[0] if len({repr(g.get(k)) for g in grid}) > 1]
-    if len(varying) != 1 or any(set(g) != set(grid[0]) for g in grid):
-        return False
-    v = [g[varying[0]] for g in grid]
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-        return False
-    d = np.diff(np.asarray(v, dtype=np.float64))
-    return bool(np.all(d > 0) or np.all(d < 0))
-
-
-def fmt_params(params: dict) -> str:
-    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in params.items()) or "defaults"
-
-
-# --------------------------------------------------------------------------- base class
 
 class Head(ClassifierMixin, BaseEstimator):
     """Base of featcache's heads: the scikit-learn estimator contract plus mirrored
@@ -259,9 +141,21 @@ class Head(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def load(cls, path) -> "Head":
+        """The head saved at ``path``. A head pickled by another featcache layout (a module
+        path that no longer exists) or a damaged file is a one-line error that says to fit
+        it again; feature files and exported models do not depend on module paths."""
         import joblib
 
-        return joblib.load(path)
+        try:
+            return joblib.load(path)
+        except (ModuleNotFoundError, AttributeError) as exc:
+            raise ConfigError(f"{path} was saved by another featcache version ({exc}); fit "
+                              f"it again with `make heads` (featcache heads FEATURE_FILE)"
+                              ) from None
+        except Exception as exc:  # unpickling a damaged file raises almost anything
+            raise ConfigError(f"{path} is not a readable saved head ({type(exc).__name__}: "
+                              f"{exc}); fit it again with `make heads` (featcache heads "
+                              f"FEATURE_FILE)") from None
 
     def __getstate__(self):
         state = dict(super().__getstate__())   # a copy: Python 3.11 hands out __dict__ itself

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.validation import check_array
 
-from ..atomic import replacing, write_text
-from ..linear import Scaler
-from .base import Head, register_head
+from featcache._util.atomic import replacing, write_text
+from featcache.heads.base import Head
+from featcache.heads.registry import register_head
+from featcache.heads.solver import Scaler
 
 
 def keras_module():
@@ -104,14 +105,14 @@ class DenseHead(Head):
     def _fit_one(self, blocks, yi, scaler, seed, validation_data, name):
         keras = keras_module()
         keras.utils.set_random_seed(seed)
-        data = _Batches(blocks, yi, self.batch_size, seed)
+        data = Batches(blocks, yi, self.batch_size, seed)
         model = self._build(blocks[0].shape[1], len(self.classes_), scaler.mean,
                             scaler.scale ** 2, name, steps_per_epoch=len(data))
         callbacks, val = [], None
         if validation_data is not None and self.schedule == "constant":
             Xv, yv = validation_data[:2]
             yv = np.searchsorted(self.classes_, yv)
-            val = _Batches([check_array(Xv, dtype=np.float32)], yv, 4096, shuffle=False)
+            val = Batches([check_array(Xv, dtype=np.float32)], yv, 4096, shuffle=False)
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_accuracy", patience=self.patience, restore_best_weights=True))
         if val is None:
@@ -205,7 +206,7 @@ class _KerasBytes:
     data: bytes
 
 
-class _Batches:
+class Batches:
     """Keras ``PyDataset`` factory: shuffled mini-batches that pick, per sample and epoch,
     one of the given feature blocks (plain or mirrored) without concatenating them."""
 

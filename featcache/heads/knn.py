@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..linear import PRECOND_ROWS, covariance
-from .base import Head, register_head
+from featcache.heads.base import Head
+from featcache.heads.registry import register_head
+from featcache.heads.solver import PRECOND_ROWS, covariance
 
 
 class CosineKNNHead(Head):
@@ -51,7 +52,7 @@ class CosineKNNHead(Head):
             self.offset_ = (mean @ self.projection_).astype(np.float32)
             blocks = [self._project(b) for b in blocks]
         self.index_ = blocks
-        self.index_inv_norm_ = np.concatenate([_inv_norms(b) for b in blocks])
+        self.index_inv_norm_ = np.concatenate([inv_norms(b) for b in blocks])
         self.index_labels_ = np.tile(yi, len(blocks))
         return self
 
@@ -105,7 +106,7 @@ class CosineKNNHead(Head):
         return state
 
 
-def _inv_norms(X: np.ndarray) -> np.ndarray:
+def inv_norms(X: np.ndarray) -> np.ndarray:
     out = np.empty(len(X), np.float32)
     for i in range(0, len(X), 8192):
         b = X[i:i + 8192]
@@ -129,7 +130,7 @@ def top_k(Q: np.ndarray, index, inv_norm: np.ndarray, k: int, *, q_block: int = 
     out_i = np.empty((len(Q), k), np.int64)
     for q0 in range(0, len(Q), q_block):
         q = np.asarray(Q[q0:q0 + q_block], dtype=np.float32)
-        q = q * _inv_norms(q)[:, None]
+        q = q * inv_norms(q)[:, None]
         nq = len(q)
         best_s = np.full((nq, k), -np.inf, np.float32)
         best_i = np.full((nq, k), n, np.int64)

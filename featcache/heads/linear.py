@@ -1,6 +1,6 @@
 """The linear heads ``logreg`` and ``linear_svm``: :class:`LinearHead`.
 
-Reads and writes nothing. Fits with :func:`featcache.linear.fit_linear` (float32 L-BFGS,
+Reads and writes nothing. Fits with :func:`featcache.heads.solver.fit_linear` (float32 L-BFGS,
 no copy of the feature matrix); ``to_keras`` builds a Keras model through
 :func:`featcache.heads.dense.keras_module`.
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..linear import Preconditioner, Scaler, decision, fit_linear, folded, softmax
-from .base import Head, data_key, register_head
+from featcache.heads.base import Head, data_key
+from featcache.heads.registry import register_head
+from featcache.heads.solver import Preconditioner, Scaler, decision, fit_linear, folded, softmax
 
 
 class LinearHead(Head):
@@ -21,7 +22,7 @@ class LinearHead(Head):
     but its argmax is ``predict``). ``warm_start=True`` starts from the previous solution
     (used along the C path during selection, and for the refit from the best grid point).
     ``precondition=True`` runs L-BFGS in whitened coordinates
-    (:class:`featcache.linear.Preconditioner`): the same optimum in 4-5x fewer iterations;
+    (:class:`featcache.heads.solver.Preconditioner`): the same optimum in 4-5x fewer iterations;
     ``tol`` bounds the gradient in those coordinates.
     """
 
@@ -73,7 +74,7 @@ class LinearHead(Head):
         self.coef_std_, self.intercept_std_ = state
 
     def to_keras(self):
-        from .dense import keras_module
+        from featcache.heads.dense import keras_module
 
         keras = keras_module()
         K = len(self.classes_)

@@ -1,9 +1,8 @@
-"""Any scikit-learn classifier as a head: :class:`SklearnHead`, :func:`as_head`, the
-``module:attr`` user heads of ``--heads`` (:func:`resolve_user_head`), and
-:func:`save_head` / :func:`load_head` for every kind of head.
+"""Any scikit-learn classifier as a head: :class:`SklearnHead`, :func:`as_head`, and
+:func:`save_head` / :func:`load_head` for every kind of head (``module:attr`` user heads
+are :mod:`featcache.heads.user`).
 
-Reads a user's module (imported by name, or from a ``.py`` file) and the saved head files
-it is given; writes ``directory/<name>.joblib`` (or a dense head's ``.keras`` + ``.json``)
+Reads the saved head files it is given; writes ``directory/<name>.joblib`` (or a dense head's ``.keras`` + ``.json``)
 through :meth:`featcache.heads.base.Head.save`.
 
 A plain estimator does not take mirrored features, so :class:`SklearnHead` hands them over
@@ -16,17 +15,13 @@ only (no test-time averaging, logged once).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from .base import HEADS, Head, dump_joblib, register_head
+from featcache.errors import ConfigError
+from featcache.heads.base import Head, dump_joblib
 
 log = logging.getLogger(__name__)
 
@@ -114,73 +109,6 @@ def as_head(estimator) -> Head:
     return estimator if isinstance(estimator, Head) else SklearnHead(estimator)
 
 
-# --------------------------------------------------------------------------- user heads
-
-def _import(module: str):
-    if module.endswith(".py") or "/" in module:
-        path = Path(module)
-        if not path.is_file():
-            raise ConfigError(f"no file {module} for a user head; give module:attr or "
-                              f"path/to/file.py:attr")
-        name = f"featcache_user_heads.{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        return mod
-    return importlib.import_module(module)
-
-
-def resolve_user_head(entry: str) -> str:
-    """``module:attr`` or ``path/to/file.py:attr`` -> a registered head's name.
-
-    The module is imported (a module that calls :func:`register_head` registers its heads
-    on import). ``attr`` is then a registered head's name or factory (its grid and settings
-    are the registration's), or a scikit-learn classifier class, registered here as head
-    ``attr`` with its default parameters (one grid point, not a default head, no Keras
-    export; ``random_state`` is passed when the class takes one)."""
-    module, _, attr = entry.rpartition(":")
-    if not module or not attr.isidentifier():
-        raise ConfigError(f"--heads entry {entry!r}: a user head is module:attr (e.g. "
-                          f"sklearn.linear_model:RidgeClassifier) or path/to/file.py:attr")
-    try:
-        mod = _import(module)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {module!r} for head {entry!r} ({exc}); put it on "
-                          f"PYTHONPATH (make and `python -m featcache` add the current "
-                          f"folder) or give path/to/file.py:{attr}") from None
-    obj = getattr(mod, attr, None)
-    for name, spec in HEADS.items():
-        if obj is not None and spec.factory is obj:
-            return name
-    if obj is None:
-        if attr in HEADS:
-            return attr
-        raise ConfigError(f"{module} has no {attr!r} (head {entry!r}); name a scikit-learn "
-                          f"classifier class or a factory registered with register_head")
-    if inspect.isclass(obj) and hasattr(obj, "fit") and hasattr(obj, "predict"):
-        register_head(attr, default=False, keras=hasattr(obj, "to_keras"),
-                      summary=_first_line(obj.__doc__) or f"{module}.{attr}")(
-            _class_factory(obj))
-        return attr
-    raise ConfigError(f"{entry!r} is neither a scikit-learn classifier class nor a head "
-                      f"registered with register_head")
-
-
-def _first_line(doc) -> str:
-    return ((doc or "").strip().splitlines() or [""])[0].strip()
-
-
-def _class_factory(cls):
-    takes_seed = "random_state" in inspect.signature(cls).parameters
-
-    def factory(random_state=0, **params):
-        return cls(**({"random_state": random_state} if takes_seed else {}), **params)
-
-    factory.__doc__ = cls.__doc__
-    return factory
-
-
 # --------------------------------------------------------------------------- save / load
 
 def save_head(estimator, directory, name: str) -> Path:
@@ -196,7 +124,7 @@ def load_head(path):
     if not path.is_file():
         raise ConfigError(f"no saved head at {path}; run `featcache heads` first")
     if path.suffix == ".keras":
-        from .dense import DenseHead
+        from featcache.heads.dense import DenseHead
 
         return DenseHead.load(path)
     return Head.load(path)

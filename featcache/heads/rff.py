@@ -1,7 +1,7 @@
 """The approximate RBF-kernel SVM head ``rbf_svm``: :class:`RFFSVMHead`, and
 :func:`cosine_block` (``cos`` from built-in Keras layers, for its Keras form).
 
-Reads and writes nothing. Fits with :func:`featcache.linear.fit_linear` on random Fourier
+Reads and writes nothing. Fits with :func:`featcache.heads.solver.fit_linear` on random Fourier
 features (float32); Keras comes from :func:`featcache.heads.dense.keras_module`.
 """
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..linear import Scaler, covariance, fit_linear, folded, softmax
-from .base import Head, data_key, register_head
+from featcache.heads.base import Head, data_key
+from featcache.heads.registry import register_head
+from featcache.heads.solver import Scaler, covariance, fit_linear, folded, softmax
 
 
 class RFFSVMHead(Head):
@@ -97,7 +98,7 @@ class RFFSVMHead(Head):
         return softmax(self._scores(X))
 
     def to_keras(self):
-        from .dense import keras_module
+        from featcache.heads.dense import keras_module
 
         keras = keras_module()
         M = self.n_components
@@ -133,7 +134,7 @@ def cosine_block(x, name: str = "cosine"):
     (finite, not exact). TFLite converts it to builtin ops."""
     import math
 
-    from .dense import keras_module
+    from featcache.heads.dense import keras_module
 
     L = keras_module().layers
     M = _COS_PERIODS

@@ -1,0 +1,316 @@
+"""Stage one's runtimes: which engine runs the backbone (TensorFlow or OpenVINO), at which
+precision, and OpenVINO's on-disk conversion cache.
+
+Keras stays where backbones are defined (:mod:`featcache.backbones.registry`); this module decides
+what runs them. Two halves:
+
+- **Choosing** (cheap: imports neither TensorFlow nor OpenVINO, so the Makefile can name the
+  feature file before any virtualenv exists): :func:`resolve_runtime` turns ``auto`` into
+  ``openvino`` on a CPU and ``tensorflow`` when an NVIDIA GPU is visible
+  (:func:`visible_gpus`: the devices the kernel shows, honouring ``CUDA_VISIBLE_DEVICES``);
+  :func:`resolve_precision` turns ``auto`` into ``bf16`` for OpenVINO on a CPU whose
+  ``/proc/cpuinfo`` lists ``avx512_bf16`` or ``amx_bf16`` (:func:`cpu_has_bf16`; never
+  assumed), else ``float32``.
+- **Running** (:func:`openvino_step`): the whole step — uint8 batch -> resize -> the
+  backbone's preprocessing -> backbone -> pooling (-> mirrored copy) — as one TensorFlow
+  graph (the same one the TensorFlow runtime runs), converted by ``ov.convert_model`` once
+  per :func:`conversion_key` and cached under :func:`cache_dir`, then compiled for the CPU
+  at a fixed batch size (a short last batch is padded) with ``INFERENCE_PRECISION_HINT``.
+
+Reads ``/proc/cpuinfo``, ``/proc/driver/nvidia/gpus`` (or ``/dev/nvidia*``) and the cache;
+writes only conversion-cache entries (``<cache_dir>/openvino/<key hash>/``: ``model.xml``,
+``model.bin``, ``key.json`` with the key and the files' sha256). An entry is written under
+a temporary name and renamed, so a killed conversion leaves no entry; an entry whose key
+or checksums do not match is converted again.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from featcache.errors import ConfigError, ConversionError
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "tensorflow", "openvino")
+DEFAULT_RUNTIME = "auto"
+#: ``--precision`` values of each runtime (``auto`` resolves to one of them).
+RUNTIME_PRECISIONS = {
+    "tensorflow": ("float32", "mixed_bfloat16", "mixed_float16"),   # Keras dtype policies
+    "openvino": ("float32", "bf16"),                                # INFERENCE_PRECISION_HINT
+}
+PRECISIONS = ("auto", "float32", "bf16", "mixed_bfloat16", "mixed_float16")
+DEFAULT_PRECISION = "auto"
+#: What ``--precision auto`` picks for OpenVINO on a CPU with bf16 (the one place to change it).
+OPENVINO_BF16_AUTO = "bf16"
+#: Bumped when the converted graph's layout changes (part of every conversion key).
+CONVERSION_FORMAT = 1
+CACHE_ENV = "FEATCACHE_CACHE_DIR"
+
+
+# ---------------------------------------------------------------------------- choosing
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def visible_gpus() -> list[str]:
+    """NVIDIA GPUs the kernel shows and ``CUDA_VISIBLE_DEVICES`` does not hide: the devices
+    a CUDA build of TensorFlow would use. Cheap (no TensorFlow import)."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return []
+    return sorted(glob.glob("/proc/driver/nvidia/gpus/*")) or \
+        sorted(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def resolve_runtime(runtime: str) -> str:
+    """``auto`` -> ``tensorflow`` when a GPU is visible, else ``openvino``."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    return "tensorflow" if visible_gpus() else "openvino"
+
+
+def resolve_precision(precision: str, runtime: str) -> str:
+    """``auto`` -> the default of ``runtime`` on this machine; refuse what it cannot run."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of "
+                          f"{', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return OPENVINO_BF16_AUTO if runtime == "openvino" and cpu_has_bf16() else "float32"
+    if precision not in RUNTIME_PRECISIONS[runtime]:
+        other = {"bf16": "mixed_bfloat16 with --runtime tensorflow, or --runtime openvino",
+                 "mixed_bfloat16": "bf16 with --runtime openvino, or --runtime tensorflow",
+                 "mixed_float16": "--runtime tensorflow (a GPU policy)"}[precision]
+        raise ConfigError(f"--precision {precision} does not exist for --runtime {runtime} "
+                          f"(it takes {', '.join(RUNTIME_PRECISIONS[runtime])}); use {other}")
+    if precision == "bf16" and not cpu_has_bf16():
+        raise ConfigError("--precision bf16: this CPU has no native bfloat16 (no avx512_bf16 "
+                          "or amx_bf16 in /proc/cpuinfo); use --precision float32")
+    return precision
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$FEATCACHE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/featcache``, else ``~/.cache/featcache``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "featcache"
+
+
+def runtime_version(runtime: str) -> str:
+    """The version string of ``runtime`` (imports it)."""
+    if runtime == "openvino":
+        import openvino
+        return openvino.__version__
+    import tensorflow as tf
+    return tf.__version__
+
+
+# ---------------------------------------------------------------------------- converting
+
+def conversion_key(*, backbone: str, weights_sha256: str, input_shape: tuple, input_dtype: str,
+                   image_size: int, preprocess: str, pooling: str, flip: bool,
+                   precision: str, cut: str | None = None) -> dict:
+    """Everything the converted graph depends on (batch size does not: it is set at compile);
+    ``cut`` only when set, so the keys of graphs without one do not change."""
+    import keras
+    import openvino
+    import tensorflow as tf
+
+    return {"format": CONVERSION_FORMAT, "backbone": backbone, "weights_sha256": weights_sha256,
+            "input_shape": [int(d) for d in input_shape], "input_dtype": str(input_dtype),
+            "image_size": int(image_size), "preprocess": preprocess, "pooling": pooling,
+            "flip": bool(flip), "precision": precision, "openvino_version": openvino.__version__,
+            "tensorflow_version": tf.__version__, "keras_version": keras.__version__,
+            **({"cut": cut} if cut else {})}
+
+
+def _key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_graph(graph: Callable, input_shape: tuple, input_dtype: str):
+    """``ov.convert_model`` of ``graph`` (images -> dict of outputs) traced for
+    ``(None, *input_shape)`` images of ``input_dtype``."""
+    import openvino as ov
+    import tensorflow as tf
+
+    fn = tf.function(graph, input_signature=[
+        tf.TensorSpec((None, *input_shape), tf.as_dtype(input_dtype), name="images")])
+    return ov.convert_model(fn)
+
+
+def _conversion_error(key: dict, exc: BaseException) -> ConversionError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConversionError(
+        f"OpenVINO could not convert {key['backbone']} ({first[:200]}); run it with "
+        f"--runtime tensorflow (make: RUNTIME=tensorflow)")
+
+
+def load_or_convert(key: dict, graph: Callable, *, root: Path | None = None, core=None):
+    """The converted ``ov.Model`` for ``key``: from the cache, else converted and cached.
+
+    Returns ``(model, converted)``. A damaged or mismatching entry is converted again; a
+    cache that cannot be written is warned about and the conversion used all the same.
+    A failed conversion is a :class:`ConversionError` naming the TensorFlow fallback.
+    """
+    import openvino as ov
+
+    core = core or ov.Core()
+    entry = (root or cache_dir()) / "openvino" / _key_hash(key)[:24]
+    manifest = entry / "key.json"
+    if entry.exists():
+        try:
+            meta = json.loads(manifest.read_text())
+            if meta["key"] != key:
+                raise ValueError("its key differs")
+            for name, digest in meta["sha256"].items():
+                if _file_sha256(entry / name) != digest:
+                    raise ValueError(f"{name} does not match its checksum")
+            model = core.read_model(entry / "model.xml")
+            log.info("OpenVINO model from the conversion cache %s", entry)
+            return model, False
+        except Exception as exc:  # noqa: BLE001 - any damage means: convert again
+            log.warning("conversion cache entry %s is unusable (%s); converting again",
+                        entry, str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
+            shutil.rmtree(entry, ignore_errors=True)
+    t0 = time.perf_counter()
+    log.info("converting %s to OpenVINO (once per key; cached in %s)", key["backbone"],
+             entry.parent)
+    try:
+        model = convert_graph(graph, tuple(key["input_shape"]), key["input_dtype"])
+    except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
+        raise _conversion_error(key, exc) from None
+    log.info("converted in %.1f s", time.perf_counter() - t0)
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp", dir=entry.parent))
+        ov.save_model(model, tmp / "model.xml", compress_to_fp16=False)
+        sums = {n: _file_sha256(tmp / n) for n in ("model.xml", "model.bin")}
+        (tmp / "key.json").write_text(json.dumps({"key": key, "sha256": sums}, indent=1,
+                                                 sort_keys=True))
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another process cached the same key meanwhile: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        log.warning("could not cache the conversion in %s (%s); it is converted again next "
+                    "time", entry.parent, exc)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model, True
+
+
+# ---------------------------------------------------------------------------- running
+
+class OpenVINOStep:
+    """Runs a compiled step on batches: ``step(images) -> (features, flipped or None)``.
+
+    One synchronous infer request: two in flight (the next batch running while this one is
+    written) measured 0.97x of this on 2 cores, so it was not kept."""
+
+    def __init__(self, compiled, *, batch: int, flip: bool, input_dtype: str):
+        import numpy as np
+
+        self.compiled, self.batch, self.flip = compiled, batch, flip
+        self.dtype = np.dtype(input_dtype)
+        self._request = compiled.create_infer_request()
+        self._ports = [compiled.output("features")] + \
+            ([compiled.output("features_flip")] if flip else [])
+
+    def _padded(self, images):
+        import numpy as np
+
+        images = np.ascontiguousarray(images, dtype=self.dtype)
+        n = len(images)
+        if n == self.batch:
+            return images
+        if n > self.batch:
+            raise ValueError(f"batch of {n} images; this step was compiled for {self.batch}")
+        pad = np.zeros((self.batch - n, *images.shape[1:]), self.dtype)
+        return np.concatenate([images, pad])
+
+    def _outputs(self, req, n: int):
+        feats = req.get_tensor(self._ports[0]).data[:n].copy()
+        flipped = req.get_tensor(self._ports[1]).data[:n].copy() if self.flip else None
+        return feats, flipped
+
+    def __call__(self, images):
+        self._request.infer({0: self._padded(images)})
+        return self._outputs(self._request, len(images))
+
+    def outputs(self, images) -> dict:
+        """Every named output for ``images`` (the activations at a cut too) as a dict."""
+        n = len(images)
+        self._request.infer({0: self._padded(images)})
+        names = {name for o in self.compiled.outputs for name in o.get_names()}
+        return {name: self._request.get_tensor(self.compiled.output(name)).data[:n].copy()
+                for name in ("features", "features_flip", "acts", "acts_flip") if name in names}
+
+
+def openvino_step(graph: Callable, key: dict, *, batch: int, threads: int | None = None,
+                  root: Path | None = None) -> OpenVINOStep:
+    """Convert (or load from the cache) and compile ``graph`` for ``key`` at ``batch``.
+
+    A failure to convert or compile becomes one :class:`ConversionError` line that names
+    the TensorFlow fallback.
+    """
+    import openvino as ov
+
+    precision = key["precision"]
+    core = ov.Core()
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise ConfigError("--precision bf16: OpenVINO reports no bfloat16 support on this "
+                          "CPU; use --precision float32")
+    model, _ = load_or_convert(key, graph, root=root, core=core)
+    config = {"PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    try:
+        model.reshape({model.inputs[0]: [batch, *key["input_shape"]]})
+        compiled = core.compile_model(model, "CPU", config)
+    except Exception as exc:  # noqa: BLE001 - an op the CPU plugin cannot compile
+        raise _conversion_error(key, exc) from None
+    return OpenVINOStep(compiled, batch=batch, flip=key["flip"], input_dtype=key["input_dtype"])

@@ -1,0 +1,247 @@
+"""Stage two: select every head's hyper-parameters on validation, refit, test once, report.
+
+Reads one complete feature file through :mod:`featcache.cache.writer` (never stage one's modules).
+Writes, under ``HeadsConfig.report_dir`` (``features/<stem>/`` beside the file), through
+:mod:`featcache.compare.report`: ``heads/<row>.joblib|.keras``, ``predictions.npz``,
+``results.csv``, ``report.md``, plots, and ``results.json`` last; for the label-efficiency
+curve ``curve.json|csv|md|png``.
+
+The protocol (the test labels influence no choice):
+
+1. A stratified, seeded validation split (``val_fraction``) is carved from the training
+   rows only.
+2. Each head's grid is scored on it (fit on the rest, accuracy on validation); the best
+   grid point wins (ties: the first, i.e. the simplest, in grid order).
+3. The winner is scored on the test split exactly once: under ``--search fast`` (the
+   default) the model selected on the fit rows, under ``--search exhaustive`` the winner
+   refit on *all* training rows.
+
+One row's protocol lives in :mod:`featcache.compare.protocol`, the rows' grouping into jobs and
+the worker side in :mod:`featcache.compare.jobs`; this module orchestrates them and writes the report.
+Rows are independent jobs run by :mod:`featcache.compare.workers` (``HeadsConfig.workers``
+processes, one thread each, the feature arrays memory-mapped once and shared); results,
+choices and predictions do not depend on the number of workers. ``--search fast`` (the
+default) stops a grid that is a path (one numeric parameter, in order) once validation
+accuracy has fallen below its best, uses each head's ``fast_select`` parameters (a looser
+solver tolerance; dense: 4 cosine epochs) and does not refit; ``--search exhaustive``
+scores every grid point and refits every head (the exhaustive protocol, ``make bench``
+section 4's baseline).
+
+With mirrored features in the file, each head can also run as ``<head>+flip``: trained on
+plain and mirrored rows, predicting the average of both probabilities — its own row, with
+its own selection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache.compare.jobs import job_cost, make_jobs, run_job
+
+# the protocol's parts, importable from here as before the split
+from featcache.compare.protocol import (
+    SplitData,
+    flip_rows,
+    load_data,
+    row_label,
+    run_row,
+    split_data,
+)
+from featcache.compare.stats import pairwise_mcnemar
+from featcache.config import SEARCH_MODES, HeadsConfig
+from featcache.errors import ConfigError
+from featcache.heads import HEADS, resolve_heads
+from featcache.heads.registry import fmt_params
+
+log = logging.getLogger(__name__)
+
+CURVE_SIZES = (10, 50, 100, 500, None)
+
+
+@dataclass
+class HeadsProgress:
+    """Reported while the comparison runs (the CLI draws a bar from it)."""
+
+    split: str          # "heads"
+    done: int           # rows finished
+    total: int          # rows to do
+    elapsed_s: float
+    eta_s: float        # inf until the first row is done
+    message: str = ""   # set once per finished row: its one-line summary
+
+
+def compare_heads(cfg: HeadsConfig, *, write: bool = True, progress=None) -> dict:
+    """Run the protocol for every selected head (and its +flip row) and write the report.
+
+    ``progress(HeadsProgress)`` is called about once a second and whenever a row is done.
+    Returns the results dict that is written to ``results.json``.
+    """
+    from featcache.compare import report
+    from featcache.compare.workers import SharedArrays, Ticker, run_jobs
+
+    t0 = time.perf_counter()
+    names = resolve_heads(cfg.heads)
+    entries = cfg.heads.split(",") if isinstance(cfg.heads, str) else cfg.heads or ()
+    user_heads = tuple(h.strip() for h in entries if ":" in h)  # workers import them again
+    if cfg.search not in SEARCH_MODES:
+        raise ConfigError(f"--search must be one of {', '.join(SEARCH_MODES)}, not "
+                          f"{cfg.search!r}")
+    n_workers = cfg.n_workers
+    fs = load_data(cfg)
+    extra = flip_rows(cfg.flip, fs.has_flip)
+    # Fitted heads go to a staging folder while the comparison runs and are moved into
+    # place only at the end, just before results.json: an interrupted run leaves the previous
+    # report and the heads it names untouched.
+    staging = cfg.report_dir / ".staging" if write else None
+    if staging is not None and staging.exists():
+        shutil.rmtree(staging)
+    n_classes = len(fs.classes)
+    with contextlib.ExitStack() as stack:
+        shared = stack.enter_context(SharedArrays()) if n_workers > 0 else None
+        data, has_flip = split_data(fs, cfg, shared)
+        specs = [(name, tf, tta) for name in names for tf, tta in HEADS[name].flip_rows(extra)]
+        log.info("%s: %d train rows (%d fit + %d validation), %d test, %d features, heads: "
+                 "%s%s; %s search, %s", cfg.feature_file, len(data.y), data.n_fit,
+                 len(data.y) - data.n_fit, len(data.y_test), data.X.shape[1],
+                 ", ".join(names), " (+flip rows)" if extra else "", cfg.search,
+                 f"{n_workers} worker{'s' if n_workers != 1 else ''}" if n_workers
+                 else "in this process")
+        jobs = make_jobs(specs, seed=cfg.seed, n_classes=n_classes,
+                     out_dir=str(staging) if staging is not None else None,
+                     search=cfg.search, in_worker=n_workers > 0,
+                     log_level=logging.getLogger("featcache").getEffectiveLevel(),
+                     user_heads=user_heads)
+        costs = [sum(job_cost(r, data) for r in job.rows) for job in jobs]
+        state = {"rows": 0, "cost": 0.0, "eta": float("inf"), "at": time.monotonic()}
+        start = time.monotonic()
+
+        def report_progress(message=""):
+            now = time.monotonic()
+            eta = max(0.0, state["eta"] - (now - state["at"]))
+            progress(HeadsProgress("heads", state["rows"], len(specs), now - start, eta,
+                                   message))
+
+        ticker = stack.enter_context(Ticker(report_progress if progress else None))
+
+        def done(i, result):
+            now = time.monotonic()
+            state["rows"] += len(result)
+            state["cost"] += costs[i]
+            left = sum(costs) - state["cost"]
+            state["eta"] = (now - start) * left / state["cost"] if state["cost"] else 0.0
+            state["at"] = now
+            for row, *_ in result:
+                line = (f"{row['name']:<16} test {row['test_accuracy']:.4f} "
+                        f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]  val "
+                        f"{row['val_accuracy']:.4f}  {fmt_params(row['params'])}  select "
+                        f"{row['select_s']:.1f} s, fit {row['fit_s']:.1f} s, predict "
+                        f"{row['predict_s']:.1f} s")
+                if progress is None:
+                    log.info("%s", line)
+                else:
+                    with ticker.lock:
+                        report_progress(line)
+            ticker()
+
+        ticker()
+        outputs = run_jobs(run_job, jobs, (data,), workers=n_workers, costs=costs,
+                           on_done=done)
+        y_test = np.asarray(data.y_test)
+        del data
+    by_name = {row["name"]: (row, pred, proba) for out in outputs for row, pred, proba in out}
+    rows = [by_name[row_label(*r)][0] for r in specs]
+    preds = {r["name"]: by_name[r["name"]][1] for r in rows}
+    probas = {r["name"]: by_name[r["name"]][2] for r in rows}
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_accuracy"], -i))
+    results = {
+        "feature_file": str(cfg.feature_file),
+        "provenance": fs.provenance,
+        "config": {**cfg.to_dict(), "workers": n_workers},
+        "classes": fs.classes,
+        "protocol": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                     "search": cfg.search,
+                     "selection": "stratified validation split of the training rows; " + (
+                         "the model selected on the fit rows is final (--search fast, no "
+                         "refit)" if cfg.search == "fast" else
+                         "refit on all training rows") + "; test scored once",
+                     "best": "the row with the highest validation accuracy (ties: the "
+                             "first in row order)",
+                     "interval": "Wilson score, 95%",
+                     "significance": "exact McNemar, Holm-adjusted over all pairs, p<0.05"},
+        "rows": rows,
+        "best_row": rows[best]["name"],
+        "mcnemar": pairwise_mcnemar({k: v == y_test for k, v in preds.items()}),
+    }
+    results["wall_s"] = time.perf_counter() - t0
+    if write:
+        _publish_heads(staging, cfg.report_dir)
+        report.write_report(results, preds, y_test, cfg.report_dir, probabilities=probas)
+    return results
+
+
+def _publish_heads(staging: Path, report_dir: Path) -> None:
+    """Move the staged fitted heads into ``report_dir/heads`` (each an atomic rename)."""
+    src = staging / "heads"
+    dst = report_dir / "heads"
+    dst.mkdir(parents=True, exist_ok=True)
+    if src.exists():
+        for f in sorted(src.iterdir()):
+            os.replace(f, dst / f.name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- curve
+
+def per_class_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Seeded rows with at most ``n`` of every class (sorted)."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]
+    return np.sort(np.concatenate(keep))
+
+
+def label_curve(cfg: HeadsConfig, sizes=CURVE_SIZES, *, write: bool = True) -> dict:
+    """Test accuracy against labelled examples per class, for every selected head.
+
+    At each size the head sees only that seeded subset of the training rows: its
+    validation split is carved from the subset (stratified, at least one row per class),
+    so no extra labels are used for selection. ``None`` in ``sizes`` means all rows.
+    Plain rows only (no mirrored features).
+    """
+    from featcache.compare import report
+
+    t0 = time.perf_counter()
+    names = resolve_heads(cfg.heads)
+    fs = load_data(cfg, flip=False)
+    tr, te = fs["train"], fs["test"]
+    points = []
+    for size in sizes:
+        idx = np.arange(len(tr.labels)) if size is None else \
+            per_class_subset(tr.labels, int(size), cfg.seed)
+        per_class = int(np.bincount(tr.labels[idx]).min())
+        frac = cfg.val_fraction if per_class * cfg.val_fraction >= 1 else 1.0 / per_class
+        frac = min(frac, 0.5)
+        data = SplitData(tr.features[idx], tr.labels[idx], None, te.features, te.labels, None,
+                     frac, cfg.seed)
+        for name in names:
+            log.info("curve: %s with %s labelled rows per class", name, size or "all")
+            row, *_ = run_row(name, data, train_flip=False, tta=False, seed=cfg.seed,
+                              n_classes=len(fs.classes), search=cfg.search)
+            points.append({"head": name, "per_class": size or "all",
+                           "n_train": len(idx), "test_accuracy": row["test_accuracy"],
+                           "ci95": row["ci95"], "params": row["params"],
+                           "fit_s": row["fit_s"]})
+    results = {"feature_file": str(cfg.feature_file), "provenance": fs.provenance,
+               "config": cfg.to_dict(), "sizes": [s or "all" for s in sizes],
+               "n_classes": len(fs.classes),
+               "points": points, "wall_s": time.perf_counter() - t0}
+    if write:
+        report.write_curve(results, cfg.report_dir)
+    return results

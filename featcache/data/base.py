@@ -1,0 +1,40 @@
+"""What every dataset is: :class:`Dataset`, a source of uint8 image batches with labels per
+split (``batches``, ``fingerprint``, ``ids``, ``labels``), and :data:`Batch`.
+
+Reads and writes nothing; subclasses (:mod:`featcache.data.datasets`,
+:mod:`featcache.data.folders`) read their data.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+Batch = tuple[np.ndarray, np.ndarray]  # (N, H, W, 3) uint8 or float32, (N,) int64
+
+
+class Dataset:
+    """Base class. Subclasses set ``name``, ``classes``, ``splits`` (rows per split)."""
+
+    name: str
+    classes: list[str]
+    splits: dict[str, int]
+    #: attrs to store in the feature file (e.g. skipped files of a folder)
+    extra_attrs: dict
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def batches(self, split: str, start: int, stop: int, batch_size: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def ids(self, split: str) -> np.ndarray:
+        """Each row's identity, stored in the feature file: its index in ``split`` (int64).
+        Image folders return relative paths instead."""
+        return np.arange(self.splits[split], dtype=np.int64)
+
+    def labels(self, split: str) -> np.ndarray:
+        """All labels of ``split`` (small: N int64)."""
+        return np.concatenate([y for _, y in self.batches(split, 0, self.splits[split], 4096)]) \
+            if self.splits[split] else np.zeros(0, np.int64)

@@ -1,0 +1,226 @@
+"""Load an exported model and predict: :func:`load_classifier` reads ``<model>.json`` (the
+sidecar :mod:`featcache.ship.export` writes) and the model in its format (``.keras``,
+``.savedmodel``, ``.tflite``); :func:`predict_images` / :func:`iter_predictions` decode image
+files like stage one's folders (:func:`featcache.data.imagefiles.decode_image`), resize them with the
+same function (:func:`featcache.data.resize.resize_images`), run them through the model in
+batches (``PREDICT_BATCH``, threaded decode) and yield the top-k classes per file; a file
+that cannot be read is reported on its own and the others still get their result.
+
+Reads the model, its sidecar and the images; writes nothing. ``featcache predict``
+(:mod:`featcache.cli.ship`) prints what it yields.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from featcache.errors import ConfigError, DataError
+from featcache.ship.sidecar import read_sidecar, sidecar_path
+
+log = logging.getLogger(__name__)
+
+#: images per forward pass of ``predict``
+PREDICT_BATCH = 32
+
+
+@contextlib.contextmanager
+def quiet_native():
+    """File descriptor 2 to /dev/null while native code runs that logs on its own, e.g.
+    TFLite's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." — when TensorFlow's
+    INFO lines are off too (``TF_CPP_MIN_LOG_LEVEL`` >= 1, as the CLI sets it unless
+    ``--verbose``)."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        yield
+        return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _tflite_interpreter(**kw):
+    """A TFLite interpreter: LiteRT's (``ai_edge_litert``) where installed, else
+    TensorFlow's own ``tf.lite.Interpreter`` (its deprecation warning silenced)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tf.lite.Interpreter(**kw)
+    return Interpreter(**kw)
+
+
+def tflite_runner(**kw) -> Callable[[np.ndarray], np.ndarray]:
+    with quiet_native():
+        it = _tflite_interpreter(**kw)
+    inp, = it.get_input_details()
+    out, = it.get_output_details()
+    state = {"n": None}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with quiet_native():
+            if state["n"] != len(x):
+                it.resize_tensor_input(inp["index"], list(x.shape))
+                it.allocate_tensors()
+                state["n"] = len(x)
+            it.set_tensor(inp["index"], np.ascontiguousarray(x, np.float32))
+            it.invoke()
+        return np.array(it.get_tensor(out["index"]))
+
+    return run
+
+
+@dataclass
+class Classifier:
+    """A loaded exported model: ``class_names``, ``metadata`` (provenance), ``format``,
+    ``image_size`` and ``antialias`` (its resize), ``sidecar`` (the whole JSON)."""
+
+    path: Path
+    format: str
+    class_names: list[str]
+    metadata: dict
+    image_size: int
+    antialias: bool
+    sidecar: dict = field(default_factory=dict)
+    run: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """One (H, W, 3) image -> (size, size, 3) float32 with the model's own resize (the
+        function stage one used for these features; identity at the model's size)."""
+        from featcache.data.resize import resize_images
+
+        x = np.asarray(image, np.float32)
+        if x.shape[:2] == (self.image_size, self.image_size):
+            return x
+        return resize_images(x, self.image_size, self.antialias).numpy()
+
+    def probabilities(self, images) -> np.ndarray:
+        """(N, H, W, 3) images (uint8 or float32 RGB 0-255) -> (N, classes) float32.
+        Images not at the model's size are resized first with :meth:`resize`."""
+        images = np.asarray(images)
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            images = np.stack([self.resize(im) for im in images])
+        return np.asarray(self.run(np.asarray(images, np.float32)), np.float32)
+
+
+
+
+def load_classifier(path) -> Classifier:
+    """An exported model (any format) and its ``<model>.json``, ready to classify."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"model {path} does not exist; make one with `featcache export`")
+    meta = read_sidecar(path)
+    fmt = str(meta.get("format", "keras"))
+    size = meta["input"]["image_size"]
+    antialias = bool(meta["input"].get("resize", {}).get("antialias", True))
+    try:
+        run = _runner(path, fmt, size)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Keras/TF raise many types for bad files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{path} is not a loadable {fmt} model ({first[:160]}); export it "
+                        f"again with `featcache export`") from None
+    return Classifier(path, fmt, meta["class_names"], dict(meta.get("metadata", {})), size,
+                      antialias, meta, run)
+
+
+def _runner(path: Path, fmt: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
+    import tensorflow as tf
+
+    spec = [tf.TensorSpec([None, size, size, 3], tf.float32)]
+    if fmt == "keras":
+        import keras
+
+        model = keras.saving.load_model(path, compile=False)
+        fn = tf.function(lambda x: model(x, training=False), input_signature=spec)
+        return lambda x: fn(x).numpy()
+    if fmt == "savedmodel":
+        loaded = tf.saved_model.load(str(path))  # the closure keeps its variables alive
+        return lambda x: loaded.serve(tf.constant(x)).numpy()
+    if fmt == "tflite":
+        return tflite_runner(model_path=str(path))
+    raise DataError(f"{sidecar_path(path)} names an unknown format {fmt!r}")
+
+
+def _load_image(clf: Classifier, image) -> tuple[np.ndarray | None, str | None]:
+    from featcache.data.imagefiles import decode_image
+
+    try:
+        return clf.resize(decode_image(Path(image))), None
+    except DataError as exc:
+        return None, str(exc)
+    except OSError as exc:  # e.g. a folder given as an image
+        return None, f"{image} cannot be read ({exc.strerror or exc})"
+
+
+def iter_predictions(model, images: Iterable, top_k: int = 3, batch: int = PREDICT_BATCH,
+                     workers: int | None = None) -> Iterator[list[dict]]:
+    """Classify ``images`` (paths) in batches; yield each batch's rows, in input order, as
+    soon as it is done: ``{"image", "top": [{"class", "probability"}]}``, or
+    ``{"image", "error"}`` for a file that cannot be read or decoded (the others go on).
+
+    Files are decoded and resized in ``workers`` threads, one batch ahead of the model."""
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, not {top_k}")
+    if batch < 1:
+        raise ConfigError(f"--batch must be at least 1, not {batch}")
+    clf = model if isinstance(model, Classifier) else load_classifier(model)
+    k = min(top_k, len(clf.class_names))
+    images = [str(i) for i in images]
+    workers = workers or min(8, (os.cpu_count() or 1) + 2)
+
+    def finish(chunk, futures) -> list[dict]:
+        loaded = [f.result() for f in futures]
+        good = [i for i, (x, _) in enumerate(loaded) if x is not None]
+        probs = clf.run(np.stack([loaded[i][0] for i in good])) if good else None
+        rows = [{"image": name, "error": err} for name, (_, err) in zip(chunk, loaded)]
+        for j, i in enumerate(good):
+            p = probs[j]
+            order = np.argsort(-p, kind="stable")[:k]
+            rows[i] = {"image": chunk[i],
+                       "top": [{"class": clf.class_names[c], "probability": float(p[c])}
+                               for c in order]}
+        return rows
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = None
+        for a in range(0, len(images), batch):
+            chunk = images[a:a + batch]
+            futures = [pool.submit(_load_image, clf, p) for p in chunk]
+            if pending is not None:
+                yield finish(*pending)
+            pending = (chunk, futures)
+        if pending is not None:
+            yield finish(*pending)
+
+
+def predict_images(model, images: Iterable, top_k: int = 3,
+                   batch: int = PREDICT_BATCH) -> list[dict]:
+    """Top-k classes per image file: ``[{"image", "top": [{"class", "probability"}]}]``.
+
+    ``model``: a path or a :class:`Classifier`. An image that cannot be decoded raises a
+    :class:`~featcache.errors.DataError` naming it (``iter_predictions`` goes on instead).
+    """
+    rows = [r for rows in iter_predictions(model, images, top_k, batch) for r in rows]
+    bad = [r for r in rows if "error" in r]
+    if bad:
+        raise DataError(bad[0]["error"])
+    return rows

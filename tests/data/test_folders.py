@@ -1,0 +1,345 @@
+"""Image-folder datasets (featcache.data.folders): layout, decoding, skipping, fingerprint, stage one.
+
+All offline on a small generated folder: varied sizes, JPEG/PNG/BMP/GIF, gray/RGBA/palette,
+an animated GIF, images nested in sub-folders of a class, one corrupt file, ignored files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featcache.errors import ConfigError, DataError, StaleCacheError
+from featcache.data.folders import FolderDataset
+from featcache.data.imagefiles import decode_image
+
+CLASSES = ("bird", "cat", "dog")
+COLOURS = {"bird": (200, 40, 40), "cat": (40, 180, 60), "dog": (50, 60, 210)}
+#: (relative name, size (w, h), PIL mode, format) - one of each kind per class
+KINDS = [
+    ("a.jpg", (40, 30), "RGB", "JPEG"),
+    ("b.png", (25, 50), "L", "PNG"),
+    ("indoor/c.png", (33, 33), "RGBA", "PNG"),
+    ("indoor/deeper/d.bmp", (64, 20), "P", "BMP"),
+    ("e.gif", (30, 30), "P", "GIF"),  # animated: the first frame counts
+    ("f.PNG", (48, 36), "P", "PNG"),
+    ("g.bmp", (17, 23), "RGB", "BMP"),
+    ("h.jpeg", (90, 70), "L", "JPEG"),
+]
+
+
+def _picture(cls: str, size, seed: int) -> Image.Image:
+    w, h = size
+    rng = np.random.default_rng(seed)
+    base = np.array(COLOURS[cls], float)
+    yy, xx = np.mgrid[0:h, 0:w]
+    stripes = ((xx if cls == "cat" else yy) // 4) % 2
+    img = base * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def write_image(path: Path, cls: str, size, mode: str, fmt: str, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = _picture(cls, size, seed).convert(mode)
+    if fmt == "GIF":
+        second = Image.fromarray(255 - np.asarray(img.convert("RGB"))).convert("P")
+        img.save(path, format="GIF", save_all=True, append_images=[second])
+    else:
+        img.save(path, format=fmt)
+
+
+def make_image_folder(root: Path, *, copies: int = 1, corrupt: bool = True,
+                      split_dirs: bool = False) -> Path:
+    """A small class-per-folder tree under ``root``; ``copies`` times every kind per class."""
+    splits = ("train", "test") if split_dirs else ("",)
+    seed = 0
+    for split in splits:
+        for cls in CLASSES:
+            for k in range(copies):
+                for name, size, mode, fmt in KINDS:
+                    stem, _, ext = name.rpartition(".")
+                    seed += 1
+                    write_image(root / split / cls / f"{stem}{k}.{ext}", cls, size, mode, fmt,
+                                seed)
+    first = root / splits[0]
+    if corrupt:
+        good = (first / "dog" / "a0.jpg").read_bytes()
+        (first / "dog" / "broken.jpg").write_bytes(good[:len(good) // 3])
+    (first / "dog" / "notes.txt").write_text("not an image")
+    (first / "dog" / ".hidden.png").write_bytes(b"ignored")
+    (first / "cat" / ".thumbs").mkdir()
+    (first / "cat" / ".thumbs" / "x.png").write_bytes(b"ignored too")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "pets")
+
+
+# ---------------------------------------------------------------------------- decoding
+
+@pytest.mark.parametrize("name,size,mode,fmt", KINDS)
+def test_decode_every_kind_to_rgb(tmp_path, name, size, mode, fmt):
+    path = tmp_path / Path(name).name
+    write_image(path, "cat", size, mode, fmt, seed=1)
+    rgb = decode_image(path)
+    assert rgb.dtype == np.uint8 and rgb.shape == (size[1], size[0], 3)
+    with Image.open(path) as im:
+        im.seek(0)
+        want = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(rgb, want)
+    if mode == "L":
+        assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    assert decode_image(path.read_bytes()).tobytes() == rgb.tobytes()
+
+
+def test_decode_palette_bmp_gives_colours_not_indices(tmp_path):
+    # TensorFlow's BMP decoder returns palette indices as gray here; ours must not.
+    path = tmp_path / "p.bmp"
+    write_image(path, "dog", (16, 16), "P", "BMP", seed=3)
+    rgb = decode_image(path).astype(int)
+    assert rgb[..., 2].mean() > rgb[..., 0].mean() + 50  # the dog colour is blue
+
+
+def test_decode_gif_takes_the_first_frame(tmp_path):
+    path = tmp_path / "anim.gif"
+    write_image(path, "bird", (20, 20), "P", "GIF", seed=4)
+    with Image.open(path) as im:
+        assert getattr(im, "n_frames", 1) == 2
+        first = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(decode_image(path), first)
+
+
+def test_decode_16bit_png_is_scaled(tmp_path):
+    arr = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    path = tmp_path / "deep.png"
+    Image.fromarray(arr).save(path)
+    rgb = decode_image(path)
+    assert rgb.shape == (8, 8, 3)
+    np.testing.assert_array_equal(rgb[..., 0], (arr >> 8).astype(np.uint8))
+
+
+def test_decode_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match="bad.png cannot be decoded"):
+        decode_image(bad)
+    with pytest.raises(DataError, match="does not exist"):
+        decode_image(tmp_path / "missing.jpg")
+
+
+# ---------------------------------------------------------------------------- layout
+
+def test_split_layout_classes_counts_and_order(folder):
+    ds = FolderDataset(folder, image_size=32)
+    assert ds.name == "pets" and ds.classes == list(CLASSES)
+    assert ds.extra_attrs["folder_layout"] == "split"
+    # 8 good images per class (+ a corrupt one in dog): round(8|9 * 0.2) = 2 test per class,
+    # drawn before decoding, so dog loses one where broken.jpg was drawn
+    assert ds.splits["train"] + ds.splits["test"] == 24
+    dog_test = 2 - ("dog/broken.jpg" in {r for r, _ in ds.candidates["test"]})
+    assert np.bincount(ds.labels("test"), minlength=3).tolist() == [2, 2, dog_test]
+    assert np.bincount(ds.labels("train"), minlength=3).tolist() == [6, 6, 8 - dog_test]
+    for split in ("train", "test"):
+        files = ds.files(split)
+        labels = ds.labels(split)
+        assert [lab for _, lab in files] == labels.tolist()
+        assert labels[:2].tolist() == [0, 1]  # round-robin: prefixes are balanced
+        for rel, lab in files:
+            assert rel.split("/")[0] == CLASSES[lab]  # nested images belong to their class
+    every = {rel for s in ("train", "test") for rel, _ in ds.files(s)}
+    assert "cat/indoor/deeper/d0.bmp" in every and "cat/f0.PNG" in every
+    assert not any("hidden" in r or ".thumbs" in r or r.endswith(".txt") for r in every)
+    assert not set(r for r, _ in ds.files("train")) & set(r for r, _ in ds.files("test"))
+
+
+def test_split_is_seeded_and_deterministic(folder):
+    a = FolderDataset(folder, image_size=32, seed=0)
+    b = FolderDataset(folder, image_size=32, seed=0)
+    c = FolderDataset(folder, image_size=32, seed=1)
+    assert a.files("test") == b.files("test")
+    assert a.fingerprint() == b.fingerprint()
+    assert a.files("test") != c.files("test")
+    assert a.fingerprint() != c.fingerprint()
+    half = FolderDataset(folder, image_size=32, test_fraction=0.5)
+    assert np.bincount(half.labels("test"), minlength=3)[:2].tolist() == [4, 4]
+
+
+def test_train_test_layout(tmp_path):
+    root = make_image_folder(tmp_path / "tt", split_dirs=True)
+    ds = FolderDataset(root, image_size=32)
+    assert ds.extra_attrs["folder_layout"] == "train/test"
+    assert ds.classes == list(CLASSES)
+    assert ds.splits == {"train": 24, "test": 24}  # broken.jpg (in train/) is skipped
+    assert all(r.startswith("test/") for r, _ in ds.files("test"))
+
+
+def test_limit_keeps_classes_balanced(folder):
+    ds = FolderDataset(folder, image_size=32, limit=6)
+    assert ds.splits["train"] <= 6 and ds.splits["test"] <= 6
+    assert ds.splits["train"] + ds.splits["test"] >= 11  # at most the one corrupt file lost
+    assert np.bincount(ds.labels("train"), minlength=3)[:2].tolist() == [2, 2]
+
+
+def test_corrupt_file_is_skipped_counted_listed_and_warned(folder, caplog):
+    with caplog.at_level(logging.WARNING, logger="featcache.data.folders"):
+        ds = FolderDataset(folder, image_size=32)
+    assert ds.extra_attrs["skipped_count"] == 1
+    assert len(ds.extra_attrs["skipped_files"]) == 1
+    assert ds.extra_attrs["skipped_files"][0].startswith("dog/broken.jpg: ")
+    assert "dog/broken.jpg" in caplog.text and "skipped 1 file" in caplog.text
+    assert not any("broken" in r for s in ds.splits for r, _ in ds.files(s))
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda r: None, "is empty"),
+    (lambda r: _picture("cat", (8, 8), 0).save(r / "loose.png"), "no class sub-folders"),
+    (lambda r: ((r / "cat").mkdir(), write_image(r / "cat" / "x.png", "cat", (8, 8), "RGB",
+                                                 "PNG", 0), (r / "dog").mkdir()),
+     "empty class: .*dog holds no images"),
+    (lambda r: ((r / "cat").mkdir(), (r / "cat" / "x.png").write_bytes(b"junk"),
+                [write_image(r / "dog" / f"{i}.png", "dog", (8, 8), "RGB", "PNG", i)
+                 for i in range(3)]),
+     "no image of class cat"),
+    (lambda r: ((r / "train" / "cat").mkdir(parents=True), (r / "test").mkdir(),
+                write_image(r / "train" / "cat" / "x.png", "cat", (8, 8), "RGB", "PNG", 0)),
+     "test has no class sub-folders"),
+])
+def test_bad_folders_are_clear_errors(tmp_path, build, match):
+    root = tmp_path / "bad"
+    root.mkdir()
+    build(root)
+    with pytest.raises(DataError, match=match):
+        FolderDataset(root, image_size=32)
+
+
+def test_missing_folder_and_bad_fraction(tmp_path, folder):
+    with pytest.raises(DataError, match="does not exist"):
+        FolderDataset(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="test-fraction"):
+        FolderDataset(folder, test_fraction=1.0)
+
+
+# ---------------------------------------------------------------------------- fingerprint
+
+def test_fingerprint_tracks_adds_removes_and_edits(folder):
+    def fp():
+        return FolderDataset(folder, image_size=32).fingerprint()
+
+    base = fp()
+    assert fp() == base
+    extra = folder / "bird" / "new.png"
+    write_image(extra, "bird", (10, 10), "RGB", "PNG", 99)
+    added = fp()
+    assert added != base
+    extra.unlink()
+    assert fp() == base
+    target = folder / "cat" / "a0.jpg"
+    original = target.read_bytes()
+    write_image(target, "dog", (40, 30), "RGB", "JPEG", 5)
+    assert fp() != base
+    target.write_bytes(original)
+    os.utime(target, (1, 1))  # restored bytes (even with another mtime): the same data
+    assert fp() == base
+    broken = folder / "dog" / "broken.jpg"
+    broken.write_bytes(b"still broken, differently")
+    assert fp() != base  # skipped files count too
+
+
+# ---------------------------------------------------------------------------- streaming
+
+def test_batches_stream_resized_float32(folder):
+    import tensorflow as tf
+
+    ds = FolderDataset(folder, image_size=24)
+    got = list(ds.batches("train", 3, 14, batch_size=4))
+    assert [len(y) for _, y in got] == [4, 4, 3]
+    images = np.concatenate([x for x, _ in got])
+    assert images.dtype == np.float32 and images.shape == (11, 24, 24, 3)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in got]), ds.labels("train")[3:14])
+    rel = ds.files("train")[5][0]
+    want = tf.image.resize(decode_image(folder / rel).astype(np.float32), (24, 24),
+                           method="bilinear", antialias=True).numpy()
+    np.testing.assert_allclose(images[2], want, atol=1e-4)
+    assert images.min() >= 0 and images.max() <= 255
+
+
+def test_file_broken_after_opening_is_a_clear_error(folder):
+    ds = FolderDataset(folder, image_size=16)
+    rel = ds.files("test")[0][0]
+    (folder / rel).write_bytes(b"gone bad")
+    with pytest.raises(DataError, match="changed while it was read"):
+        list(ds.batches("test", 0, ds.splits["test"], 8))
+
+
+# ---------------------------------------------------------------------------- stage one
+
+def _name(folder) -> str:
+    """``pets_mobilenet_025_32_random[_ov[_bf16]].h5``: the default runtime's name."""
+    from featcache.config import ExtractConfig
+
+    return ExtractConfig(dataset=str(folder), backbone="mobilenet_025", weights="none",
+                         size=32).output_path.name
+
+
+def _extract(folder, out, **kw):
+    from featcache.config import ExtractConfig
+    from featcache.extract.run import extract_features
+
+    cfg = ExtractConfig(dataset=str(folder), backbone="mobilenet_025", weights="none", size=32,
+                        batch=8, out_dir=str(out), **kw)
+    return extract_features(cfg)
+
+
+def test_extract_folder_end_to_end_and_staleness(folder, tmp_path):
+    from featcache.cache.reader import load_features
+
+    res = _extract(folder, tmp_path / "out")
+    assert res.path.name == _name(folder) and not res.cached
+    fs = load_features(res.path)
+    assert fs.classes == list(CLASSES)
+    ds = FolderDataset(folder, image_size=32)
+    assert len(fs["train"]) == ds.splits["train"] and len(fs["test"]) == ds.splits["test"]
+    assert ds.splits["train"] + ds.splits["test"] == 24
+    np.testing.assert_array_equal(fs["test"].labels, ds.labels("test"))
+    for split in ("train", "test"):  # each row's id is its image's path under the folder
+        ids = fs[split].ids
+        assert ids.dtype == object and all(isinstance(i, str) for i in ids)
+        assert list(ids) == [rel for rel, _ in ds.files(split)]
+        assert all((folder / rel).is_file() for rel in ids)
+        assert [CLASSES.index(Path(i).parts[0]) for i in ids] == fs[split].labels.tolist()
+    assert "dog/broken.jpg" not in set(fs["train"].ids) | set(fs["test"].ids)
+    assert fs.attrs["skipped_count"] == 1
+    assert list(fs.attrs["skipped_files"])[0].startswith("dog/broken.jpg")
+    assert fs.attrs["source_dir"] == str(folder.resolve())
+    assert fs.attrs["dataset_sha256"] == ds.fingerprint()
+    assert np.isfinite(fs["train"].features).all() and fs["train"].features.dtype == np.float32
+
+    assert _extract(folder, tmp_path / "out").cached  # unchanged folder: a no-op
+    write_image(folder / "cat" / "z.png", "cat", (12, 12), "RGB", "PNG", 7)
+    with pytest.raises(StaleCacheError, match="dataset_sha256"):
+        _extract(folder, tmp_path / "out")  # changed folder: refused, never reused
+    rebuilt = _extract(folder, tmp_path / "out", force=True)
+    assert not rebuilt.cached
+    assert load_features(rebuilt.path).attrs["dataset_sha256"] != fs.attrs["dataset_sha256"]
+
+
+def test_cli_features_on_a_folder(folder, tmp_path, capsys):
+    from featcache.cli.main import main
+
+    rc = main(["features", "-q", "--dataset", str(folder), "--backbone", "mobilenet_025",
+               "--weights", "none", "--size", "32", "--batch", "16",
+               "--out-dir", str(tmp_path / "o")])
+    assert rc == 0
+    assert _name(folder) in capsys.readouterr().out
+    rc = main(["features", "-q", "--dataset", str(tmp_path / "o"), "--backbone",
+               "mobilenet_025", "--weights", "none", "--size", "32",
+               "--out-dir", str(tmp_path / "o2")])
+    assert rc != 0
+    assert "featcache: error:" in capsys.readouterr().err

@@ -1,0 +1,80 @@
+"""The one atomic-write helper (featcache._util.atomic) and the writer's lock (featcache.cache.lock)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from featcache._util import atomic
+from featcache.cache.lock import FileLock, check_output, partial_path
+from featcache.errors import CacheError, LockedError
+
+
+def _count_fsyncs(monkeypatch) -> list:
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    return synced
+
+
+def test_write_bytes_replaces_durably(tmp_path, monkeypatch):
+    synced = _count_fsyncs(monkeypatch)
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    atomic.write_text(out, "new")
+    assert out.read_text() == "new"
+    assert str(tmp_path / ".r.json.tmp") in synced and str(tmp_path) in synced  # file, folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
+    out = tmp_path / "m.keras"
+    out.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic.replacing(out, ".keras") as tmp:
+            assert tmp.name == ".m.keras.tmp.keras"
+            tmp.write_text("half")
+            raise RuntimeError("save failed")
+    assert out.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["m.keras"]
+
+
+def test_a_folder_replaces_a_folder(tmp_path, monkeypatch):
+    synced = _count_fsyncs(monkeypatch)
+    out = tmp_path / "saved"
+    (out / "variables").mkdir(parents=True)
+    (out / "old.pb").write_text("old")
+    with atomic.replacing(out) as tmp:
+        (tmp / "variables").mkdir(parents=True)
+        (tmp / "variables" / "v.data").write_text("v")
+        (tmp / "saved_model.pb").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["saved_model.pb", "variables"]
+    assert (out / "variables" / "v.data").read_text() == "v"
+    assert sorted(os.listdir(tmp_path)) == ["saved"]           # no .tmp, no .old left
+    assert any(s.endswith("v.data") for s in synced)           # every file in it fsynced
+
+
+def test_lock_records_the_pid_and_refuses_a_second_writer(tmp_path):
+    target = tmp_path / "x.h5"
+    with FileLock(target) as lock:
+        assert lock.path == tmp_path / "x.h5.lock"
+        assert lock.path.read_text() == str(os.getpid())
+        with pytest.raises(LockedError, match=f"pid {os.getpid()}.*--wait"):
+            FileLock(target).acquire()
+    assert (tmp_path / "x.h5.lock").read_text() == ""          # released: emptied
+    with FileLock(target):
+        pass
+
+
+def test_check_output_refuses_folders_and_makes_the_parent(tmp_path):
+    out = tmp_path / "new" / "x.h5"
+    assert check_output(out) == out and out.parent.is_dir() and not out.exists()
+    assert os.listdir(out.parent) == []                       # the probe is gone
+    partial_path(out).mkdir()
+    with pytest.raises(CacheError, match="is a folder"):
+        check_output(out)
