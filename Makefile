@@ -62,7 +62,7 @@ FEATURES_DIR := $(if $(filter .featcache-invalid-settings,$(FEATURE_FILE)),,$(pa
 
 export KERAS_HOME
 
-.PHONY: FORCE help install install-dev settings args path features heads curve export test test-fast bench bench-quick clean distclean clean-features
+.PHONY: FORCE help install install-dev settings args path features heads curve export test test-fast lint bench bench-quick clean distclean clean-features
 
 help: ## this list
 	@echo "featcache — run a pretrained backbone once, cache features, compare heads"
@@ -135,10 +135,16 @@ TEST_WORKERS ?= logical
 test: $(DEV_STAMP) ## run the test suite (real-data tests run when ../shared or FEATCACHE_REAL_DATA is there)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
+# lint: ruff (style, unused names, import order) and the import contracts of pyproject.toml
+# (the rooms' layer order, no cycles, the stage-two boundary, h5py only in featcache.cache).
+lint: $(DEV_STAMP) ## ruff + the import-layer contracts (lint-imports)
+	$(VENV)/bin/ruff check featcache tests benchmarks
+	$(VENV)/bin/lint-imports
+
 bench: $(DEV_STAMP) ## side-by-side benchmarks -> BENCHMARKS.md (minutes)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
-bench-quick: $(DEV_STAMP) ## the one-minute smoke version of `make bench`
+bench-quick: $(DEV_STAMP) ## the one-minute smoke version of `make bench` -> bench-out/
 	$(PY) -m benchmarks --quick $(BENCH_ARGS)
 
 clean: ## remove caches and build leftovers (keeps features/ and .venv)
