@@ -128,7 +128,8 @@ def resolve(s: Settings, *, data_dir: str | None, dataset: str | None,
                      f"stage two was timed on section 1's small feature file instead.")
     rss = s.rss_runs
     if ds == "synthetic":  # 160 images in all: the two sizes are 40 and 160 images
-        rss = tuple(r for size in dict.fromkeys(r[0] for r in rss) for r in ((size, 20), (size, None)))
+        rss = tuple(r for size in dict.fromkeys(r[0] for r in rss)
+                    for r in ((size, 20), (size, None)))
     return replace(s, dataset=ds, data_dir=dd, weights=w, stage2_feature_file=ff,
                    rss_runs=rss, notes=tuple(notes))
 
@@ -142,7 +143,8 @@ def device() -> dict:
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         try:
-            name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
+            name = tf.config.experimental.get_device_details(gpus[0]).get("device_name",
+                                                                          gpus[0].name)
         except Exception:  # noqa: BLE001 - details are optional
             name = gpus[0].name
         return {"kind": "GPU", "name": str(name), "count": len(gpus)}

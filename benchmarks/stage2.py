@@ -154,4 +154,5 @@ def run(feature_file: str | Path, *, seed: int, work: Path) -> dict:
     try:
         return time_comparison(feature_file, work / "s4_heads", seed=seed)
     except ImportError as exc:
-        return {"file": str(feature_file), "missing": f"featcache.compare.comparison not available ({exc})"}
+        return {"file": str(feature_file),
+                "missing": f"featcache.compare.comparison not available ({exc})"}

@@ -190,7 +190,8 @@ def tolerance(data, flip: bool) -> list[str]:
                     accs.append(float(np.mean(est.predict(Xv, Xfv) == yv)))
                     its.append(est.n_iter_)
             dt = time.perf_counter() - t
-            grid = ", ".join(f"C={g['C']:g}: {100 * a:.2f}%" for g, a in zip(HEADS[name].grid, accs))
+            grid = ", ".join(f"C={g['C']:g}: {100 * a:.2f}%"
+                             for g, a in zip(HEADS[name].grid, accs))
             lines.append(f"| {name}{'+flip' if flip else ''} | {tol:g} | {grid} | "
                          f"{'/'.join(map(str, its))} | {dt:.1f} |")
             print(lines[-1], flush=True)

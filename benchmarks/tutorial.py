@@ -170,6 +170,7 @@ def run(s: Settings) -> dict:
         # a further experiment once the cache exists: the tutorial pays everything again
         "speedup_rerun": tut["total_s"] / (fc["dense_fit_s"] + fc["dense_predict_s"]),
         "acc_gap_dense": fc["dense_acc"] - worst["dense_acc"],
-        "acc_gap_logreg": fc.get("logreg_acc", float("nan")) - worst.get("logreg_acc", float("nan")),
+        "acc_gap_logreg": (fc.get("logreg_acc", float("nan"))
+                           - worst.get("logreg_acc", float("nan"))),
         "tutorial_own": {"size": s.tutorial_size, "preprocess": "scale01"},
     }

@@ -37,7 +37,8 @@ def test_real_cifar10_is_the_official_data(real_data_dir):
     np.testing.assert_allclose(mean, [0.4914, 0.4822, 0.4465], atol=0.01)
 
 
-def test_imagenet_features_beat_random_features_by_a_wide_margin(real_data_dir, keras_home, tmp_path):
+def test_imagenet_features_beat_random_features_by_a_wide_margin(real_data_dir, keras_home,
+                                                                 tmp_path):
     from featcache.cache.reader import load_features
     from featcache.config import ExtractConfig
     from featcache.extract.run import extract_features

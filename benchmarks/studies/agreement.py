@@ -48,5 +48,6 @@ keras_pred = np.concatenate([clf.probabilities(images).argmax(1)
 labels = fs["test"].labels
 print(f"exported model {exported.path} (Keras {__import__('keras').__version__})")
 print(f"{N} test images: top-1 agreement exported vs pipeline {np.mean(keras_pred == pipe):.4f} "
-      f"({int(np.sum(keras_pred != pipe))} differ); accuracy pipeline {np.mean(pipe == labels):.4f}, "
+      f"({int(np.sum(keras_pred != pipe))} differ); "
+      f"accuracy pipeline {np.mean(pipe == labels):.4f}, "
       f"exported {np.mean(keras_pred == labels):.4f}")

@@ -226,7 +226,8 @@ def format_cuts(backbone: str, size: int, rows: list[CutInfo], *, flip: bool = T
     lines = [f"Cut points of {backbone} at {size} px (cache: CIFAR-10's {CIFAR10_IMAGES:,} "
              f"images{', x2 with mirrors' if flip else ''}, float16; FLOPs per image, forward, "
              f"2 per multiply-add)", "",
-             "| cut | layer | activation | cache | MFLOPs above | share of backbone | blocks above |",
+             "| cut | layer | activation | cache | MFLOPs above | share of backbone "
+             "| blocks above |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r.name} | {r.layer} | {'x'.join(map(str, r.shape))} | "

@@ -2,8 +2,8 @@
 
 ``featcache features --shard i/n`` writes ``<stem>.part<i>of<n>.h5`` beside where the
 single-process file ``<stem>.h5`` would go (the name is :func:`featcache.config.part_path`,
-parsed back by :func:`featcache.config.parse_part`). :func:`merge_parts` checks that complete parts tile the
-dataset and copies their rows, labels and per-row ids into ``<stem>.h5`` through
+parsed back by :func:`featcache.config.parse_part`). :func:`merge_parts` checks that complete parts
+tile the dataset and copies their rows, labels and per-row ids into ``<stem>.h5`` through
 :class:`featcache.cache.writer.FeatureWriter`. Reads the part files; writes the merged file (and
 deletes the parts only when asked). No TensorFlow ever.
 """

@@ -237,7 +237,8 @@ class FeatureWriter:
                     g.attrs["row_start"] = int(spec.row_start)
                     rows = max(1, chunk_rows(dim, itemsize))
                     for key in ("features", "features_flip") if flip else ("features",):
-                        preallocated(g, key, (spec.rows, dim), dtype, (min(rows, max(spec.rows, 1)), dim))
+                        preallocated(g, key, (spec.rows, dim), dtype,
+                                     (min(rows, max(spec.rows, 1)), dim))
                     preallocated(g, "labels", (spec.rows,), "int64",
                                   (min(1 << 17, max(spec.rows, 1)),))
                     write_ids(g, spec.id_array())

@@ -17,8 +17,8 @@ The protocol (the test labels influence no choice):
    refit on *all* training rows.
 
 One row's protocol lives in :mod:`featcache.compare.protocol`, the rows' grouping into jobs and
-the worker side in :mod:`featcache.compare.jobs`; this module orchestrates them and writes the report.
-Rows are independent jobs run by :mod:`featcache.compare.workers` (``HeadsConfig.workers``
+the worker side in :mod:`featcache.compare.jobs`; this module orchestrates them and writes the
+report. Rows are independent jobs run by :mod:`featcache.compare.workers` (``HeadsConfig.workers``
 processes, one thread each, the feature arrays memory-mapped once and shared); results,
 choices and predictions do not depend on the number of workers. ``--search fast`` (the
 default) stops a grid that is a path (one numeric parameter, in order) once validation

@@ -69,7 +69,8 @@ def format_mcnemar(results: dict) -> str:
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for p in sorted(pairs, key=lambda p: p["p"]):
         out.append(f"| {p['a']} | {p['b']} | {p['only_a']} | {p['only_b']} | {p['p']:.3g} | "
-                   f"{p['p_holm']:.3g} | {('yes: ' + p['better'] + ' better') if p['significant'] else 'no'} |")
+                   f"{p['p_holm']:.3g} | "
+                   f"{('yes: ' + p['better'] + ' better') if p['significant'] else 'no'} |")
     return "\n".join(out)
 
 

@@ -70,7 +70,8 @@ class DistributedResult:
             return f"{self.path} is up to date (same configuration, complete); nothing to do"
         nodes = len({p.node for p in self.parts if p.node}) or 1
         return (f"{self.images} images in {self.seconds:.1f} s ({self.images_per_s:.1f} img/s) "
-                f"on Ray: {self.shards} shards on {nodes} node(s), merge {self.merge_seconds:.1f} s "
+                f"on Ray: {self.shards} shards on {nodes} node(s), "
+                f"merge {self.merge_seconds:.1f} s "
                 f"-> {self.path} ({self.file_mb:.1f} MiB), worker peak RSS "
                 f"{self.peak_rss_mb:.0f} MiB")
 

@@ -1,14 +1,15 @@
 """Stage one: images -> resize + preprocess -> backbone -> pooled features -> HDF5, streaming.
 
-Reads a dataset (:mod:`featcache.data.datasets`) and backbone weights (:mod:`featcache.backbones.registry`);
-writes one feature file through :mod:`featcache.cache.writer` (or one part file with ``shard``).
+Reads a dataset (:mod:`featcache.data.datasets`) and backbone weights
+(:mod:`featcache.backbones.registry`); writes one feature file through :mod:`featcache.cache.writer`
+(or one part file with ``shard``).
 
 Per batch: uint8 images go into one compiled graph (:func:`step_graph`) that casts,
 resizes to the configured size, applies the backbone's own preprocessing and runs the
 backbone with ``training=False`` (and again on the mirrored images with ``--flip``); the
 pooled features come back as float32 and are written at once. The runtime
-(:mod:`featcache.backbones.runtime`) decides what runs that graph: TensorFlow (a ``tf.function``), or
-OpenVINO (the same graph converted once and cached on disk, compiled for a fixed batch
+(:mod:`featcache.backbones.runtime`) decides what runs that graph: TensorFlow (a ``tf.function``),
+or OpenVINO (the same graph converted once and cached on disk, compiled for a fixed batch
 size; a short last batch is padded). A reader thread keeps the next batches ready while
 the backbone runs. Nothing of size N is ever held: peak memory is a few batches plus the
 model (and, with OpenVINO, its compiled copy). With ``cut`` the graph also returns the

@@ -20,8 +20,8 @@ save/load), :mod:`~featcache.heads.finetune` (``finetune``, opt-in).
 Every head follows the scikit-learn estimator contract: ``fit(X, y)`` returns self,
 learned state ends in ``_``, ``random_state``, ``predict``, ``predict_proba``,
 ``classes_``, ``get_params``/``set_params`` (``tests/heads/test_estimator_checks.py`` runs
-scikit-learn's ``check_estimator`` on them). Inputs are float32 (N, D) and are never copied to float64.
-Heads derived from :class:`Head` (``takes_mirrors = True``) take ``X_flip`` (features of
+scikit-learn's ``check_estimator`` on them). Inputs are float32 (N, D) and are never copied to
+float64. Heads derived from :class:`Head` (``takes_mirrors = True``) take ``X_flip`` (features of
 mirrored images) in ``fit`` (train-time augmentation) and ``predict``/``predict_proba``
 (test-time averaging); any other classifier gets the mirrors as extra training rows and
 averaged predictions (:class:`~featcache.heads.plain.SklearnHead`).

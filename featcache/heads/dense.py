@@ -255,5 +255,6 @@ def dense(random_state=0, **params):
 @register_head("dense_ens", default=False, grid=[{"dropout": 0.5}], cost=10.5, tensorflow=True,
                fast_select=FAST_DENSE, members=3)
 def dense_ens(random_state=0, **params):
-    """Three `dense` heads (seeds differ), probabilities averaged in one Keras model; 3x the time."""
+    """Three `dense` heads (seeds differ), probabilities averaged in one Keras model;
+    3x the time."""
     return DenseHead(random_state=random_state, **params)

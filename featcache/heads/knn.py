@@ -173,5 +173,6 @@ def top_k(Q: np.ndarray, index, inv_norm: np.ndarray, k: int, *, q_block: int = 
 
 @register_head("knn", grid=[{"k": k} for k in (1, 5, 10, 20, 50, 100)], keras=False, cost=1.6)
 def knn(random_state=0, **params):
-    """Cosine k-nearest-neighbours in the whitened PCA-256 space (k chosen on validation): the zero-training baseline."""
+    """Cosine k-nearest-neighbours in the whitened PCA-256 space (k chosen on validation): the
+    zero-training baseline."""
     return CosineKNNHead(random_state=random_state, **params)

@@ -101,5 +101,6 @@ def logreg(random_state=0, **params):
 @register_head("linear_svm", grid=[{"C": c} for c in (0.0001, 0.0003, 0.001)], cost=1.5,
                fast_select=FAST_PATH)
 def linear_svm(random_state=0, **params):
-    """One-vs-rest linear SVM (squared hinge) on standardized features (float32 preconditioned L-BFGS)."""
+    """One-vs-rest linear SVM (squared hinge) on standardized features (float32 preconditioned
+    L-BFGS)."""
     return LinearHead(loss="squared_hinge", random_state=random_state, **params)

@@ -2,8 +2,8 @@
 :func:`save_head` / :func:`load_head` for every kind of head (``module:attr`` user heads
 are :mod:`featcache.heads.user`).
 
-Reads the saved head files it is given; writes ``directory/<name>.joblib`` (or a dense head's ``.keras`` + ``.json``)
-through :meth:`featcache.heads.base.Head.save`.
+Reads the saved head files it is given; writes ``directory/<name>.joblib`` (or a dense head's
+``.keras`` + ``.json``) through :meth:`featcache.heads.base.Head.save`.
 
 A plain estimator does not take mirrored features, so :class:`SklearnHead` hands them over
 the only ways a plain ``fit``/``predict`` allows: as extra training rows (``X`` and

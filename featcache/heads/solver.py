@@ -5,8 +5,9 @@ input to float64 (2x the feature matrix); these fit the same objectives on the f
 matrix as given, without any copy of it:
 
 - :class:`Scaler` learns per-feature mean and standard deviation in row blocks (float64
-  accumulators of size D only, blocks merged by Chan et al.'s stable update). It is never *applied* to the matrix: :func:`fit_linear`
-  folds it into the weights (``((X - mu) / sd) @ W == X @ (W / sd) - mu @ (W / sd)``).
+  accumulators of size D only, blocks merged by Chan et al.'s stable update). It is never
+  *applied* to the matrix: :func:`fit_linear` folds it into the weights
+  (``((X - mu) / sd) @ W == X @ (W / sd) - mu @ (W / sd)``).
 - :func:`fit_linear` minimises ``mean(loss) + ||W||^2 / (2 C n)`` (scikit-learn's ``C``
   scaling) with full-batch L-BFGS (scipy's L-BFGS-B). Losses: multinomial cross-entropy
   (``softmax``) and one-vs-rest squared hinge (``squared_hinge``, LinearSVC's default).

@@ -1,8 +1,8 @@
 """Load an exported model and predict: :func:`load_classifier` reads ``<model>.json`` (the
 sidecar :mod:`featcache.ship.export` writes) and the model in its format (``.keras``,
 ``.savedmodel``, ``.tflite``); :func:`predict_images` / :func:`iter_predictions` decode image
-files like stage one's folders (:func:`featcache.data.imagefiles.decode_image`), resize them with the
-same function (:func:`featcache.data.resize.resize_images`), run them through the model in
+files like stage one's folders (:func:`featcache.data.imagefiles.decode_image`), resize them with
+the same function (:func:`featcache.data.resize.resize_images`), run them through the model in
 batches (``PREDICT_BATCH``, threaded decode) and yield the top-k classes per file; a file
 that cannot be read is reported on its own and the others still get their result.
 

@@ -102,5 +102,6 @@ def test_imagenet_weights_missing_offline_says_where(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(file_utils, "get_file", offline)
-    with pytest.raises(WeightsError, match=r"resnet50 are not at .*resnet50_weights.*--weights none"):
+    with pytest.raises(WeightsError,
+                       match=r"resnet50 are not at .*resnet50_weights.*--weights none"):
         build_backbone(get_backbone("resnet50"), weights="imagenet")

@@ -31,7 +31,8 @@ def _write(path, *, rows=(10, 4), sha="a" * 64, flip=False, complete=True, dtype
                                   splits={"train": rows[0], "test": rows[1]}, dim=D,
                                   flip=flip, dtype=dtype) as w:
         for split, n in zip(("train", "test"), rows):
-            f = rng.normal(size=(n, D)).astype("float32") if fill is None else np.full((n, D), fill, "float32")
+            f = (rng.normal(size=(n, D)).astype("float32") if fill is None
+                 else np.full((n, D), fill, "float32"))
             y = rng.integers(0, 2, n)
             data[split] = (f, y)
             for i in range(0, n, 4):
@@ -62,7 +63,8 @@ def test_round_trip_layout_and_provenance(tmp_path):
 
 
 def test_chunks_are_about_one_mebibyte():
-    assert reader.chunk_rows(1280, 4) * 1280 * 4 <= 2**20 < (reader.chunk_rows(1280, 4) + 1) * 1280 * 4
+    assert (reader.chunk_rows(1280, 4) * 1280 * 4 <= 2**20
+            < (reader.chunk_rows(1280, 4) + 1) * 1280 * 4)
 
 
 def test_float16_storage(tmp_path):
@@ -151,7 +153,8 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
     path = tmp_path / "x.h5"
     with writer.FeatureWriter.open(path, attrs=_attrs(), classes=["a"], splits={"train": 4}, dim=D):
         with pytest.raises(LockedError, match="another featcache process.*--wait"):
-            writer.FeatureWriter.open(path, attrs=_attrs(), classes=["a"], splits={"train": 4}, dim=D)
+            writer.FeatureWriter.open(path, attrs=_attrs(), classes=["a"], splits={"train": 4},
+                                      dim=D)
     # released: opens again
     with writer.FeatureWriter.open(path, attrs=_attrs(), classes=["a"], splits={"train": 4}, dim=D):
         pass

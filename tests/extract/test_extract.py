@@ -35,8 +35,10 @@ def test_features_equal_keras_reference_computation(tmp_path):
     x = tf.image.resize(images.astype("float32"), (48, 48), method="bilinear").numpy()
     ref = model(keras.applications.mobilenet.preprocess_input(x.copy()), training=False)
     np.testing.assert_allclose(fs["test"].features[:8], np.asarray(ref), rtol=1e-4, atol=1e-5)
-    ref_flip = model(keras.applications.mobilenet.preprocess_input(x[:, :, ::-1].copy()), training=False)
-    np.testing.assert_allclose(fs["test"].features_flip[:8], np.asarray(ref_flip), rtol=1e-4, atol=1e-5)
+    ref_flip = model(keras.applications.mobilenet.preprocess_input(x[:, :, ::-1].copy()),
+                     training=False)
+    np.testing.assert_allclose(fs["test"].features_flip[:8], np.asarray(ref_flip),
+                               rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(fs["test"].labels[:8], labels)
     assert fs.attrs["image_size"] == 48 and fs.attrs["preprocess"] == "tf"
     assert fs.attrs["dataset_sha256"] == ds.fingerprint()
@@ -136,7 +138,8 @@ def test_make_step_accepts_uint8_of_any_size():
 
 
 def test_bfloat16_precision_stores_float32_close_to_float32(tmp_path):
-    f32 = reader.load_features(extract_features(_cfg(tmp_path, runtime="tensorflow")).path)["test"].features
+    f32 = reader.load_features(
+        extract_features(_cfg(tmp_path, runtime="tensorflow")).path)["test"].features
     r = extract_features(_cfg(tmp_path, runtime="tensorflow", precision="mixed_bfloat16"))
     assert "bf16" in r.path.name
     bf = reader.load_features(r.path)["test"].features

@@ -11,7 +11,8 @@ from featcache.errors import ConfigError
 from featcache.heads import HEADS, default_heads, load_head, register_head, resolve_heads, save_head
 
 # Smaller settings so every head fits in about a second (the grid is not under test here).
-FAST = {"dense": {"hidden": 32, "epochs": 10, "batch_size": 32}, "rbf_svm": {"n_components": 256, "n_pca": 8}}
+FAST = {"dense": {"hidden": 32, "epochs": 10, "batch_size": 32},
+        "rbf_svm": {"n_components": 256, "n_pca": 8}}
 
 
 #: Heads that take feature arrays (``finetune`` takes file rows: tests/heads/test_finetune.py).

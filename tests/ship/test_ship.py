@@ -142,7 +142,8 @@ def _pipeline_probs(folder, path, report, row):
     fs = load_features(path)
     want = head.predict_proba(fs["test"].features, fs["test"].features_flip if r["tta"] else None)
     files = FolderDataset(folder, image_size=32).files("test")
-    return want, [decode_image(folder / rel) for rel, _ in files], [folder / rel for rel, _ in files]
+    return (want, [decode_image(folder / rel) for rel, _ in files],
+            [folder / rel for rel, _ in files])
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The one atomic-write helper (featcache._util.atomic) and the writer's lock (featcache.cache.lock)."""
+"""The one atomic-write helper (featcache._util.atomic) and the writer's lock
+(featcache.cache.lock)."""
 
 from __future__ import annotations
 

@@ -58,8 +58,8 @@ class ActRows:
 
 
 class _ActData:
-    """The comparison's data (``featcache.compare.protocol.SplitData``) with :class:`ActRows` in place of
-    the feature arrays: same fit/validation/test rows, same labels."""
+    """The comparison's data (``featcache.compare.protocol.SplitData``) with :class:`ActRows` in
+    place of the feature arrays: same fit/validation/test rows, same labels."""
 
     def __init__(self, data):
         path = getattr(data, "feature_file", None)

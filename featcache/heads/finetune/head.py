@@ -2,8 +2,8 @@
 dense head, on the activations stage one cached at the cut (``featcache features --cut``).
 
 The one head that does not take arrays: it is registered with ``file_rows``, so stage two
-(:mod:`featcache.compare.protocol`) hands it :class:`featcache.heads.finetune.data.ActRows` (the feature
-file and row numbers of the same fit/validation/test rows) and it streams them from the
+(:mod:`featcache.compare.protocol`) hands it :class:`featcache.heads.finetune.data.ActRows` (the
+feature file and row numbers of the same fit/validation/test rows) and it streams them from the
 file itself. It reads the feature file (:mod:`featcache.heads.finetune.data`) and the backbone's
 weights to rebuild the layers above the cut (:mod:`featcache.heads.finetune.model`), both
 imported lazily; it never runs the bottom of the backbone. Writes only what
@@ -14,9 +14,9 @@ dense head alone on the stored pooled features (the top's output before training
 batch ``warmup_batch_size``, Adam at ``learning_rate``; (2) the top's ``trainable_blocks``
 blocks (default: all of them) and the head together on the activations, the pretrained
 layers at ``backbone_lr`` (lower than the head's ``finetune_lr``), both decaying to 0 over
-``decay_epochs`` (default ``epochs``) epochs with ``schedule="cosine"``, BatchNorm frozen. Each phase early-stops on
-validation accuracy (test-time averaging of plain and mirror when the row uses it) and
-restores its best epoch; phase 2 starts from phase 1's best, so it can only keep or
+``decay_epochs`` (default ``epochs``) epochs with ``schedule="cosine"``, BatchNorm frozen. Each
+phase early-stops on validation accuracy (test-time averaging of plain and mirror when the row uses
+it) and restores its best epoch; phase 2 starts from phase 1's best, so it can only keep or
 improve it. With mirrored activations each sample is plain or mirrored at random per
 epoch; ``shift`` (off by default) also translates each activation map at random by up
 to that many cells (:func:`featcache.heads.finetune.data.shift_maps`). ``time_budget_s`` stops
@@ -294,7 +294,8 @@ class FinetuneHead(Head):
 
 
 def _file_rows(data):
-    """The comparison's data as file rows (:func:`featcache.heads.finetune.data.activation_data`)."""
+    """The comparison's data as file rows
+    (:func:`featcache.heads.finetune.data.activation_data`)."""
     from featcache.heads.finetune.data import activation_data
 
     return activation_data(data)
@@ -303,5 +304,6 @@ def _file_rows(data):
 @register_head("finetune", default=False, grid=[{}], cost=60.0,
                file_rows=_file_rows, mirror_rows_only=True)
 def finetune(random_state=0, **params):
-    """The backbone's blocks above the cut (--cut) fine-tuned with a dense head, on cached activations."""
+    """The backbone's blocks above the cut (--cut) fine-tuned with a dense head, on cached
+    activations."""
     return FinetuneHead(random_state=random_state, **params)

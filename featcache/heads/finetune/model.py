@@ -2,15 +2,15 @@
 its weights, plus a dense head; and, for export, the backbone's bottom up to the cut.
 
 Reads a feature file's provenance and activation shape (:mod:`featcache.cache.reader`,
-:mod:`featcache.cache.activations`) and the backbone's weights (:mod:`featcache.backbones.registry`; the
-layers are found by :mod:`featcache.backbones.cut`); writes nothing. Imports Keras inside its
+:mod:`featcache.cache.activations`) and the backbone's weights (:mod:`featcache.backbones.registry`;
+the layers are found by :mod:`featcache.backbones.cut`); writes nothing. Imports Keras inside its
 functions only.
 
 :func:`build` gives ``activations (H, W, C) -> the layers above the cut (the top
 ``trainable_blocks`` blocks trainable, ``None``: all of them, the rest frozen; every
 BatchNorm frozen, in inference mode) -> pooled features -> Normalization (fit-row
-statistics) -> Dense(hidden, relu) -> Dropout -> Dense(n_classes, softmax)`` as one model, its top and
-its head (the head alone takes pooled features: phase 1 trains it on the stored ones).
+statistics) -> Dense(hidden, relu) -> Dropout -> Dense(n_classes, softmax)`` as one model, its top
+and its head (the head alone takes pooled features: phase 1 trains it on the stored ones).
 """
 
 from __future__ import annotations
