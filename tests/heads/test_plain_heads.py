@@ -137,3 +137,17 @@ def test_user_head_errors_say_what_to_do(tmp_path):
         resolve_heads("sklearn.linear_model:Nope")
     with pytest.raises(ConfigError, match="module:attr"):
         resolve_heads("svm")
+
+
+def test_a_head_saved_under_a_module_path_that_is_gone_is_one_line_naming_make_heads(tmp_path):
+    """A head pickled by a layout whose module no longer exists (the package's earlier name,
+    say) is refused with what to do; so is a damaged file."""
+    old = tmp_path / "logreg.joblib"
+    # a pickle of an instance of old_package.heads.linear.LinearHead: GLOBAL, NEWOBJ, BUILD
+    old.write_bytes(b"\x80\x02cold_package.heads.linear\nLinearHead\nq\x00)\x81q\x01}q\x02b.")
+    with pytest.raises(ConfigError, match=r"saved by another featcache version .*make heads"):
+        load_head(old)
+    damaged = tmp_path / "knn.joblib"
+    damaged.write_bytes(b"\x80\x04not a pickle at all")
+    with pytest.raises(ConfigError, match=r"not a readable saved head .*make heads"):
+        load_head(damaged)
