@@ -24,12 +24,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from featcache._util import atomic
 from featcache.cache.reader import CHUNK_BYTES, check_schema, open_h5
-from featcache.cache.writer import FeatureWriter, building, preallocated, require_free, writing
+from featcache.cache.writer import (
+    FeatureWriter,
+    building,
+    open_owned,
+    preallocated,
+    require_free,
+    writing,
+)
 from featcache.errors import CacheError, ConfigError, IncompleteFeatureFile
 
 ACT_DTYPE = "float16"
@@ -65,7 +71,7 @@ class ActivationWriter(FeatureWriter):
         with building(staging, path):
             FeatureWriter._create(staging, attrs=attrs, classes=classes, specs=specs, dim=dim,
                                   dtype=dtype, flip=flip)
-            with h5py.File(staging, "r+") as f:
+            with open_owned(staging) as f:
                 rows = act_chunk_rows(shape)
                 for name, spec in specs.items():
                     for key in ("acts", "acts_flip") if flip else ("acts",):

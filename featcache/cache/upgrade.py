@@ -28,12 +28,12 @@ import os
 import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from featcache._util import atomic
 from featcache.cache.lock import FileLock
 from featcache.cache.reader import SCHEMA_VERSION, attrs_dict, open_h5
+from featcache.cache.writer import open_owned, write_ids
 from featcache.config import ExtractConfig, config_sha256
 from featcache.errors import CacheError, DataError, DiskFullError
 
@@ -99,8 +99,6 @@ def _folder_ids(path: Path, attrs: dict, splits: dict[str, tuple[int, int]]) -> 
 
 def upgrade(path: str | os.PathLike, *, wait: bool = False) -> str:
     """Migrate the feature (or ``.partial``) file at ``path`` in place; return what was done."""
-    from featcache.cache.writer import write_ids
-
     path = Path(path)
     final = path.with_name(path.name[:-len(".partial")]) if path.name.endswith(".partial") \
         else path
@@ -133,7 +131,7 @@ def upgrade(path: str | os.PathLike, *, wait: bool = False) -> str:
                                 f"{free / 2**20:.0f} MiB are free")
         with atomic.replacing(path) as tmp:
             shutil.copyfile(path, tmp)
-            with h5py.File(tmp, "r+") as f:
+            with open_owned(tmp) as f:
                 for split, arr in ids.items():
                     write_ids(f[split], arr)
                 for old, new in renames.items():

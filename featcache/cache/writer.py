@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,25 @@ def require_free(path: Path, need: int, *, subject: str | None = None,
     if need > free:
         raise DiskFullError(f"{subject or f'{path} needs'} {need / 2**20:.0f} MiB but only "
                             f"{free / 2**20:.0f} MiB are free on {path.parent}; {advice}")
+
+
+#: seconds between tries of :func:`open_owned` (about 4 s in all)
+OWNED_RETRY_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+def open_owned(path: Path, mode: str = "r+") -> h5py.File:
+    """``path`` opened by the writer that holds its ``<file>.lock`` (or that just built it
+    under a temporary name). HDF5 locks an open file with ``flock``; a child process that
+    another thread forked while this process had the file open (a subprocess between fork
+    and exec, say) holds an inherited copy of that lock until it execs, so an open right
+    after a close can find the file briefly "locked" by nobody else. Retry for a few
+    seconds before giving up: no other featcache process can hold it."""
+    for delay in OWNED_RETRY_S:
+        try:
+            return h5py.File(path, mode)
+        except BlockingIOError:
+            time.sleep(delay)
+    return h5py.File(path, mode)
 
 
 @contextmanager
@@ -176,7 +196,7 @@ class FeatureWriter:
                 reason = cls._reusable(existing, attrs, accept)
                 if reason is None:
                     # a complete file is only read: a no-op must not touch it (make, mtimes)
-                    h5 = h5py.File(existing, "r" if existing == path else "r+")
+                    h5 = open_owned(existing, "r" if existing == path else "r+")
                     log.info("%s: same configuration, %s", existing,
                              "complete" if h5.attrs["complete"] else "resuming")
                     return cls(path, h5, lock, bool(h5.attrs.get("flip", False)))
@@ -190,7 +210,7 @@ class FeatureWriter:
                 break  # a stale complete file stays until its replacement is complete
             cls._create(partial, attrs=attrs, classes=list(classes), specs=specs, dim=dim,
                         dtype=dtype, flip=flip)
-            return cls(path, h5py.File(partial, "r+"), lock, flip)
+            return cls(path, open_owned(partial), lock, flip)
         except BaseException:
             lock.release()
             raise
@@ -300,7 +320,7 @@ class FeatureWriter:
         self._f.close()
         if current != self.path:
             atomic.replace(current, self.path)
-        self._f = h5py.File(self.path, "r+")
+        self._f = open_owned(self.path)
 
     def close(self) -> None:
         try:

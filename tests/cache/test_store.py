@@ -179,3 +179,34 @@ def test_newer_schema_at_the_output_path_is_never_offered_to_force(tmp_path):
         _write(path, sha="b" * 64)
     assert "--force" not in str(err.value)
     assert path.read_bytes() == before
+
+
+def test_the_writer_reopens_a_file_another_process_briefly_holds_locked(tmp_path, monkeypatch):
+    """A forked child (a subprocess between fork and exec) can hold an inherited HDF5 lock on
+    a file the writer just closed: ``open_owned`` waits for it, and still gives up in the
+    end if the lock stays."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["x"] = 1
+    hold = ("import sys, time, h5py; f = h5py.File(sys.argv[1], 'r'); print('held', flush=True);"
+            " time.sleep(float(sys.argv[2]))")
+    child = subprocess.Popen([sys.executable, "-c", hold, str(path), "0.5"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    with pytest.raises(BlockingIOError):
+        h5py.File(path, "r+")          # what a plain reopen meets
+    with writer.open_owned(path) as f:  # waits the half second out
+        assert f.attrs["x"] == 1
+    child.wait(timeout=30)
+
+    monkeypatch.setattr(writer, "OWNED_RETRY_S", (0.01, 0.01))
+    child = subprocess.Popen([sys.executable, "-c", hold, str(path), "5"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    with pytest.raises(BlockingIOError):
+        writer.open_owned(path)
+    child.kill()
+    child.wait(timeout=30)
