@@ -46,15 +46,19 @@ sklearn.linear_model:RidgeClassifier`` registers a classifier class as it is.
 
 from __future__ import annotations
 
-from featcache.heads.base import Head
-from featcache.heads.dense import DenseHead, dense, dense_ens
-from featcache.heads.finetune import FinetuneHead, finetune
-from featcache.heads.knn import CosineKNNHead, inv_norms, knn, top_k
-from featcache.heads.linear import FAST_PATH, LinearHead, linear_svm, logreg
-from featcache.heads.plain import SklearnHead, as_head, load_head, save_head
+# The import order is the registry's order: the comparison's rows, the default heads and
+# the tie-break between equal validation scores follow it.
+# isort: off
 from featcache.heads.registry import HEADS, HeadSpec, default_heads, is_path, register_head
-from featcache.heads.rff import RFFSVMHead, cosine_block, rbf_svm
+from featcache.heads.base import Head
 from featcache.heads.user import get_head, resolve_heads, resolve_user_head
+from featcache.heads.linear import FAST_PATH, LinearHead, linear_svm, logreg
+from featcache.heads.rff import RFFSVMHead, cosine_block, rbf_svm
+from featcache.heads.knn import CosineKNNHead, inv_norms, knn, top_k
+from featcache.heads.dense import DenseHead, dense, dense_ens
+from featcache.heads.plain import SklearnHead, as_head, load_head, save_head
+from featcache.heads.finetune import FinetuneHead, finetune
+# isort: on
 
 __all__ = ["HEADS", "Head", "HeadSpec", "default_heads", "get_head", "is_path",
            "register_head", "resolve_heads", "resolve_user_head", "FAST_PATH", "LinearHead",

@@ -217,3 +217,13 @@ def test_dense_cosine_schedule_runs_its_epochs_without_early_stopping():
     assert slow.best_epochs_ < 40 and slow.schedule == "constant"
     with pytest.raises(ValueError, match="schedule"):
         HEADS["dense"].make(schedule="linear", hidden=4, epochs=1).fit(X, y)
+
+
+def test_the_registry_order_is_the_documented_one():
+    """The registry's order is the comparison's row order, the default heads' order and the
+    tie-break between equal validation scores: importing featcache.heads fixes it."""
+    from featcache.heads import HEADS, default_heads
+
+    assert list(HEADS)[:7] == ["logreg", "linear_svm", "rbf_svm", "knn", "dense", "dense_ens",
+                               "finetune"]
+    assert default_heads() == ["logreg", "linear_svm", "knn", "dense"]
