@@ -165,3 +165,26 @@ def test_resolve_finds_real_data_and_weights(real_data_dir, keras_home, tmp_path
     s = resolve(Settings.quick(work_dir=str(tmp_path)), data_dir=str(real_data_dir),
                 dataset=None, weights=None, feature_file=None)
     assert s.dataset == "cifar10" and s.weights == "imagenet" and not s.notes
+
+
+def test_a_quick_run_never_writes_the_published_page():
+    """``make bench-quick`` writes into the work folder; only a full run (or an explicit
+    ``--out``) replaces BENCHMARKS.md and docs/bench.png."""
+    from benchmarks.run import parse_args, report_paths
+
+    assert report_paths(parse_args(["--quick"])) == (Path("bench-out/BENCHMARKS.md"),
+                                                     Path("bench-out/bench.png"))
+    assert report_paths(parse_args(["--quick", "--work-dir", "w"])) == (
+        Path("w/BENCHMARKS.md"), Path("w/bench.png"))
+    assert report_paths(parse_args([])) == (Path("BENCHMARKS.md"), Path("docs/bench.png"))
+    assert report_paths(parse_args(["--quick", "--out", "x/B.md"])) == (
+        Path("x/B.md"), Path("x/docs/bench.png"))
+
+
+def test_the_report_writes_paths_relative_to_the_checkout(tmp_path):
+    from benchmarks.report import relative_paths
+
+    here = tmp_path / "clone"
+    text = f"--data-dir {tmp_path}/shared/data --out-dir {here}/bench-out/s3 and /usr/bin/time"
+    assert relative_paths(text, cwd=here) == \
+        "--data-dir ../shared/data --out-dir bench-out/s3 and /usr/bin/time"
