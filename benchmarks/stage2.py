@@ -24,7 +24,7 @@ def _logreg(seed: int):
     """The registry's logistic regression with its default parameters."""
     from featcache.heads import get_head
 
-    est = get_head("logreg").make(random_state=seed)
+    est = get_head("logreg", random_state=seed)
     return est, f"featcache logreg, C={est.get_params().get('C')}"
 
 

@@ -47,6 +47,8 @@ from featcache.errors import ConfigError
 DEFAULT_BACKBONE = "mobilenet_v2"
 DEFAULT_BATCH = 64
 FEATURE_DTYPES = ("float32", "float16")
+#: where stage one runs (``--engine``)
+ENGINES = ("local", "ray")
 #: The largest input size (px) stage one accepts: one 1024-px float32 image through a
 #: backbone already takes ~0.2 GiB of activations; 10,000 px took 4.7 GiB for one image.
 MAX_SIZE = 1024
@@ -181,6 +183,14 @@ class ExtractConfig:
                                      "instead of refusing")
     threads: int | None = setting(None, type=int,
                                   help="OpenVINO inference threads (default: all cores)")
+    engine: str = setting(
+        "local", choices=ENGINES,
+        help="local: this process; ray: --shards parts as Ray tasks, then one merge (the "
+             "same file, bit for bit)")
+    shards: int = setting(2, help="with --engine ray: how many parts")
+    ray_address: str | None = setting(
+        None, help="with --engine ray: a running cluster (auto, ray://host:10001, "
+                   "host:6379; default: a local one-node cluster)")
 
     def resolved(self) -> "ResolvedExtractConfig":
         """Backbone defaults filled in and every value checked (a one-line ConfigError)."""
@@ -201,6 +211,11 @@ class ExtractConfig:
             raise ConfigError(f"--dtype must be float32 or float16, not {self.dtype!r}")
         if self.batch < 1:
             raise ConfigError(f"--batch must be at least 1, not {self.batch}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not "
+                              f"{self.engine!r}")
+        if self.shards < 1:
+            raise ConfigError(f"--shards must be at least 1, not {self.shards}")
         check_cut_name(self.cut, self.backbone, self.shard)
         values = {**{f.name: getattr(self, f.name) for f in fields(self)},
                   "size": size, "preprocess": pre, "runtime": runtime, "precision": precision}
@@ -377,3 +392,19 @@ class HeadsConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def with_settings(config, **settings):
+    """``config`` (an :class:`ExtractConfig` or :class:`HeadsConfig`) with ``settings`` (its
+    field names, as the notebook API takes them) on top; an unknown name is a one-line
+    error listing the known ones. ``heads`` may be a comma-separated string."""
+    known = {f.name for f in fields(config)} - {"feature_file"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        stage = "stage-one" if isinstance(config, ExtractConfig) else "stage-two"
+        raise ConfigError(f"unknown {stage} setting {', '.join(map(repr, unknown))}; the "
+                          f"settings are {', '.join(sorted(known))} (`featcache settings` "
+                          f"says what each does)")
+    if isinstance(settings.get("heads"), str):
+        settings["heads"] = parse_heads(settings["heads"])
+    return replace(config, **settings) if settings else config

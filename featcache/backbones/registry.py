@@ -18,6 +18,7 @@ computation) works without TensorFlow installed.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
@@ -127,6 +128,12 @@ def register_backbone(name: str, *, preprocess: str, dim: int, default_size: int
                                        keras_module, weights_file, family or name)
         return fn
     return deco
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """The registered backbones whose names match the shell-style ``pattern``
+    (``"mobilenet*"``, ``"efficientnet_b?"``), sorted (timm's ``list_models``)."""
+    return sorted(n for n in BACKBONES if fnmatch.fnmatchcase(n, pattern))
 
 
 def get_backbone(name: str) -> BackboneSpec:

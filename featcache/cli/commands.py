@@ -37,27 +37,13 @@ def _extract_config(args):
     return from_args(ExtractConfig, args)
 
 
-def _features_options(p: argparse.ArgumentParser) -> None:
-    _extract_options(p)
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="ray: run --shards parts as Ray tasks, then merge")
-    p.add_argument("--shards", type=int, default=2, help="with --engine ray: how many parts")
-    p.add_argument("--ray-address", default=None,
-                   help="with --engine ray: an existing cluster (default: local)")
-
-
 @command("features", help="stage one: run a backbone over a dataset once, cache features")
-@options(_features_options)
+@options(_extract_options)
 def cmd_features(args) -> int:
+    from featcache.api import extract_features
+
     cfg = _extract_config(args)  # resolved once, by stage one (it warns about runtime=auto)
-    if args.engine == "ray":
-        from featcache.extract.distributed import extract_with_ray
-
-        result = extract_with_ray(cfg, shards=args.shards, address=args.ray_address)
-    else:
-        from featcache.extract.run import extract_features
-
-        result = extract_features(cfg, progress=None if args.quiet else ProgressBar())
+    result = extract_features(cfg, progress=None if args.quiet else ProgressBar())
     print(result.summary())
     return 0
 
@@ -187,16 +173,6 @@ def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
                             "JSON on stdout; logs and progress stay on stderr")
 
 
-def _report_lock(report_dir, wait: bool):
-    """The lock stage one takes (:class:`featcache.cache.writer.FileLock`), on ``<report dir>.lock``
-    beside the report folder (so a refused run creates no folder), around one stage-two
-    run: a second ``heads``/``curve`` on the same report refuses (one line naming the
-    holder's pid) or, with ``--wait``, queues behind the first."""
-    from featcache.cache.lock import FileLock
-
-    return FileLock(report_dir, wait=wait)
-
-
 def _heads_config(args):
     from featcache._util.settings import from_args
     from featcache.config import HeadsConfig
@@ -254,8 +230,10 @@ def cmd_heads(args) -> int:
     from featcache.compare.report import format_table
 
     t0 = time.perf_counter()
-    with _report_lock(cfg.report_dir, args.wait):
-        results = compare_heads(cfg, progress=None if args.quiet else ProgressBar())
+    # compare_heads locks the report folder (<report dir>.lock): a second run on the same
+    # report refuses in one line naming the holder's pid, or with --wait queues behind it
+    results = compare_heads(cfg, progress=None if args.quiet else ProgressBar(),
+                            wait=args.wait)
     if args.json:
         _json(heads_summary(results, cfg.report_dir))
         return 0
@@ -291,8 +269,7 @@ def cmd_curve(args) -> int:
     from featcache.compare.comparison import label_curve
     from featcache.compare.report import curve_table
 
-    with _report_lock(cfg.report_dir, args.wait):
-        results = label_curve(cfg, sizes=tuple(sizes))
+    results = label_curve(cfg, sizes=tuple(sizes), wait=args.wait)
     print(curve_table(results))
     print(f"{results['wall_s']:.1f} s; plot: {cfg.report_dir}/curve.png, "
           f"table: {cfg.report_dir}/curve.md")

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.cache.lock import FileLock
 from featcache.compare.jobs import job_cost, make_jobs, run_job
 
 # the protocol's parts, importable from here as before the split
@@ -55,8 +56,9 @@ from featcache.compare.protocol import (
     run_row,
     split_data,
 )
+from featcache.compare.result import Comparison
 from featcache.compare.stats import pairwise_mcnemar
-from featcache.config import SEARCH_MODES, HeadsConfig
+from featcache.config import SEARCH_MODES, HeadsConfig, with_settings
 from featcache.errors import ConfigError
 from featcache.heads import HEADS, resolve_heads
 from featcache.heads.registry import fmt_params
@@ -78,12 +80,39 @@ class HeadsProgress:
     message: str = ""   # set once per finished row: its one-line summary
 
 
-def compare_heads(cfg: HeadsConfig, *, write: bool = True, progress=None) -> dict:
+def heads_config(features, **settings) -> HeadsConfig:
+    """A :class:`HeadsConfig` from a feature file's path, a loaded feature set
+    (:func:`featcache.load_features`) or a config, with ``settings`` (its field names:
+    ``heads``, ``val_fraction``, ``workers``, ``search`` …) on top."""
+    if isinstance(features, HeadsConfig):
+        return with_settings(features, **settings)
+    path = getattr(features, "path", features)   # a FeatureSet knows its file
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"compare_heads takes a feature file's path, a loaded feature set "
+                          f"or a HeadsConfig, not {type(features).__name__}")
+    return with_settings(HeadsConfig(str(path)), **settings)
+
+
+def compare_heads(features, /, *, write: bool = True, progress=None, wait: bool = False,
+                  **settings) -> Comparison:
     """Run the protocol for every selected head (and its +flip row) and write the report.
 
-    ``progress(HeadsProgress)`` is called about once a second and whenever a row is done.
-    Returns the results dict that is written to ``results.json``.
+    ``features``: a feature file's path, a loaded feature set or a :class:`HeadsConfig`;
+    ``settings`` override its fields (``heads="logreg,knn"``, ``workers=0`` …). The report
+    folder is locked while the comparison runs (``<report dir>.lock``): a second comparison
+    on the same report, from any process, refuses with :class:`~featcache.errors.LockedError`
+    or, with ``wait=True``, waits for the first. ``progress(HeadsProgress)`` is called about
+    once a second and whenever a row is done. Returns a :class:`Comparison` (the
+    ``results.json`` dict, with ``table``, ``best``, ``head()``).
     """
+    cfg = heads_config(features, **settings)
+    if not write:
+        return Comparison(_compare(cfg, write=False, progress=progress), None)
+    with FileLock(cfg.report_dir, wait=wait):
+        return Comparison(_compare(cfg, write=True, progress=progress), cfg.report_dir)
+
+
+def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
     from featcache.compare import report
     from featcache.compare.workers import SharedArrays, Ticker, run_jobs
 
@@ -207,14 +236,26 @@ def per_class_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
-def label_curve(cfg: HeadsConfig, sizes=CURVE_SIZES, *, write: bool = True) -> dict:
+def label_curve(features, sizes=CURVE_SIZES, *, write: bool = True, wait: bool = False,
+                **settings) -> dict:
     """Test accuracy against labelled examples per class, for every selected head.
+
+    ``features`` and ``settings`` as for :func:`compare_heads`; the report folder is locked
+    the same way while the curve is written.
 
     At each size the head sees only that seeded subset of the training rows: its
     validation split is carved from the subset (stratified, at least one row per class),
     so no extra labels are used for selection. ``None`` in ``sizes`` means all rows.
     Plain rows only (no mirrored features).
     """
+    cfg = heads_config(features, **settings)
+    if not write:
+        return _curve(cfg, sizes, write=False)
+    with FileLock(cfg.report_dir, wait=wait):
+        return _curve(cfg, sizes, write=True)
+
+
+def _curve(cfg: HeadsConfig, sizes, *, write: bool) -> dict:
     from featcache.compare import report
 
     t0 = time.perf_counter()

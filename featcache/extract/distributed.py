@@ -127,17 +127,22 @@ def _init_ray(ray, address: str | None, num_cpus: int | None):
     return True
 
 
-def extract_with_ray(config: ExtractConfig, *, shards: int = 2, address: str | None = None,
+def extract_with_ray(config: ExtractConfig, *, shards: int | None = None,
+                     address: str | None = None,
                      cpus_per_shard: int | None = None, gpus_per_shard: float | None = None,
                      keep_parts: bool = False, num_cpus: int | None = None) -> DistributedResult:
     """Stage one as ``shards`` Ray tasks plus a merge; returns a :class:`DistributedResult`.
 
+    ``shards`` and ``address`` default to the config's ``shards`` and ``ray_address``.
     ``address``: a running cluster (``auto``, ``ray://host:10001``, ``host:6379``);
     default: a local one-node cluster with ``num_cpus`` CPUs (default: all), shut down
     afterwards. ``cpus_per_shard``: CPUs (and TensorFlow threads) per task; default: an
     even share of the smallest node. ``gpus_per_shard``: default 1 when the cluster has
     GPUs, else 0. ``keep_parts``: keep the part files after a successful merge.
     """
+    shards = config.shards if shards is None else shards
+    address = config.ray_address if address is None else address
+    config = replace(config, engine="local")   # each shard runs in its worker's process
     t0 = time.perf_counter()
     if config.shard is not None:
         raise ConfigError("--engine ray runs all shards itself; drop --shard (or use "

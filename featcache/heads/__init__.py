@@ -49,9 +49,10 @@ from __future__ import annotations
 # The import order is the registry's order: the comparison's rows, the default heads and
 # the tie-break between equal validation scores follow it.
 # isort: off
-from featcache.heads.registry import HEADS, HeadSpec, default_heads, is_path, register_head
+from featcache.heads.registry import (HEADS, HeadSpec, default_heads, is_path, list_heads,
+                                      register_head)
 from featcache.heads.base import Head
-from featcache.heads.user import get_head, resolve_heads, resolve_user_head
+from featcache.heads.user import get_head, head_spec, resolve_heads, resolve_user_head
 from featcache.heads.linear import FAST_PATH, LinearHead, linear_svm, logreg
 from featcache.heads.rff import RFFSVMHead, cosine_block, rbf_svm
 from featcache.heads.knn import CosineKNNHead, inv_norms, knn, top_k
@@ -60,7 +61,8 @@ from featcache.heads.plain import SklearnHead, as_head, load_head, save_head
 from featcache.heads.finetune import FinetuneHead, finetune
 # isort: on
 
-__all__ = ["HEADS", "Head", "HeadSpec", "default_heads", "get_head", "is_path",
+__all__ = ["HEADS", "Head", "HeadSpec", "default_heads", "get_head", "head_spec", "is_path",
+           "list_heads",
            "register_head", "resolve_heads", "resolve_user_head", "FAST_PATH", "LinearHead",
            "linear_svm", "logreg", "RFFSVMHead", "cosine_block", "rbf_svm", "CosineKNNHead",
            "inv_norms", "knn", "top_k", "DenseHead", "dense", "dense_ens", "SklearnHead",

@@ -1,6 +1,6 @@
 """The head registry: ``HEADS`` (name -> :class:`HeadSpec`: factory, default flag, grid,
-cost …), :func:`register_head`, :func:`default_heads`, and the grid helpers :func:`is_path`
-and :func:`fmt_params`.
+cost …), :func:`register_head`, :func:`default_heads`, :func:`list_heads`, and the grid
+helpers :func:`is_path` and :func:`fmt_params`.
 
 Reads and writes nothing. Names given by a user (``--heads``, ``module:attr`` user heads)
 are resolved by :mod:`featcache.heads.user`.
@@ -8,6 +8,7 @@ are resolved by :mod:`featcache.heads.user`.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -101,3 +102,10 @@ def fmt_params(params: dict) -> str:
 
 
 # --------------------------------------------------------------------------- base class
+
+
+def list_heads(pattern: str = "*", *, defaults: bool = False) -> list[str]:
+    """The registered heads whose names match the shell-style ``pattern`` (``"*svm*"``), in
+    registry order; ``defaults=True``: only those a comparison runs when none are named."""
+    return [n for n, s in HEADS.items()
+            if fnmatch.fnmatchcase(n, pattern) and (s.default or not defaults)]

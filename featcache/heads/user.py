@@ -1,7 +1,8 @@
 """Heads named by a user: :func:`resolve_heads` turns ``--heads`` names into registered
 heads, importing ``module:attr`` and ``path/to/file.py:attr`` user heads on the way
 (:func:`resolve_user_head`: a module that calls ``register_head`` registers its heads on
-import; a scikit-learn classifier class is registered as it is), and :func:`get_head`.
+import; a scikit-learn classifier class is registered as it is), :func:`head_spec` (a name's
+registry entry) and :func:`get_head` (a new estimator).
 
 Reads a user's module; writes nothing.
 """
@@ -37,8 +38,18 @@ def resolve_heads(names) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def get_head(name: str) -> HeadSpec:
+def head_spec(name: str) -> HeadSpec:
+    """The registry entry of a head name (or of a ``module:attr`` user head)."""
     return HEADS[resolve_heads([name])[0]]
+
+
+def get_head(name: str, *, random_state: int = 0, **params):
+    """A new, unfitted head: the registry's factory with its fixed settings and ``params``
+    (e.g. ``get_head("logreg", C=0.01)``). Every head is a scikit-learn estimator
+    (``fit(X, y)``, ``predict``, ``predict_proba``, ``get_params``; the built-in ones pass
+    ``sklearn.utils.estimator_checks.check_estimator``), so it drops into a scikit-learn
+    ``Pipeline``, ``GridSearchCV`` or ``cross_val_score`` as it is."""
+    return head_spec(name).make(random_state=random_state, **params)
 
 
 def _import(module: str):

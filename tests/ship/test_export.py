@@ -234,7 +234,7 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
     assert len(fs["train"]) == 300 and len(fs["test"]) == 200
     from featcache.heads import get_head
 
-    head = get_head("logreg").make(C=0.01).fit(fs["train"].features, fs["train"].labels)
+    head = get_head("logreg", C=0.01).fit(fs["train"].features, fs["train"].labels)
     proba = head.predict_proba(fs["test"].features)
     accuracy = float((proba.argmax(1) == fs["test"].labels).mean())
     print(f"real MobileNetV2 folder accuracy: {accuracy:.3f} on {len(proba)} test images")
