@@ -129,7 +129,7 @@ def test_upgrade_is_atomic_when_interrupted(old_file, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("featcache.cache.writer.write_ids", boom)
+    monkeypatch.setattr(upgrading, "write_ids", boom)
     with pytest.raises(KeyboardInterrupt):
         upgrading.upgrade(old_file)
     assert old_file.read_bytes() == before
