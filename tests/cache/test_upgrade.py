@@ -138,7 +138,7 @@ def test_upgrade_is_atomic_when_interrupted(old_file, monkeypatch):
 
 
 def _folder_file(tmp_path):
-    from test_folders import make_image_folder
+    from image_folders import make_image_folder
 
     folder = make_image_folder(tmp_path / "pics", corrupt=True)
     cfg = ExtractConfig(dataset=str(folder), backbone="mobilenet_025", weights="none", size=32,

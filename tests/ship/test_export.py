@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from test_folders import CLASSES, make_image_folder, write_image
+from image_folders import CLASSES, make_image_folder, write_image
 
 from featcache.errors import ConfigError, DataError, WeightsError
 

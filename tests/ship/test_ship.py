@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_folders import CLASSES, make_image_folder, write_image
+from image_folders import CLASSES, make_image_folder, write_image
 
 ROOT = Path(__file__).resolve().parents[2]
 
