@@ -62,6 +62,7 @@ from featcache.config import SEARCH_MODES, HeadsConfig, with_settings
 from featcache.errors import ConfigError
 from featcache.heads import HEADS, resolve_heads
 from featcache.heads.registry import fmt_params
+from featcache.heads.user import absolute_entry
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
     t0 = time.perf_counter()
     names = resolve_heads(cfg.heads)
     entries = cfg.heads.split(",") if isinstance(cfg.heads, str) else cfg.heads or ()
-    user_heads = tuple(h.strip() for h in entries if ":" in h)  # workers import them again
+    # workers import them again, from their own working directory
+    user_heads = tuple(absolute_entry(h.strip()) for h in entries if ":" in h)
     if cfg.search not in SEARCH_MODES:
         raise ConfigError(f"--search must be one of {', '.join(SEARCH_MODES)}, not "
                           f"{cfg.search!r}")
@@ -144,7 +146,7 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
                  f"{n_workers} worker{'s' if n_workers != 1 else ''}" if n_workers
                  else "in this process")
         jobs = make_jobs(specs, seed=cfg.seed, n_classes=n_classes,
-                     out_dir=str(staging) if staging is not None else None,
+                     out_dir=str(staging.resolve()) if staging is not None else None,
                      search=cfg.search, in_worker=n_workers > 0,
                      log_level=logging.getLogger("featcache").getEffectiveLevel(),
                      user_heads=user_heads)

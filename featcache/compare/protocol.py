@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -228,7 +229,8 @@ def split_data(fs, cfg: HeadsConfig, shared=None) -> tuple[SplitData, bool]:
     tr, te = fs["train"], fs["test"]
     data = SplitData(tr.features, tr.labels, tr.features_flip, te.features, te.labels,
                  te.features_flip, cfg.val_fraction, cfg.seed, shared=shared)
-    data.feature_file = str(cfg.feature_file)
+    # absolute: worker processes outlive the caller's working directory (a notebook's chdir)
+    data.feature_file = str(Path(cfg.feature_file).resolve())
     has_flip = fs.has_flip
     fs.splits.clear()
     return data, has_flip

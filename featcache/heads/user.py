@@ -115,3 +115,12 @@ def _class_factory(cls):
 
     factory.__doc__ = cls.__doc__
     return factory
+
+
+def absolute_entry(entry: str) -> str:
+    """A ``path/to/file.py:attr`` user head with its path made absolute (worker processes
+    import it again, from whatever their working directory is); other entries as they are."""
+    module, _, attr = entry.rpartition(":")
+    if module.endswith(".py") or "/" in module:
+        return f"{Path(module).resolve()}:{attr}"
+    return entry

@@ -116,3 +116,36 @@ def test_unknown_head_lists_valid_ones(tmp_path):
     path = make_feature_file(tmp_path / "f.h5")
     with pytest.raises(ConfigError, match="logreg.*dense"):
         compare_heads(HeadsConfig(str(path), heads=("nope",)))
+
+
+def test_workers_are_handed_absolute_paths(tmp_path, monkeypatch):
+    """Worker processes outlive the caller's working directory (a notebook that changes
+    folder reuses them): the file and any path:attr user head reach them absolute."""
+    from featcache.compare.protocol import load_data, split_data
+    from featcache.heads.user import absolute_entry
+
+    make_feature_file(tmp_path / "f.h5")
+    monkeypatch.chdir(tmp_path)
+    cfg = HeadsConfig("f.h5")
+    data, _ = split_data(load_data(cfg), cfg)
+    assert data.feature_file == str((tmp_path / "f.h5").resolve())
+    assert absolute_entry("my/heads.py:ridge") == f"{(tmp_path / 'my/heads.py').resolve()}:ridge"
+    assert absolute_entry("sklearn.linear_model:RidgeClassifier") == \
+        "sklearn.linear_model:RidgeClassifier"
+
+
+def test_a_comparison_after_a_chdir_writes_its_own_report(tmp_path, monkeypatch):
+    """The worker pool is reused across comparisons: after the caller changes folder, the
+    second comparison's heads still land in its own report (relative paths everywhere)."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        make_feature_file(tmp_path / name / "f.h5", n_train=80 if name == "a" else 120,
+                          n_test=40)
+    monkeypatch.chdir(tmp_path / "a")
+    compare_heads("f.h5", heads="logreg,knn", flip="off", workers=2)
+    monkeypatch.chdir(tmp_path / "b")
+    b = compare_heads("f.h5", heads="logreg,knn", flip="off", workers=2)
+    assert (tmp_path / "b" / "f" / b.best["saved"]).is_file()
+    assert b.head().n_features_in_ == 16
+    assert sorted(p.name for p in (tmp_path / "a" / "f" / "heads").iterdir()) == \
+        ["knn.joblib", "logreg.joblib"]
