@@ -287,3 +287,30 @@ def test_the_layer_order_is_the_lint_contracts():
             for r in re.split(r"\s{2,}", line.strip())[0].split("|")]
            for line in tree.splitlines() if line.strip()]
     assert got == want, f"Layout tree {got} != the layers contract {want}"
+
+
+# ---------------------------------------------------------------- the README and the links
+
+README_SECTIONS = ["Install", "The two commands", "Your own images", "Fine-tuning",
+                   "Python API", "Ship a model", "Results", "Documentation", "Development"]
+
+
+def test_the_readme_is_short_and_in_the_order_a_user_reads_it():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 200
+    assert re.findall(r"^## (.+)$", text, re.M) == README_SECTIONS
+    results = _section(text, "Results")
+    # its numbers come from one run: the date, the machine and the command are named
+    assert re.search(r"Measured on \d{4}-\d\d-\d\d on a .*(CPU|GPU|VM)", results, re.S)
+    assert "`/usr/bin/time -v make features heads" in results
+
+
+@pytest.mark.parametrize("doc", ["README.md", "BENCHMARKS.md",
+                                 *sorted(p.relative_to(ROOT).as_posix()
+                                         for p in (ROOT / "docs").glob("*.md"))])
+def test_relative_links_point_at_files_that_exist(doc):
+    path = ROOT / doc
+    text = path.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    missing = [t for t in targets if "://" not in t and not (path.parent / t).exists()]
+    assert not missing, f"{doc} links to missing files: {missing}"
