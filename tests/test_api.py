@@ -79,6 +79,7 @@ def test_compare_heads_takes_a_path_a_feature_set_or_a_config(tmp_path):
     cfg = featcache.HeadsConfig(str(path), heads=("logreg",), flip="off", workers=0)
     by_cfg = featcache.compare_heads(cfg, write=False)
     assert by_cfg.report_dir is None and not (tmp_path / "r3").exists()
+    assert not list(tmp_path.rglob("*.lock"))    # nor does a comparison leave its lock
     accs = {c.best["test_accuracy"] for c in (by_path, by_set, by_cfg)}
     assert len(accs) == 1                      # the same comparison three ways
     with pytest.raises(ConfigError, match="unknown stage-two setting 'hedas'.*heads"):
@@ -117,6 +118,7 @@ def test_extract_features_takes_settings_as_keywords(tmp_path):
                                 size=32, flip=False, runtime="tensorflow"),
         out_dir=str(tmp_path))
     assert again.cached and again.path == r.path
+    assert not list(tmp_path.rglob("*.lock"))    # the writer's lock goes with the writer
     with pytest.raises(ConfigError, match="unknown stage-one setting 'backbon'"):
         featcache.extract_features(backbon="mobilenet_v2")
     with pytest.raises(ConfigError, match="--engine must be one of local, ray"):

@@ -1,8 +1,9 @@
 """Who may write a feature file, and where: the writer's lock and its ``.partial`` name.
 
-Writes (and truncates) a sidecar ``<file>.lock`` holding the writer's pid, serialising the
+Writes a sidecar ``<file>.lock`` holding the writer's pid while it runs, serialising the
 processes that write one feature file (stage one, merge, upgrade; stage two locks its
-report folder the same way). :func:`check_output` probes the output folder with a
+report folder the same way), and removes it when the writer ends: a finished run leaves no
+lock file beside its output. :func:`check_output` probes the output folder with a
 temporary file it removes at once. Reads nothing else; imports only the standard library.
 """
 
@@ -29,7 +30,11 @@ class FileLock:
     """An exclusive advisory lock on ``<path>.lock`` (fcntl), held while a writer runs.
 
     ``wait=False`` refuses at once with :class:`LockedError` naming the holder's pid;
-    ``wait=True`` blocks until the other writer finishes.
+    ``wait=True`` blocks until the other writer finishes. ``release`` removes the lock file
+    while still holding it; a process that was waiting on the removed file finds that the
+    path no longer names the file it locked and locks the one there now (so two writers
+    never both hold "the" lock). A killed writer leaves its file behind, unlocked: the
+    next writer takes it over and removes it in turn.
     """
 
     def __init__(self, path: Path, *, wait: bool = False):
@@ -38,34 +43,50 @@ class FileLock:
         self._fd: int | None = None
 
     def acquire(self) -> "FileLock":
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise CacheError(f"cannot create the lock file {self.path} ({exc.strerror or exc}); "
-                             f"featcache needs a writable folder there, even for a no-op: "
-                             f"choose another folder (--out-dir/--output)") from None
-        try:
-            flags = fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB
-            if self.wait:
-                log.info("waiting for the lock on %s", self.path)
-            fcntl.flock(fd, flags)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise LockedError(
-                f"{self.path.with_suffix('')} is being written by another featcache process "
-                f"(pid {holder}); wait for it to finish, or pass --wait to queue behind it"
-            ) from None
+        while True:
+            fd = self._open()
+            try:
+                flags = fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB
+                if self.wait:
+                    log.info("waiting for the lock on %s", self.path)
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise LockedError(
+                    f"{self.path.with_suffix('')} is being written by another featcache "
+                    f"process (pid {holder}); wait for it to finish, or pass --wait to queue "
+                    f"behind it") from None
+            if self._still_there(fd):
+                break
+            os.close(fd)   # the holder removed it while we waited: lock the one there now
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
         return self
 
+    def _open(self) -> int:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CacheError(f"cannot create the lock file {self.path} ({exc.strerror or exc}); "
+                             f"featcache needs a writable folder there, even for a no-op: "
+                             f"choose another folder (--out-dir/--output)") from None
+
+    def _still_there(self, fd: int) -> bool:
+        """Whether ``self.path`` still names the file open as ``fd``."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
     def release(self) -> None:
         if self._fd is not None:
             try:
-                os.ftruncate(self._fd, 0)
+                self.path.unlink(missing_ok=True)   # while held: nobody else has it
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 os.close(self._fd)

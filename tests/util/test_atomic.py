@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -67,9 +68,40 @@ def test_lock_records_the_pid_and_refuses_a_second_writer(tmp_path):
         assert lock.path.read_text() == str(os.getpid())
         with pytest.raises(LockedError, match=f"pid {os.getpid()}.*--wait"):
             FileLock(target).acquire()
-    assert (tmp_path / "x.h5.lock").read_text() == ""          # released: emptied
+    assert not (tmp_path / "x.h5.lock").exists()               # released: removed
     with FileLock(target):
         pass
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_writer_that_waited_holds_the_lock_on_the_file_that_is_there(tmp_path):
+    """The first writer removes its lock file as it ends; the one that was waiting on that
+    file must then hold the lock a third writer meets, not a lock on the removed file."""
+    import threading
+
+    target = tmp_path / "x.h5"
+    first = FileLock(target).acquire()
+    got = threading.Event()
+    second = FileLock(target, wait=True)
+    t = threading.Thread(target=lambda: (second.acquire(), got.set()))
+    t.start()
+    time.sleep(0.3)
+    assert not got.is_set()                                    # queued behind the first
+    first.release()
+    assert got.wait(10)
+    with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
+        FileLock(target).acquire()                             # the second really holds it
+    assert (tmp_path / "x.h5.lock").read_text() == str(os.getpid())
+    second.release()
+    t.join()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_stale_lock_file_of_a_killed_writer_is_taken_over(tmp_path):
+    (tmp_path / "x.h5.lock").write_text("12345")               # nobody holds it
+    with FileLock(tmp_path / "x.h5") as lock:
+        assert lock.path.read_text() == str(os.getpid())
+    assert os.listdir(tmp_path) == []
 
 
 def test_check_output_refuses_folders_and_makes_the_parent(tmp_path):
