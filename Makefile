@@ -35,9 +35,11 @@ HEADS      ?=
 WORKERS    ?=
 HEADS_EXTRA ?=
 
-# $(call opt,VAR,--flag): "--flag value" when VAR is set; $(call yesno,VAR,--flag): --flag for
+# $(call opt,VAR,--flag): "--flag 'value'" when VAR is set (quoted for the shell, so a
+# value may hold spaces: DATASET="My Pictures"); $(call yesno,VAR,--flag): --flag for
 # 1/yes/true/on, --no-flag for 0/no/false/off, nothing when empty.
-opt = $(if $(strip $($(1))),$(2) $(strip $($(1))))
+quote = '$(subst ','\'',$(1))'
+opt = $(if $(strip $($(1))),$(2) $(call quote,$(strip $($(1)))))
 yesno = $(if $(strip $($(1))),$(if $(filter 1 yes true on,$($(1))),$(2),$(if $(filter 0 no false off,$($(1))),--no-$(patsubst --%,%,$(2)),$(error $(1)=$($(1)): use 1 or 0, or leave it empty for the default))))
 
 FEATURE_ARGS = $(call opt,DATASET,--dataset) $(call opt,DATA_DIR,--data-dir) \
@@ -80,8 +82,8 @@ settings: ## the settings table: every flag, its default, cache key and make var
 	@PYTHONPATH=. $(PYTHON) -m featcache settings
 
 args: ## the featcache arguments the make variables give (stage one, then stage two)
-	@echo 'features: $(strip $(FEATURE_ARGS))'
-	@echo 'heads: $(strip $(HEADS_ARGS))'
+	@echo features: $(strip $(FEATURE_ARGS))
+	@echo heads: $(strip $(HEADS_ARGS))
 
 path: ## the feature file these settings name
 	@echo '$(FEATURE_FILE)'
@@ -102,15 +104,25 @@ install: $(STAMP) ## create .venv and install featcache with its dependencies
 
 install-dev: $(DEV_STAMP) ## also the dev extra (pytest, Ray) that make test and make bench use
 
-# An image folder's files and sub-folders are prerequisites of its feature file: adding,
-# removing or editing an image re-runs stage one, which refuses the stale file (rebuild it
-# with FEATURES_EXTRA=--force) or finds it up to date. Registry datasets add nothing here.
-DATASET_FILES := $(if $(strip $(DATASET)),$(if $(wildcard $(DATASET)/.),$(shell find $(DATASET) -print 2>/dev/null)))
+# An image folder's listing (every path below it, with its size and modification time) is
+# a prerequisite of its feature file: adding, removing or editing an image re-runs stage one,
+# which refuses the stale file (rebuild it with FEATURES_EXTRA=--force) or finds it up to
+# date. The listing is a file in the report folder that is rewritten only when the folder
+# changes; the names are data in it, never make words, so any file or class name works
+# (spaces, quotes, $, #, :, %). Registry datasets add nothing here.
+DATASET_LISTING := $(if $(strip $(DATASET)),$(if $(shell test -d $(call quote,$(DATASET)) && echo y),$(REPORT_DIR)/.make-folder-listing))
 
 features: $(FEATURE_FILE) ## stage one: cache backbone features (no-op when up to date)
 
-$(FEATURE_FILE): $(DATASET_FILES) | $(STAMP)
+# (touched after a run: a folder touched but not changed, found up to date, is not
+# checked again on every make)
+$(FEATURE_FILE): $(DATASET_LISTING) | $(STAMP)
 	$(FEATCACHE) features $(FEATURE_ARGS) $(FEATURES_EXTRA)
+	@test ! -f '$@' || touch '$@'
+
+$(DATASET_LISTING): FORCE
+	@mkdir -p '$(@D)'; find $(call quote,$(DATASET)) -printf '%P\t%s\t%T@\n' | LC_ALL=C sort > '$@.new'; \
+	  if cmp -s '$@.new' '$@'; then rm -f '$@.new'; else mv -f '$@.new' '$@'; fi
 
 heads: $(REPORT_DIR)/results.json ## stage two: train and compare heads, write the report
 
