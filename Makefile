@@ -62,7 +62,11 @@ REPORT_DIR   := $(basename $(FEATURE_FILE))
 # The folder feature files go to (OUT_DIR, or featcache's default); empty if settings are invalid.
 FEATURES_DIR := $(if $(filter .featcache-invalid-settings,$(FEATURE_FILE)),,$(patsubst %/,%,$(dir $(FEATURE_FILE))))
 
+# KERAS_HOME goes to featcache when it is set; unset, it must stay unset (an empty one makes
+# Keras write keras.json and download weights into the current folder)
+ifneq ($(strip $(KERAS_HOME)),)
 export KERAS_HOME
+endif
 
 .PHONY: FORCE help install install-dev settings args path features heads curve export test test-fast lint bench bench-quick clean distclean clean-features
 

@@ -153,3 +153,21 @@ def test_info_shows_the_cache_key_first(tmp_path, capsys):
     key = [k for k in cache_key_fields() if k in shown]
     assert {"dataset", "backbone", "image_size", "weights"} <= set(key)
     assert shown[:len(key)] == key and "complete" in shown[len(key):]
+
+
+@pytest.mark.parametrize("keras_home, want", [(None, ""), ("/some/keras", "KERAS_HOME=/some/keras")])
+def test_make_passes_keras_home_only_when_it_is_set(keras_home, want):
+    """An empty KERAS_HOME would make Keras write keras.json and download weights into the
+    current folder; unset, make must leave it unset."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_HOME", "MAKEFLAGS")}
+    if keras_home:
+        env["KERAS_HOME"] = keras_home
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), "--eval",
+                        "envcheck: ; @env | grep ^KERAS_HOME= || true", "envcheck"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want
