@@ -155,7 +155,8 @@ def test_info_shows_the_cache_key_first(tmp_path, capsys):
     assert shown[:len(key)] == key and "complete" in shown[len(key):]
 
 
-@pytest.mark.parametrize("keras_home, want", [(None, ""), ("/some/keras", "KERAS_HOME=/some/keras")])
+@pytest.mark.parametrize("keras_home, want",
+                         [(None, ""), ("/some/keras", "KERAS_HOME=/some/keras")])
 def test_make_passes_keras_home_only_when_it_is_set(keras_home, want):
     """An empty KERAS_HOME would make Keras write keras.json and download weights into the
     current folder; unset, make must leave it unset."""
