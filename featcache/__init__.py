@@ -22,8 +22,8 @@ _LAZY = {
     "load_features": "featcache.cache.reader",
     "compare_heads": "featcache.compare.comparison",
     "list_backbones": "featcache.backbones.registry",
-    "list_heads": "featcache.heads.registry",
-    "get_head": "featcache.heads.user",
+    "list_heads": "featcache.heads",      # the package: importing it registers the heads
+    "get_head": "featcache.heads",
     "export_model": "featcache.ship.export",
     "load_classifier": "featcache.ship.predict",
     "predict_images": "featcache.ship.predict",
@@ -39,8 +39,6 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        if name == "list_heads" or name == "get_head":
-            importlib.import_module("featcache.heads")   # registers the built-in heads
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value    # later look-ups skip this function
         return value

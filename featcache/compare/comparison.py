@@ -107,10 +107,14 @@ def compare_heads(features, /, *, write: bool = True, progress=None, wait: bool 
     ``results.json`` dict, with ``table``, ``best``, ``head()``).
     """
     cfg = heads_config(features, **settings)
-    if not write:
-        return Comparison(_compare(cfg, write=False, progress=progress), None)
-    with FileLock(cfg.report_dir, wait=wait):
-        return Comparison(_compare(cfg, write=True, progress=progress), cfg.report_dir)
+    with _report_lock(cfg, write=write, wait=wait):
+        return Comparison(_compare(cfg, write=write, progress=progress),
+                          cfg.report_dir if write else None)
+
+
+def _report_lock(cfg: HeadsConfig, *, write: bool, wait: bool):
+    """The report folder's lock while a comparison or curve writes it; nothing otherwise."""
+    return FileLock(cfg.report_dir, wait=wait) if write else contextlib.nullcontext()
 
 
 def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
@@ -251,10 +255,8 @@ def label_curve(features, sizes=CURVE_SIZES, *, write: bool = True, wait: bool =
     Plain rows only (no mirrored features).
     """
     cfg = heads_config(features, **settings)
-    if not write:
-        return _curve(cfg, sizes, write=False)
-    with FileLock(cfg.report_dir, wait=wait):
-        return _curve(cfg, sizes, write=True)
+    with _report_lock(cfg, write=write, wait=wait):
+        return _curve(cfg, sizes, write=write)
 
 
 def _curve(cfg: HeadsConfig, sizes, *, write: bool) -> dict:
