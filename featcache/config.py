@@ -356,6 +356,15 @@ class HeadsConfig:
     val_fraction: float = setting(
         0.1, help="stratified share of the training rows held out for selection "
                   "(validation; not stage one's --test-fraction)")
+    cv_below: int = setting(
+        50, help="k-fold cross-validation instead of the single validation split when that "
+                 "split would hold fewer than this many rows of the smallest class (0: "
+                 "always the single split; docs/stage-two.md, \"Selection on small data\")")
+    cv_folds: int = setting(5, help="folds of the k-fold cross-validation")
+    cv_repeats: int | None = setting(
+        None, type=int,
+        help="repeats of the k-fold, each a new shuffle (default: 3 below 1,000 training "
+             "rows, else 1)")
     seed: int = setting(0, help="seed of the validation split and of the heads")
     flip: str = setting(
         "auto", choices=FLIP_MODES,

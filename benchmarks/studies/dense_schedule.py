@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     from featcache.heads.dense import Batches
     from featcache.heads.solver import Scaler
 
-    cfg = HeadsConfig(a.file)
+    cfg = HeadsConfig(a.file, cv_below=0)   # the single split: part() below
     data, _ = split_data(load_data(cfg), cfg)
     X, y, Xf = data.part("fit", bool(a.flip))
     Xv, yv, Xvf = data.part("val", bool(a.flip))

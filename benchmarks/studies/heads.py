@@ -26,7 +26,7 @@ def _data(path):
     from featcache.compare.protocol import load_data, split_data
     from featcache.config import HeadsConfig
 
-    cfg = HeadsConfig(str(path))
+    cfg = HeadsConfig(str(path), cv_below=0)   # the single split: part() below
     data, _ = split_data(load_data(cfg), cfg)
     return data.part("fit", True), data.part("val", True)
 

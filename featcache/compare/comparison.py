@@ -8,12 +8,15 @@ curve ``curve.json|csv|md|png``.
 
 The protocol (the test labels influence no choice):
 
-1. A stratified, seeded validation split (``val_fraction``) is carved from the training
-   rows only.
-2. Each head's grid is scored on it (fit on the rest, accuracy on validation); the best
-   grid point wins (ties: the first, i.e. the simplest, in grid order).
+1. The validation plan comes from the training rows only
+   (:mod:`featcache.compare.selection`): a stratified, seeded split (``val_fraction``) or,
+   when that split would be small (``cv_below``), repeated stratified k-fold.
+2. Each head's grid is scored on it (fit on the rest, accuracy on validation, pooled over
+   folds); a path that peaks at its edge extends itself; the best grid point wins (ties:
+   the first, i.e. the simplest, in grid order). The best row is chosen by
+   :func:`featcache.compare.selection.best_index` (ties: the steadier, then the cheaper).
 3. The winner is scored on the test split exactly once: under ``--search fast`` (the
-   default) the model selected on the fit rows, under ``--search exhaustive`` the winner
+   default) on the single split the model selected on the fit rows, otherwise the winner
    refit on *all* training rows.
 
 One row's protocol lives in :mod:`featcache.compare.protocol`, the rows' grouping into jobs and
@@ -52,11 +55,13 @@ from featcache.compare.protocol import (
     SplitData,
     flip_rows,
     load_data,
+    plan_of,
     row_label,
     run_row,
     split_data,
 )
 from featcache.compare.result import Comparison
+from featcache.compare.selection import best_index, best_row_rule
 from featcache.compare.stats import pairwise_mcnemar
 from featcache.config import SEARCH_MODES, HeadsConfig, with_settings
 from featcache.errors import ConfigError
@@ -143,9 +148,11 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
         shared = stack.enter_context(SharedArrays()) if n_workers > 0 else None
         data, has_flip = split_data(fs, cfg, shared)
         specs = [(name, tf, tta) for name in names for tf, tta in HEADS[name].flip_rows(extra)]
-        log.info("%s: %d train rows (%d fit + %d validation), %d test, %d features, heads: "
-                 "%s%s; %s search, %s", cfg.feature_file, len(data.y), data.n_fit,
-                 len(data.y) - data.n_fit, len(data.y_test), data.X.shape[1],
+        plan = data.plan
+        row_costs = [job_cost(r, data) for r in specs]
+        log.info("%s: %d train rows (selection: %s), %d test, %d features, heads: "
+                 "%s%s; %s search, %s", cfg.feature_file, len(data.y), plan.describe(),
+                 len(data.y_test), data.X.shape[1],
                  ", ".join(names), " (+flip rows)" if extra else "", cfg.search,
                  f"{n_workers} worker{'s' if n_workers != 1 else ''}" if n_workers
                  else "in this process")
@@ -195,20 +202,19 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
     rows = [by_name[row_label(*r)][0] for r in specs]
     preds = {r["name"]: by_name[r["name"]][1] for r in rows}
     probas = {r["name"]: by_name[r["name"]][2] for r in rows}
-    best = max(range(len(rows)), key=lambda i: (rows[i]["val_accuracy"], -i))
+    best = best_index(rows, row_costs)
     results = {
         "feature_file": str(cfg.feature_file),
         "provenance": fs.provenance,
         "config": {**cfg.to_dict(), "workers": n_workers},
         "classes": fs.classes,
         "protocol": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                     "search": cfg.search,
-                     "selection": "stratified validation split of the training rows; " + (
+                     "search": cfg.search, "plan": plan.to_dict(),
+                     "selection": plan.describe() + " of the training rows; " + (
                          "the model selected on the fit rows is final (--search fast, no "
-                         "refit)" if cfg.search == "fast" else
+                         "refit)" if cfg.search == "fast" and plan.kind == "holdout" else
                          "refit on all training rows") + "; test scored once",
-                     "best": "the row with the highest validation accuracy (ties: the "
-                             "first in row order)",
+                     "best": best_row_rule(),
                      "interval": "Wilson score, 95%",
                      "significance": "exact McNemar, Holm-adjusted over all pairs, p<0.05"},
         "rows": rows,
@@ -250,8 +256,9 @@ def label_curve(features, sizes=CURVE_SIZES, *, write: bool = True, wait: bool =
     the same way while the curve is written.
 
     At each size the head sees only that seeded subset of the training rows: its
-    validation split is carved from the subset (stratified, at least one row per class),
-    so no extra labels are used for selection. ``None`` in ``sizes`` means all rows.
+    selection runs on the subset, with the plan the subset's size calls for (k-fold on
+    small subsets, :func:`featcache.compare.selection.plan_for`), so no extra labels are
+    used for selection. ``None`` in ``sizes`` means all rows.
     Plain rows only (no mirrored features).
     """
     cfg = heads_config(features, **settings)
@@ -274,7 +281,7 @@ def _curve(cfg: HeadsConfig, sizes, *, write: bool) -> dict:
         frac = cfg.val_fraction if per_class * cfg.val_fraction >= 1 else 1.0 / per_class
         frac = min(frac, 0.5)
         data = SplitData(tr.features[idx], tr.labels[idx], None, te.features, te.labels, None,
-                     frac, cfg.seed)
+                         frac, cfg.seed, plan=plan_of(tr.labels[idx], cfg))
         for name in names:
             log.info("curve: %s with %s labelled rows per class", name, size or "all")
             row, *_ = run_row(name, data, train_flip=False, tta=False, seed=cfg.seed,
@@ -282,7 +289,7 @@ def _curve(cfg: HeadsConfig, sizes, *, write: bool) -> dict:
             points.append({"head": name, "per_class": size or "all",
                            "n_train": len(idx), "test_accuracy": row["test_accuracy"],
                            "ci95": row["ci95"], "params": row["params"],
-                           "fit_s": row["fit_s"]})
+                           "plan": data.plan.kind, "fit_s": row["fit_s"]})
     results = {"feature_file": str(cfg.feature_file), "provenance": fs.provenance,
                "config": cfg.to_dict(), "sizes": [s or "all" for s in sizes],
                "n_classes": len(fs.classes),

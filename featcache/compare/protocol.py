@@ -13,10 +13,23 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from featcache.compare.selection import (
+    EXTEND_STEPS,
+    Plan,
+    best_point,
+    extension,
+    holdout_split,
+    kfold_splits,
+    merged_params,
+    plan_for,
+    pooled,
+    search_note,
+)
 from featcache.compare.stats import confusion, macro_f1, per_class_accuracy, wilson
 from featcache.config import FLIP_MODES, HeadsConfig
 from featcache.errors import ConfigError, DataError
@@ -28,47 +41,62 @@ log = logging.getLogger(__name__)
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, validation rows): ``fraction`` of every class (at least one row of each
-    class with two or more rows) goes to validation. Seeded; uses only ``y``."""
-    if not 0 < fraction < 1:
-        raise ConfigError(f"--val-fraction must be between 0 and 1, not {fraction}")
-    rng = np.random.default_rng(seed)
-    fit, val = [], []
-    for c in np.unique(y):
-        rows = np.flatnonzero(y == c)
-        rng.shuffle(rows)
-        n_val = min(len(rows) - 1, max(1, int(round(fraction * len(rows)))))
-        val.append(rows[:n_val])
-        fit.append(rows[n_val:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
+    """(fit rows, validation rows) of the single split
+    (:func:`featcache.compare.selection.holdout_split`)."""
+    return holdout_split(y, fraction, seed)
 
 
 class SplitData:
-    """Training rows reordered as [fit rows | validation rows] (views, no copies later),
-    optional mirrored features, and the test split. With ``shared``
-    (:class:`featcache.compare.workers.SharedArrays`) the float32 arrays are read-only memmaps
-    that worker processes map instead of copying. ``order`` and ``feature_file`` (set by
-    :func:`split_data`) let a ``file_rows`` head find the same rows in the file."""
+    """The training rows, their validation plan, optional mirrored features, and the test
+    split. With ``shared`` (:class:`featcache.compare.workers.SharedArrays`) the float32
+    arrays are read-only memmaps that worker processes map instead of copying.
+
+    ``splits`` are the plan's (fit rows, validation rows) pairs, indices into ``X``: under
+    the single split (``plan`` None or ``"holdout"``) the training rows are reordered as
+    [fit rows | validation rows] and the pair is two slices (views, no copies); under
+    k-fold ``X`` keeps the file's order and each pair is two index arrays (a fold's rows
+    are copied while it is scored: k-fold runs only on small data). ``order`` and
+    ``feature_file`` (set by :func:`split_data`) let a ``file_rows`` head find the same
+    rows in the file."""
 
     feature_file: str | None = None
 
     def __init__(self, X, y, Xf, X_test, y_test, Xf_test, fraction: float, seed: int,
-                 shared=None):
-        fit, val = stratified_split(y, fraction, seed)
-        order = np.concatenate([fit, val])
+                 shared=None, plan: Plan | None = None):
+        self.plan = plan or Plan("holdout", float(fraction))
+        if self.plan.kind == "holdout":
+            fit, val = holdout_split(y, fraction, seed)
+            order = np.concatenate([fit, val])
+            self.splits = [(slice(None, len(fit)), slice(len(fit), None))]
+            self.n_fit = len(fit)
+        else:
+            order = np.arange(len(y))
+            self.splits = kfold_splits(y, self.plan.folds, self.plan.repeats, seed)
+            self.n_fit = int(round(np.mean([len(f) for f, _ in self.splits])))
 
         def rows(name, A, o):
             return _f32_rows(A, o) if shared is None else shared.put(name, A, o)
 
-        self.n_fit, self.order = len(fit), order
+        self.order = order
         self.X, self.y = rows("X", X, order), y[order]
         self.Xf = None if Xf is None else rows("X_flip", Xf, order)
         self.X_test, self.y_test = rows("X_test", X_test, None), y_test
         self.Xf_test = None if Xf_test is None else rows("X_test_flip", Xf_test, None)
 
+    def rows(self, idx, flip: bool):
+        """(features, labels, mirrored features or None) of training rows ``idx``."""
+        return take_rows(self, idx, flip)
+
     def part(self, which: str, flip: bool):
-        s = slice(None, self.n_fit) if which == "fit" else slice(self.n_fit, None)
-        return self.X[s], self.y[s], (self.Xf[s] if flip else None)
+        """The single split's ``"fit"`` or ``"val"`` part (views)."""
+        if self.plan.kind != "holdout":
+            raise ValueError("part() is the single split's; under k-fold use splits")
+        return self.rows(self.splits[0][0 if which == "fit" else 1], flip)
+
+
+def take_rows(data, idx, flip: bool):
+    """``data``'s training rows ``idx`` (a slice: views; an index array: copies)."""
+    return data.X[idx], data.y[idx], (data.Xf[idx] if flip else None)
 
 
 def _f32_rows(X, order):
@@ -89,29 +117,89 @@ def flip_rows(mode: str, has_flip: bool) -> list[tuple[bool, bool]]:
              "tta": (False, True)}[mode]]
 
 
+@dataclass
+class Selection:
+    """What :func:`select` found: the chosen ``params``, its pooled validation accuracy and
+    spread, every scored point (``scores``: [(params, accuracy, spread)…], in path order),
+    the points not scored (``skipped``), the estimator fitted on the fit rows at the
+    chosen point (the single split; None under k-fold), and what the search covered
+    (``note``)."""
+
+    params: dict
+    val_accuracy: float
+    val_std: float
+    scores: list
+    skipped: list
+    est: object
+    note: str = ""
+
+
 def select(spec, data: SplitData, *, train_flip: bool, tta: bool, seed: int, label: str,
-           search: str = "exhaustive"):
-    """Score the grid on validation (:meth:`featcache.heads.Head.score_grid`). Returns
-    (best params, [(params, val accuracy)…], head, skipped params): the head is left
-    fitted on the fit rows and holds the best grid point's solution, from which the refit
-    on all training rows warm-starts (:meth:`~featcache.heads.Head.refit_from`).
-    ``search="fast"`` stops a path (:func:`is_path`) at the first point whose validation
-    accuracy is below the best so far; the points after it are returned as skipped."""
+           search: str = "exhaustive") -> Selection:
+    """Score the head's grid on the plan's splits (:meth:`featcache.heads.Head.score_grid`
+    per split, pooled), extending a path past its edge while that improves
+    (:func:`featcache.compare.selection.extension`).
+
+    Under the single split and ``search="fast"`` a path (:func:`is_path`) stops at the
+    first point whose validation accuracy is below the best so far (the points after it
+    are ``skipped``), with the head's ``fast_select`` parameters; the estimator it leaves
+    is fitted at the chosen point and holds its solution, from which a refit on all
+    training rows warm-starts. Under k-fold every point is scored on every fold with the
+    head's own parameters."""
     data = spec.data_for(data)   # a file_rows head (finetune) takes file rows
-    X_fit, y_fit, Xf_fit = data.part("fit", train_flip)
-    X_val, y_val, Xf_val = data.part("val", tta)
-    grid = list(spec.grid) or [{}]
-    est = as_head(spec.make(random_state=seed,
-                            **(spec.fast_select if search == "fast" else {})))
-    scores = est.score_grid(grid, X_fit, y_fit, X_val, y_val, Xf_fit, Xf_val,
-                            stop_early=search == "fast", label=label)
-    skipped = [dict(g) for g in grid[len(scores):]]
-    best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))
-    numeric = [k for k, v in grid[0].items() if isinstance(v, (int, float))]
-    if len(grid) > 2 and numeric and best in (0, len(grid) - 1):
-        log.warning("  %s: the best value (%s) is at the edge of the grid; a wider grid "
-                    "might do better", label, fmt_params(scores[best][0]))
-    return scores[best][0], scores, est, skipped
+    kfold = len(data.splits) > 1
+    fast = search == "fast" and not kfold
+    over = spec.fast_select if fast else {}
+    grid = [dict(g) for g in (spec.grid or ({},))]
+
+    def score(points):
+        """[(per-fold [(params, correct, n)…] per point)], the last split's estimator."""
+        per_point: list[list] = [[] for _ in points]
+        est = None
+        for fit, val in data.splits:
+            X_fit, y_fit, Xf_fit = data.rows(fit, train_flip)
+            X_val, y_val, Xf_val = data.rows(val, tta)
+            est = as_head(spec.make(random_state=seed, **over))
+            got = est.score_grid(points, X_fit, y_fit, X_val, y_val, Xf_fit, Xf_val,
+                                 stop_early=fast, label=label)
+            n = len(y_val)
+            for i, (p, acc) in enumerate(got):
+                per_point[i].append((p, int(round(acc * n)), n))
+        return [r for r in per_point if len(r) == len(data.splits)], est
+
+    # path: entries [grid params, per-fold results, estimator], simplest first
+    scored, est = score(grid)
+    path = [[g, r, est] for g, r in zip(grid, scored)]
+    skipped = grid[len(scored):]
+    n_min_fit = min(len(np.arange(len(data.y))[f]) for f, _ in data.splits)
+    added, stopped = [], ""
+    while True:
+        acc = [a for a, _ in pooled([[(c, n) for _, c, n in e[1]] for e in path])]
+        b = best_point(acc)
+        whole = [e[0] for e in path] if not skipped else [e[0] for e in path] + skipped
+        nxt = extension(whole, b if b == 0 or not skipped else -1, max_int=n_min_fit)
+        if nxt is None:
+            stopped = stopped or "a bound of the parameter"
+            break
+        if len(added) >= EXTEND_STEPS:
+            stopped = f"{EXTEND_STEPS} points added, the score still rising"
+            break
+        r, e = score([nxt])
+        entry = [nxt, r[0], e]
+        path.insert(0, entry) if b == 0 else path.append(entry)
+        added.append(nxt)
+        new_acc = pooled([[(c, n) for _, c, n in entry[1]]])[0][0]
+        if new_acc <= acc[b]:
+            stopped = "the score stopped improving"
+            break
+        stopped = ""
+    stats = pooled([[(c, n) for _, c, n in e[1]] for e in path])
+    b = best_point([a for a, _ in stats])
+    params = merged_params([p for p, _, _ in path[b][1]])
+    scores = [(merged_params([p for p, _, _ in e[1]]), a, s) for e, (a, s) in zip(path, stats)]
+    return Selection(params, stats[b][0], stats[b][1], scores, skipped,
+                     None if kfold else path[b][2],
+                     search_note(grid, added, params, stopped) if added else "")
 
 
 def row_label(name: str, train_flip: bool, tta: bool) -> str:
@@ -122,9 +210,10 @@ def row_label(name: str, train_flip: bool, tta: bool) -> str:
 def run_row(name: str, data: SplitData, *, train_flip: bool, tta: bool, seed: int,
             n_classes: int, report_dir=None,
             search: str = "exhaustive") -> tuple[dict, np.ndarray, np.ndarray | None, object]:
-    """Select, refit on all training rows (``search="exhaustive"``; under ``"fast"`` the
-    model selected on the fit rows is the final one), test once. Returns (row, test
-    predictions, test probabilities or None, head)."""
+    """Select (:func:`select`), refit on all training rows (``search="exhaustive"``, and
+    always under k-fold; under ``"fast"`` on the single split the model selected on the fit
+    rows is the final one), test once. Returns (row, test predictions, test probabilities
+    or None, head)."""
     if name not in HEADS:      # a worker process that was not told how to import it
         raise ConfigError(f"head {name!r} is not registered in this process; register it "
                           f"in an importable module and pass --heads module:{name}, or run "
@@ -133,16 +222,20 @@ def run_row(name: str, data: SplitData, *, train_flip: bool, tta: bool, seed: in
     data = spec.data_for(data)
     label = row_label(name, train_flip, tta)
     t0 = time.perf_counter()
-    params, scores, est, skipped = select(spec, data, train_flip=train_flip, tta=tta,
-                                          seed=seed, label=label, search=search)
+    sel = select(spec, data, train_flip=train_flip, tta=tta, seed=seed, label=label,
+                 search=search)
+    params = sel.params
     select_s = time.perf_counter() - t0
     t = time.perf_counter()
-    refit = search != "fast"
-    if refit:                  # from the best validation solution (fit rows) where it can
+    refit = search != "fast" or sel.est is None
+    Xf_train = data.Xf if train_flip else None
+    if sel.est is None:        # k-fold: no single fitted model to start from
+        head = as_head(spec.make(random_state=seed, **params)).fit(data.X, data.y, Xf_train)
+    elif refit:                # from the best validation solution (fit rows) where it can
         head = as_head(spec.make(random_state=seed, **params)).refit_from(
-            est, data.X, data.y, data.Xf if train_flip else None)
+            sel.est, data.X, data.y, Xf_train)
     else:                      # the model selected on the fit rows is the final one
-        head = est.set_grid_point(params)
+        head = sel.est.set_grid_point(params)
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
     pred, proba = _test_predictions(head, data.X_test, data.Xf_test if tta else None)
@@ -153,17 +246,19 @@ def run_row(name: str, data: SplitData, *, train_flip: bool, tta: bool, seed: in
     cm = confusion(y, pred, n_classes)
     row = {
         "name": label, "head": name, "train_flip": train_flip, "tta": tta,
-        "params": params, "val_accuracy": next(s for p, s in scores if p == params),
-        "selection": [{"params": p, "val_accuracy": s} for p, s in scores],
+        "params": params, "val_accuracy": sel.val_accuracy, "val_std": sel.val_std,
+        "selection": [{"params": p, "val_accuracy": a, "val_std": sd}
+                      for p, a, sd in sel.scores],
+        "search_note": sel.note, "plan": data.plan.kind,
         "test_accuracy": correct / len(y), "ci95": [lo, hi],
         "macro_f1": macro_f1(y, pred, n_classes),
         "per_class_accuracy": per_class_accuracy(y, pred, n_classes).tolist(),
         "confusion": cm.tolist(),
-        "skipped": skipped, "refit": refit,
+        "skipped": sel.skipped, "refit": refit,
         "fast_select": {} if refit else dict(spec.fast_select),   # also in force under fast
         "select_s": select_s, "fit_s": fit_s, "predict_s": predict_s,
         "predict_s_per_1000": predict_s / len(y) * 1000,
-        "n_fit": data.n_fit, "n_val": len(data.y) - data.n_fit,
+        "n_fit": data.n_fit, "n_val": sum(len(data.y[v]) for _, v in data.splits),
         "n_train": (len(data.y) if refit else data.n_fit) * (2 if train_flip else 1),
         "n_test": len(y),
     }
@@ -224,11 +319,19 @@ def check_classes(y: np.ndarray, classes: list[str], where) -> None:
                         f"with more images of it (or a larger --limit)")
 
 
+def plan_of(y: np.ndarray, cfg: HeadsConfig) -> Plan:
+    """The validation plan for training labels ``y`` under ``cfg``
+    (:func:`featcache.compare.selection.plan_for`)."""
+    return plan_for(y, val_fraction=cfg.val_fraction, cv_below=cfg.cv_below,
+                    cv_folds=cfg.cv_folds, cv_repeats=cfg.cv_repeats)
+
+
 def split_data(fs, cfg: HeadsConfig, shared=None) -> tuple[SplitData, bool]:
     """The protocol's arrays; the feature set's own arrays are released (no second copy)."""
     tr, te = fs["train"], fs["test"]
     data = SplitData(tr.features, tr.labels, tr.features_flip, te.features, te.labels,
-                 te.features_flip, cfg.val_fraction, cfg.seed, shared=shared)
+                     te.features_flip, cfg.val_fraction, cfg.seed, shared=shared,
+                     plan=plan_of(tr.labels, cfg))
     # absolute: worker processes outlive the caller's working directory (a notebook's chdir)
     data.feature_file = str(Path(cfg.feature_file).resolve())
     has_flip = fs.has_flip

@@ -32,7 +32,8 @@ from featcache.compare.stats import per_class_accuracy
 from featcache.config import provenance_fields
 
 CSV_FIELDS = ("name", "head", "test_accuracy", "ci95_low", "ci95_high", "macro_f1",
-              "val_accuracy", "select_s", "fit_s", "predict_s_per_1000", "params", "saved")
+              "val_accuracy", "val_std", "select_s", "fit_s", "predict_s_per_1000", "params",
+              "saved")
 
 
 def _params(p: dict) -> str:
@@ -53,9 +54,21 @@ def format_table(results: dict) -> str:
         lines.append(
             f"| {r['name']}{star} | {100 * r['test_accuracy']:.2f}% "
             f"({100 * lo:.2f}–{100 * hi:.2f}) | {r['macro_f1']:.4f} | "
-            f"{100 * r['val_accuracy']:.2f}% | {r['select_s']:.1f} | {r['fit_s']:.1f} | "
+            f"{_val(r)} | {r['select_s']:.1f} | {r['fit_s']:.1f} | "
             f"{r['predict_s_per_1000']:.3f} | {_params(r['params'])} |")
     return "\n".join(lines)
+
+
+def _val(r: dict) -> str:
+    """Validation accuracy; under k-fold with its spread over folds (± one std)."""
+    sd = r.get("val_std")
+    return f"{100 * r['val_accuracy']:.2f}%" + (f" ± {100 * sd:.2f}" if sd else "")
+
+
+def format_notes(results: dict) -> str:
+    """One line per row whose grid extended itself past its edge (empty: none did)."""
+    return "\n".join(f"- {r['name']}: {r['search_note']}" for r in results["rows"]
+                     if r.get("search_note"))
 
 
 def format_mcnemar(results: dict) -> str:
@@ -74,6 +87,16 @@ def format_mcnemar(results: dict) -> str:
     return "\n".join(out)
 
 
+def _split_counts(results: dict) -> str:
+    r = results["rows"][0]
+    plan = results["protocol"].get("plan", {})
+    if plan.get("kind") == "kfold":
+        return (f"{r['n_val']} validation predictions over "
+                f"{plan['folds'] * plan['repeats']} folds of about {r['n_fit']} fit rows "
+                f"({plan['reason']})")
+    return f"{r['n_fit']} fit + {r['n_val']} validation rows"
+
+
 def results_csv(results: dict) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
@@ -82,7 +105,7 @@ def results_csv(results: dict) -> str:
         w.writerow({"name": r["name"], "head": r["head"], "test_accuracy": r["test_accuracy"],
                     "ci95_low": r["ci95"][0], "ci95_high": r["ci95"][1],
                     "macro_f1": r["macro_f1"], "val_accuracy": r["val_accuracy"],
-                    "select_s": r["select_s"], "fit_s": r["fit_s"],
+                    "val_std": r.get("val_std", ""), "select_s": r["select_s"], "fit_s": r["fit_s"],
                     "predict_s_per_1000": r["predict_s_per_1000"],
                     "params": json.dumps(r["params"], sort_keys=True),
                     "saved": r.get("saved", "")})
@@ -98,9 +121,10 @@ def report_markdown(results: dict) -> str:
         "Provenance: " + ", ".join(f"{k}={prov.get(k)}" for k in keys if k in prov), "",
         f"Protocol: {results['protocol']['selection']}; validation fraction "
         f"{results['protocol']['val_fraction']}, seed {results['protocol']['seed']}; "
-        f"{rows[0]['n_fit']} fit + {rows[0]['n_val']} validation rows, "
-        f"{rows[0]['n_test']} test rows. Intervals: Wilson 95%.", "",
-        format_table(results), "",
+        f"{_split_counts(results)}, {rows[0]['n_test']} test rows. Intervals: Wilson 95%.",
+        "", format_table(results), "",
+        *(["Grid search notes:", "", format_notes(results), ""] if format_notes(results)
+          else []),
         f"Best row: **{results['best_row']}** — {results['protocol']['best']}; it is "
         f"the one marked in the table, the CLI's summary and `featcache export`'s default. "
         f"Search: {results['protocol'].get('search', 'exhaustive')}, "

@@ -88,12 +88,15 @@ class Head(ClassifierMixin, BaseEstimator):
         (mirrored features: train on both, average both), and keeps the best point's
         solution (``warm_state_``) for :meth:`warm_start_from`. With ``stop_early`` and a
         path (:func:`is_path`) it stops at the first point below the best so far: the
-        points after it are not scored. Leaves the estimator fitted at the last point."""
+        points after it are not scored. Leaves the estimator fitted at the best point
+        (the first of equals): its saved solution restored (:meth:`_set_warm_state`), or
+        fitted again at that point when it keeps none."""
         if "warm_start" in self.get_params():
             self.set_params(warm_start=True)
         early = stop_early and is_path(grid)
         scores: list[tuple[dict, float]] = []
         self.warm_state_ = None
+        best = -1
         for params in grid:
             t = time.perf_counter()
             self.set_grid_point(params).fit(X_fit, y_fit, X_fit_flip)
@@ -103,9 +106,16 @@ class Head(ClassifierMixin, BaseEstimator):
             best_so_far = max((s for _, s in scores), default=-1.0)
             if acc > best_so_far:
                 self.warm_state_ = self._warm_state()
+                best = len(scores)
             scores.append((dict(params), acc))
             if early and acc < best_so_far:
                 break
+        if 0 <= best < len(scores) - 1:          # fitted at a later point: go back
+            self.set_grid_point(scores[best][0])
+            if self.warm_state_ is not None:
+                self._set_warm_state(self.warm_state_)
+            else:
+                self.fit(X_fit, y_fit, X_fit_flip)
         return scores
 
     # ---- warm starts
@@ -114,7 +124,8 @@ class Head(ClassifierMixin, BaseEstimator):
         return None
 
     def _set_warm_state(self, state) -> None:
-        pass
+        """Take ``state`` (from :meth:`_warm_state`) as the current solution: the start of
+        the next warm-started fit, and what the head predicts with until then."""
 
     def warm_start_from(self, other: "Head") -> "Head":
         """Start this head's next fit from ``other``'s best grid point (recorded by

@@ -171,7 +171,7 @@ def top_k(Q: np.ndarray, index, inv_norm: np.ndarray, k: int, *, q_block: int = 
     return out_s, out_i
 
 
-@register_head("knn", grid=[{"k": k} for k in (1, 5, 10, 20, 50, 100)], keras=False, cost=1.6)
+@register_head("knn", grid=[{"k": k} for k in (100, 50, 20, 10, 5, 1)], keras=False, cost=1.6)
 def knn(random_state=0, **params):
     """Cosine k-nearest-neighbours in the whitened PCA-256 space (k chosen on validation): the
     zero-training baseline."""

@@ -72,6 +72,8 @@ class LinearHead(Head):
 
     def _set_warm_state(self, state) -> None:
         self.coef_std_, self.intercept_std_ = state
+        if getattr(self, "scaler_", None) is not None:   # predicts with it until refit
+            self.coef_, self.intercept_ = folded(self.scaler_, *state)
 
     def to_keras(self):
         from featcache.heads.dense import keras_module

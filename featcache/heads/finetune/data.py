@@ -48,8 +48,9 @@ class ActRows:
         return len(self.rows)
 
     def __getitem__(self, s):
-        if not isinstance(s, slice):
-            raise TypeError("ActRows takes slices")
+        """The rows at a slice or at an array of positions (a fold's rows)."""
+        if not isinstance(s, (slice, np.ndarray)):
+            raise TypeError("ActRows takes a slice or an index array")
         return ActRows(self.path, self.split, self.rows[s], self.flip)
 
     @property
@@ -68,6 +69,7 @@ class _ActData:
                               "through `featcache heads FILE` (not on arrays, nor in "
                               "`featcache curve`)")
         self.n_fit, self.y, self.y_test = data.n_fit, data.y, data.y_test
+        self.plan, self.splits = data.plan, data.splits
         order = np.asarray(data.order)
         self.X = ActRows(path, "train", order)
         self.Xf = ActRows(path, "train", order, True) if data.Xf is not None else None
@@ -76,9 +78,10 @@ class _ActData:
         self.Xf_test = ActRows(path, "test", np.arange(n_test), True) \
             if data.Xf_test is not None else None
 
-    def part(self, which: str, flip: bool):
-        s = slice(None, self.n_fit) if which == "fit" else slice(self.n_fit, None)
-        return self.X[s], self.y[s], (self.Xf[s] if flip else None)
+    def rows(self, idx, flip: bool):
+        """(file rows, labels, mirrored file rows or None) of training rows ``idx`` (one
+        of ``splits``' slices or index arrays)."""
+        return self.X[idx], self.y[idx], (self.Xf[idx] if flip else None)
 
 
 def activation_data(data):
