@@ -11,7 +11,15 @@ import numpy as np
 
 from featcache.heads.base import Head, data_key
 from featcache.heads.registry import register_head
-from featcache.heads.solver import Preconditioner, Scaler, decision, fit_linear, folded, softmax
+from featcache.heads.solver import (
+    PRECOND_MIN_ROWS,
+    Preconditioner,
+    Scaler,
+    decision,
+    fit_linear,
+    folded,
+    softmax,
+)
 
 
 class LinearHead(Head):
@@ -22,14 +30,16 @@ class LinearHead(Head):
     but its argmax is ``predict``). ``warm_start=True`` starts from the previous solution
     (used along the C path during selection, and for the refit from the best grid point).
     ``precondition=True`` runs L-BFGS in whitened coordinates
-    (:class:`featcache.heads.solver.Preconditioner`): the same optimum in 4-5x fewer iterations;
-    ``tol`` bounds the gradient in those coordinates.
+    (:class:`featcache.heads.solver.Preconditioner`): the same optimum in 4-5x fewer
+    iterations, for a fixed cost of seconds; ``"auto"`` (the default) does so from
+    :data:`~featcache.heads.solver.PRECOND_MIN_ROWS` training rows on. ``tol`` bounds the
+    gradient in the coordinates used.
     """
 
     _transient = Head._transient + ("_precond",)
 
     def __init__(self, C=0.003, loss="softmax", max_iter=300, tol=1e-4, warm_start=False,
-                 precondition=True, random_state=0):
+                 precondition="auto", random_state=0):
         self.C, self.loss, self.max_iter, self.tol = C, loss, max_iter, tol
         self.warm_start, self.precondition = warm_start, precondition
         self.random_state = random_state
@@ -46,12 +56,14 @@ class LinearHead(Head):
             self.scaler_ = Scaler.fit(blocks)   # along a warm-started path: same rows, once
             self._precond = None
             self._scaler_key = key
-        if self.precondition and getattr(self, "_precond", None) is None:
+        use = self.precondition if self.precondition != "auto" else \
+            sum(len(b) for b in blocks) >= PRECOND_MIN_ROWS
+        if use and getattr(self, "_precond", None) is None:
             self._precond = Preconditioner.fit(blocks, self.scaler_)
         W, b, self.n_iter_ = fit_linear(
             blocks, yi, K, scaler=self.scaler_, C=self.C, loss=self.loss, init=init,
             max_iter=self.max_iter, tol=self.tol,
-            precondition=self._precond if self.precondition else None)
+            precondition=self._precond if use else None)
         self.coef_std_, self.intercept_std_ = W, b
         self.coef_, self.intercept_ = folded(self.scaler_, W, b)
         return self

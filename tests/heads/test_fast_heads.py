@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from stage_two_util import blobs
 
 from featcache.heads import CosineKNNHead, LinearHead
 from featcache.heads.solver import Preconditioner, Scaler, fit_linear, objective
@@ -55,7 +56,7 @@ def test_preconditioned_warm_start_starts_at_the_solution():
 def test_linear_head_with_and_without_preconditioner_predict_alike():
     X, y = _correlated(seed=2)
     a = LinearHead(C=0.1, tol=1e-6, max_iter=3000, precondition=False).fit(X, y)
-    b = LinearHead(C=0.1, tol=1e-6, max_iter=3000).fit(X, y)
+    b = LinearHead(C=0.1, tol=1e-6, max_iter=3000, precondition=True).fit(X, y)
     assert np.mean(a.predict(X) == b.predict(X)) > 0.99
     assert b.n_iter_ < a.n_iter_
 
@@ -116,3 +117,14 @@ def test_heads_study_prints_both_parts(tmp_path, capsys):
     assert all(0 <= x["val_accuracy"] <= 1 and x["iterations"] >= 1 for x in lin)
     kn = [x for x in lines if x["part"] == "knn"]
     assert {(x["dim"], x["whiten"]) for x in kn} == {(None, False), (4, False), (4, True)}
+
+
+def test_auto_preconditioning_starts_at_the_row_threshold(monkeypatch):
+    import featcache.heads.linear as linear
+
+    X, y, Xf = blobs(300, dim=12, k=3)
+    assert LinearHead(C=0.1).fit(X, y)._precond is None           # small data: plain
+    monkeypatch.setattr(linear, "PRECOND_MIN_ROWS", 600)
+    assert LinearHead(C=0.1).fit(X, y)._precond is None            # 300 rows
+    assert LinearHead(C=0.1).fit(X, y, Xf)._precond is not None    # 600 with mirrors
+    assert LinearHead(C=0.1, precondition=False).fit(X, y, Xf)._precond is None
