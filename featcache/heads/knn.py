@@ -89,16 +89,28 @@ class CosineKNNHead(Head):
 
     def near_ties(self, X, tol: float = 1e-5) -> np.ndarray:
         """(len(X),) bool: rows whose k-th and (k+1)-th most similar index rows are within
-        ``tol`` in cosine similarity. Only there can another float32 computation of the
-        similarities (``to_keras``, another BLAS; they differ by ~1e-6) pick other
-        neighbours, and so other votes; elsewhere both take the same k neighbours."""
+        ``tol`` in cosine similarity (relative to the rows' scaled lengths: 1, but for rows
+        shorter than 1e-12, which are not scaled up to unit length). Only there can another
+        float32 computation of the similarities (``to_keras``, another BLAS; they differ by
+        ~1e-6) pick other neighbours, and so other votes; elsewhere both take the same k
+        neighbours."""
         X = self._validate(X)
         n = len(self.index_labels_)
         k = max(1, min(int(self.k), n))
         if k >= n:
             return np.zeros(len(X), bool)
-        s = top_k(self._project(X), self.index_, self.index_inv_norm_, k + 1)[0]
-        return (s[:, k - 1] - s[:, k]) <= tol
+        Q = self._project(X)
+        s = top_k(Q, self.index_, self.index_inv_norm_, k + 1)[0]
+        longest, offset = 0.0, 0
+        for block in self.index_:
+            for i in range(0, len(block), 8192):
+                b = np.asarray(block[i:i + 8192], np.float32)
+                at = offset + i
+                length = np.sqrt(np.einsum("ij,ij->i", b, b)) * self.index_inv_norm_[at:at + len(b)]
+                longest = max(longest, float(length.max(initial=0.0)))
+            offset += len(block)
+        scale = np.sqrt(np.einsum("ij,ij->i", Q, Q)) * inv_norms(Q) * longest
+        return (s[:, k - 1] - s[:, k]) <= tol * scale
 
     def to_keras(self):
         """A Keras model, features (None, D) -> the share of the k votes per class, made of

@@ -115,3 +115,17 @@ def test_saved_keras_form_loads_in_safe_mode(tmp_path):
     Xq, _ = _random(100, D=16, seed=8)
     np.testing.assert_array_equal(_keras_proba(again, Xq), _keras_proba(model, Xq))
     assert np.mean(_keras_proba(again, Xq).argmax(1) == head.predict(Xq)) >= 0.99
+
+
+def test_near_ties_scale_with_rows_too_short_to_normalise():
+    """Rows shorter than 1e-12 (a random-weight backbone's features) are not scaled to unit
+    length, so their similarities are tiny: near ties are judged relative to that scale, and
+    the Keras form still takes the same votes. A zero query ties everywhere."""
+    X, y = _random(300, D=24, K=3, seed=9)
+    Xq, _ = _random(200, D=24, seed=10)
+    head = CosineKNNHead(k=5, dim=None).fit(X * 1e-17, y)
+    assert not head.near_ties(Xq * 1e-17).all()
+    _check_agreement(head, Xq * 1e-17)
+    unit = CosineKNNHead(k=5, dim=None).fit(X, y)
+    np.testing.assert_array_equal(head.near_ties(Xq * 1e-17), unit.near_ties(Xq))
+    assert head.near_ties(np.zeros((1, 24), np.float32)).all()
