@@ -27,8 +27,8 @@ mirrored images) in ``fit`` (train-time augmentation) and ``predict``/``predict_
 averaged predictions (:class:`~featcache.heads.plain.SklearnHead`).
 
 Heads that are Keras-expressible implement ``to_keras() -> keras.Model`` mapping float32
-features (None, D) to class probabilities, scaler included (the export contract); ``knn``
-raises ``NotImplementedError``.
+features (None, D) to class probabilities, scaler included (the export contract); every
+built-in head does (``knn``: its index inside the model).
 
 Adding a head is one decorated factory returning a :class:`Head` or any scikit-learn
 classifier::

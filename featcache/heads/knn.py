@@ -2,7 +2,8 @@
 float32 search :func:`top_k`.
 
 Reads and writes nothing (a saved kNN head holds its training rows, projected: the model
-is the data).
+is the data). ``to_keras`` builds a Keras model (built-in layers and ``keras.ops.top_k``)
+through :func:`featcache.heads.dense.keras_module`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class CosineKNNHead(Head):
     against a tile of training rows at a time, keeping a running top-k per query: a tile
     only goes through a selection for the entries above the current k-th best, so after
     the first tile the cost is the product itself.
+
+    ``to_keras`` is the same search as one Keras model (see there); it holds the index as
+    a float32 weight, so an exported kNN is as large as its index.
     """
 
     def __init__(self, k=10, dim=256, whiten=True, random_state=0):
@@ -82,6 +86,89 @@ class CosineKNNHead(Head):
     def _proba(self, X):
         return self._votes(top_k(self._project(X), self.index_, self.index_inv_norm_,
                                  self.k)[1], self.k)
+
+    def near_ties(self, X, tol: float = 1e-5) -> np.ndarray:
+        """(len(X),) bool: rows whose k-th and (k+1)-th most similar index rows are within
+        ``tol`` in cosine similarity (relative to the rows' scaled lengths: 1, but for rows
+        shorter than 1e-12, which are not scaled up to unit length). Only there can another
+        float32 computation of the similarities (``to_keras``, another BLAS; they differ by
+        ~1e-6) pick other neighbours, and so other votes; elsewhere both take the same k
+        neighbours."""
+        X = self._validate(X)
+        n = len(self.index_labels_)
+        k = max(1, min(int(self.k), n))
+        if k >= n:
+            return np.zeros(len(X), bool)
+        Q = self._project(X)
+        s = top_k(Q, self.index_, self.index_inv_norm_, k + 1)[0]
+        longest, offset = 0.0, 0
+        for block in self.index_:
+            for i in range(0, len(block), 8192):
+                b = np.asarray(block[i:i + 8192], np.float32)
+                at = offset + i
+                length = np.sqrt(np.einsum("ij,ij->i", b, b)) * self.index_inv_norm_[at:at + len(b)]
+                longest = max(longest, float(length.max(initial=0.0)))
+            offset += len(block)
+        scale = np.sqrt(np.einsum("ij,ij->i", Q, Q)) * inv_norms(Q) * longest
+        return (s[:, k - 1] - s[:, k]) <= tol * scale
+
+    def to_keras(self):
+        """A Keras model, features (None, D) -> the share of the k votes per class, made of
+        built-in layers and one ``keras.ops.top_k`` (so a saved model loads in plain Keras,
+        safe mode, and converts to TFLite's builtin TOPK_V2):
+
+        ``Dense`` (the PCA projection: ``x @ projection_ - offset_``; none with ``dim=None``)
+        -> ``UnitNormalization`` -> ``Dense`` without bias whose kernel is the index rows,
+        pre-normalised, transposed (cosine similarities, float32) -> ``top_k`` -> an
+        ``Embedding`` holding each row's label -> ``CategoryEncoding`` (one-hot) ->
+        ``GlobalAveragePooling1D`` (P[:, c] = the share of the k votes, as
+        :meth:`predict_proba`).
+
+        Equal similarities: ``top_k`` puts the lower index first, as :func:`top_k` does, but
+        the two compute the similarities in a different float32 order, so where the k-th and
+        (k+1)-th similarity are within rounding (:meth:`near_ties`) the model may take the
+        other neighbour and its votes differ by 1/k per class; elsewhere the probabilities
+        are the same to float32 rounding.
+
+        Memory: the kernel is n_index x dim float32 (n_index = training rows, twice that
+        with mirrors; dim = the PCA ``dim``, or D), plus one float32 label per row: a
+        50,000-row CIFAR-10 index at dim 256 is ~51 MB, ~102 MB with mirrors, in memory and
+        in the saved model; each call also holds a batch x n_index similarity matrix."""
+        from featcache.heads.dense import keras_module
+
+        keras = keras_module()
+        L = keras.layers
+        n = len(self.index_labels_)
+        d = self.index_[0].shape[1]
+        K = len(self.classes_)
+        k = max(1, min(int(self.k), n))
+        rows = np.empty((d, n), np.float32)   # the index, unit rows, as columns
+        offset = 0
+        for block in self.index_:
+            for i in range(0, len(block), 8192):
+                b = np.asarray(block[i:i + 8192], np.float32)
+                at = offset + i
+                rows[:, at:at + len(b)] = (b * self.index_inv_norm_[at:at + len(b), None]).T
+            offset += len(block)
+        inp = keras.Input((self.n_features_in_,), dtype="float32", name="features")
+        x = inp
+        if self.projection_ is not None:
+            pca = L.Dense(d, trainable=False, name="pca")
+            x = pca(x)
+            pca.set_weights([self.projection_, -self.offset_])
+        x = L.UnitNormalization(name="unit_norm")(x)
+        sim = L.Dense(n, use_bias=False, trainable=False, name="similarities")
+        s = sim(x)
+        sim.set_weights([rows])
+        del rows
+        _, nbrs = keras.ops.top_k(s, k, sorted=True)
+        labels = L.Embedding(n, 1, trainable=False, name="labels")
+        votes = L.CategoryEncoding(K, output_mode="one_hot", name="votes")(labels(nbrs))
+        labels.set_weights([self.index_labels_.astype(np.float32)[:, None]])
+        out = L.GlobalAveragePooling1D(name="proba" if k == int(self.k) else "share")(votes)
+        if k != int(self.k):   # k > n_index: all rows vote, each 1 / self.k, as _votes
+            out = L.Rescaling(k / int(self.k), name="proba")(out)
+        return keras.Model(inp, out, name="featcache_knn_head")
 
     def score_grid(self, grid, X_fit, y_fit, X_val, y_val, X_fit_flip=None, X_val_flip=None,
                    *, stop_early: bool = False, label: str = ""):
@@ -171,7 +258,7 @@ def top_k(Q: np.ndarray, index, inv_norm: np.ndarray, k: int, *, q_block: int = 
     return out_s, out_i
 
 
-@register_head("knn", grid=[{"k": k} for k in (100, 50, 20, 10, 5, 1)], keras=False, cost=1.6)
+@register_head("knn", grid=[{"k": k} for k in (100, 50, 20, 10, 5, 1)], keras=True, cost=1.6)
 def knn(random_state=0, **params):
     """Cosine k-nearest-neighbours in the whitened PCA-256 space (k chosen on validation): the
     zero-training baseline."""

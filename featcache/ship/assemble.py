@@ -93,13 +93,25 @@ def _all_layers(model):
 def probe(estimator, head_model, X: np.ndarray) -> float:
     """Max |Keras head - predict_proba| on ``X``, rows of the feature file (real features:
     random ones can be far outside what a head was fitted on, where e.g. rbf_svm's cosine
-    arguments are meaningless): the Keras form must be the same function as the fitted head."""
+    arguments are meaningless): the Keras form must be the same function as the fitted head.
+
+    A head with ``near_ties(X)`` (``knn``) is compared on the other rows only: where its
+    k-th and (k+1)-th neighbour are equally similar to float32 rounding, the Keras form may
+    take the other one (the votes then differ by 1/k; see ``CosineKNNHead.to_keras``)."""
     want = np.asarray(estimator.predict_proba(X), np.float32)
     got = np.asarray(head_model(X, training=False), np.float32)
     if got.shape != want.shape:
         raise ConfigError(f"the Keras form of the head gives {got.shape[1:]} outputs, "
                           f"predict_proba {want.shape[1:]}; the head is broken")
-    return float(np.abs(got - want).max())
+    diff = np.abs(got - want).max(axis=1, initial=0.0)
+    near_ties = getattr(estimator, "near_ties", None)
+    if near_ties is not None and len(X):
+        tied = np.asarray(near_ties(X), bool)
+        if tied.any():
+            log.info("%d of %d probe rows have a near tie at the k-th neighbour; compared on "
+                     "the others", int(tied.sum()), len(X))
+        diff = diff[~tied]
+    return float(diff.max(initial=0.0))
 
 
 def probe_rows(feature_file: Path, dim: int, n: int = 64) -> np.ndarray:

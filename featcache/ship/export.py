@@ -12,7 +12,8 @@ built-in Keras layers only, so it loads anywhere Keras/TensorFlow does, without 
     -> the backbone's preprocessing as a frozen Dense(3) (a per-channel affine map, RGB->BGR
        folded in for caffe; none for backbones that rescale inside)
     -> backbone -> head (Dense/Softmax; dense: its Keras model; rbf_svm: Dense + a cosine
-       built from built-in layers)
+       built from built-in layers; knn: Dense + UnitNormalization + the index as a Dense
+       kernel + keras.ops.top_k + the labels as an Embedding, one-hot, averaged)
     (-> with ``tta``: the same for the mirrored image, a frozen anti-diagonal Dense over
        the width, probabilities averaged)
     -> probabilities (None, classes)
@@ -27,9 +28,11 @@ one (:func:`featcache.data.resize.resize_images`).
 The class names (in column order), the input contract and the provenance travel in a small
 JSON beside every format: ``<model>.json`` (``m.keras.json``, ``m.savedmodel.json``,
 ``m.tflite.json``), which ``predict`` reads. Only heads with ``to_keras()`` (linear ones,
-rbf_svm, the dense heads, finetune) can be exported. A ``finetune`` head's model takes the
-activations at its cut, so the backbone is cut there (its frozen bottom) and the head's
-fine-tuned top and dense head follow (:func:`featcache.ship.assemble.checked_backbone`).
+rbf_svm, knn, the dense heads, finetune) can be exported; a knn model holds its index
+(n_index x dim float32: ~51 MB for 50,000 rows at dim 256, twice that with mirrors). A
+``finetune`` head's model takes the activations at its cut, so the backbone is cut there
+(its frozen bottom) and the head's fine-tuned top and dense head follow
+(:func:`featcache.ship.assemble.checked_backbone`).
 
 Loading such a model and predicting with it (``load_classifier``, ``predict_images``,
 ``iter_predictions``) is :mod:`featcache.ship.predict`; the sidecar's name and version are

@@ -79,12 +79,6 @@ def test_to_keras_matches_predict_proba(name, fitted, data):
     np.testing.assert_array_equal(est.classes_[out.argmax(1)], est.predict(Xt))
 
 
-def test_knn_has_no_keras_form(fitted):
-    assert not HEADS["knn"].keras
-    with pytest.raises(NotImplementedError, match="not expressible"):
-        fitted["knn"].to_keras()
-
-
 @pytest.mark.parametrize("name", ARRAY_HEADS)
 def test_save_and_load(name, fitted, data, tmp_path):
     Xt = data[3]
