@@ -15,6 +15,14 @@ from featcache.heads.registry import register_head
 from featcache.heads.solver import PRECOND_ROWS, covariance
 
 
+#: At most one principal component per this many training rows. On real MobileNetV2
+#: features (CIFAR-10 subsets, accuracy on other training rows, 3 seeds), 2 classes x 50
+#: rows: knn / knn+flip 93.0 / 91.4% with 256 whitened components, 95.6 / 96.2% with 25;
+#: 10 classes x 50: 65.8 / 69.9% vs 67.8 / 70.2%; 10 x 300 rows keeps 256 components
+#: (docs/stage-two.md, "kNN on small data").
+ROWS_PER_COMPONENT = 4
+
+
 class CosineKNNHead(Head):
     """Cosine k-nearest-neighbours: the zero-training baseline. ``predict_proba`` is the
     share of the k votes per class.
@@ -24,7 +32,11 @@ class CosineKNNHead(Head):
     evenly strided sample of at most 20,000 training rows, mirrors included): on real
     MobileNetV2 features this scored 1.0-1.5 points *higher* on validation than cosine on
     the raw 1,280 dimensions, at a fifth of the search's cost (docs/stage-two.md, "kNN in a
-    whitened PCA space"). The head keeps the projected training rows (``dim / D`` of the
+    whitened PCA space"). On small data the components are capped at one per
+    :data:`ROWS_PER_COMPONENT` training rows (``dim_``, mirrors not counted): whitening
+    the last components of a few hundred rows scales their noise (and, with mirrors, the
+    plain-vs-mirrored differences) up to the size of the signal, which made ``knn+flip``
+    worse than ``knn`` on a 100-image folder. The head keeps the projected training rows (``dim / D`` of the
     data: 20% at D = 1,280) and their labels; ``dim=None`` (or ``dim >= D``) keeps the rows
     as given, without any copy. Similarities are scaled by each row's inverse norm (no
     normalised copy).
@@ -45,11 +57,14 @@ class CosineKNNHead(Head):
         blocks, yi = self._validate_fit(X, y, X_flip)
         D = blocks[0].shape[1]
         self.projection_ = self.offset_ = None
-        if self.dim and int(self.dim) < D:
+        n_dim = min(int(self.dim), max(1, len(blocks[0]) // ROWS_PER_COMPONENT)) \
+            if self.dim else D
+        self.dim_ = n_dim
+        if n_dim < D:
             mean = (sum(b.sum(0, dtype=np.float64) for b in blocks)
                     / sum(len(b) for b in blocks)).astype(np.float32)
             w, U = np.linalg.eigh(covariance(blocks, mean, max_rows=PRECOND_ROWS))
-            w, U = w[::-1][:int(self.dim)], U[:, ::-1][:, :int(self.dim)]
+            w, U = w[::-1][:n_dim], U[:, ::-1][:, :n_dim]
             if self.whiten:
                 U = U / np.sqrt(np.maximum(w, 1e-6 * max(float(w.max()), 1e-30)))
             self.projection_ = U.astype(np.float32)

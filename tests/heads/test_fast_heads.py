@@ -128,3 +128,14 @@ def test_auto_preconditioning_starts_at_the_row_threshold(monkeypatch):
     assert LinearHead(C=0.1).fit(X, y)._precond is None            # 300 rows
     assert LinearHead(C=0.1).fit(X, y, Xf)._precond is not None    # 600 with mirrors
     assert LinearHead(C=0.1, precondition=False).fit(X, y, Xf)._precond is None
+
+
+def test_knn_caps_its_components_on_small_data():
+    from featcache.heads.knn import ROWS_PER_COMPONENT
+
+    X, y, Xf = blobs(400, dim=300, k=4)
+    small = CosineKNNHead(k=5, dim=256).fit(X[:100], y[:100], Xf[:100])
+    assert small.dim_ == 100 // ROWS_PER_COMPONENT == small.projection_.shape[1]
+    big = CosineKNNHead(k=5, dim=64).fit(X, y)
+    assert big.dim_ == 64 == big.projection_.shape[1]
+    assert CosineKNNHead(k=5, dim=None).fit(X[:100], y[:100]).projection_ is None

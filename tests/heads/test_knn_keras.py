@@ -100,7 +100,7 @@ def test_knn_is_exportable_with_built_in_keras_only():
     assert all(c.__module__.startswith("keras.") for c in classes), classes
     assert keras.layers.Lambda not in classes
     sims = model.get_layer("similarities").get_weights()
-    assert [w.shape for w in sims] == [(256, 1000)] and sims[0].dtype == np.float32
+    assert [w.shape for w in sims] == [(head.dim_, 1000)] and sims[0].dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(sims[0], axis=0), 1.0, atol=1e-5)
 
 
