@@ -29,6 +29,7 @@ from featcache.compare.selection import (
     plan_for,
     pooled,
     search_note,
+    splits_for,
 )
 from featcache.compare.stats import confusion, macro_f1, per_class_accuracy, wilson
 from featcache.config import FLIP_MODES, HeadsConfig
@@ -131,6 +132,7 @@ class Selection:
     scores: list
     skipped: list
     est: object
+    n_val: int
     note: str = ""
 
 
@@ -147,7 +149,8 @@ def select(spec, data: SplitData, *, train_flip: bool, tta: bool, seed: int, lab
     training rows warm-starts. Under k-fold every point is scored on every fold with the
     head's own parameters."""
     data = spec.data_for(data)   # a file_rows head (finetune) takes file rows
-    kfold = len(data.splits) > 1
+    splits = splits_for(data.splits, data.plan.folds, spec.cost)
+    kfold = len(splits) > 1
     fast = search == "fast" and not kfold
     over = spec.fast_select if fast else {}
     grid = [dict(g) for g in (spec.grid or ({},))]
@@ -156,7 +159,7 @@ def select(spec, data: SplitData, *, train_flip: bool, tta: bool, seed: int, lab
         """[(per-fold [(params, correct, n)…] per point)], the last split's estimator."""
         per_point: list[list] = [[] for _ in points]
         est = None
-        for fit, val in data.splits:
+        for fit, val in splits:
             X_fit, y_fit, Xf_fit = data.rows(fit, train_flip)
             X_val, y_val, Xf_val = data.rows(val, tta)
             est = as_head(spec.make(random_state=seed, **over))
@@ -165,13 +168,13 @@ def select(spec, data: SplitData, *, train_flip: bool, tta: bool, seed: int, lab
             n = len(y_val)
             for i, (p, acc) in enumerate(got):
                 per_point[i].append((p, int(round(acc * n)), n))
-        return [r for r in per_point if len(r) == len(data.splits)], est
+        return [r for r in per_point if len(r) == len(splits)], est
 
     # path: entries [grid params, per-fold results, estimator], simplest first
     scored, est = score(grid)
     path = [[g, r, est] for g, r in zip(grid, scored)]
     skipped = grid[len(scored):]
-    n_min_fit = min(len(np.arange(len(data.y))[f]) for f, _ in data.splits)
+    n_min_fit = min(len(np.arange(len(data.y))[f]) for f, _ in splits)
     added, stopped = [], ""
     while True:
         acc = [a for a, _ in pooled([[(c, n) for _, c, n in e[1]] for e in path])]
@@ -198,7 +201,7 @@ def select(spec, data: SplitData, *, train_flip: bool, tta: bool, seed: int, lab
     params = merged_params([p for p, _, _ in path[b][1]])
     scores = [(merged_params([p for p, _, _ in e[1]]), a, s) for e, (a, s) in zip(path, stats)]
     return Selection(params, stats[b][0], stats[b][1], scores, skipped,
-                     None if kfold else path[b][2],
+                     None if kfold else path[b][2], sum(len(data.y[v]) for _, v in splits),
                      search_note(grid, added, params, stopped) if added else "")
 
 
@@ -258,7 +261,7 @@ def run_row(name: str, data: SplitData, *, train_flip: bool, tta: bool, seed: in
         "fast_select": {} if refit else dict(spec.fast_select),   # also in force under fast
         "select_s": select_s, "fit_s": fit_s, "predict_s": predict_s,
         "predict_s_per_1000": predict_s / len(y) * 1000,
-        "n_fit": data.n_fit, "n_val": sum(len(data.y[v]) for _, v in data.splits),
+        "n_fit": data.n_fit, "n_val": sel.n_val,
         "n_train": (len(data.y) if refit else data.n_fit) * (2 if train_flip else 1),
         "n_test": len(y),
     }

@@ -11,7 +11,9 @@ Reads and writes nothing.
   (``cv_folds`` folds, ``cv_repeats`` repeats: by default :data:`CHEAP_REPEATS` when the
   training rows are fewer than :data:`CHEAP_ROWS`, else one). Under k-fold every
   training row is validated once per repeat, so a 100-image folder scores each grid
-  point on 300 predictions instead of 10.
+  point on 300 predictions instead of 10. Repeats are for the cheap heads (registry cost
+  at most :data:`CHEAP_COST`: the linear heads and kNN); a dearer head (dense,
+  finetune) runs the first repeat's folds only (:func:`splits_for`).
 - **Scores** are pooled: correct validation predictions over all folds divided by their
   count; the spread is the standard deviation of the per-fold accuracies.
 - **Grids extend themselves** (:func:`extension`): when a grid over one numeric parameter
@@ -41,6 +43,8 @@ from featcache.heads.registry import fmt_params, is_path
 #: ``CHEAP_ROWS`` training rows (each repeat is another shuffle into folds).
 CHEAP_ROWS = 1000
 CHEAP_REPEATS = 3
+#: Heads whose registry cost is above this run one repeat of the folds.
+CHEAP_COST = 2.0
 #: At most this many points added past a grid's edge.
 EXTEND_STEPS = 4
 
@@ -63,7 +67,7 @@ class Plan:
     def describe(self) -> str:
         if self.kind == "holdout":
             return f"one stratified validation split ({self.val_fraction:g} of every class)"
-        rep = f", repeated {self.repeats}x" if self.repeats > 1 else ""
+        rep = f", repeated {self.repeats}x for the cheap heads" if self.repeats > 1 else ""
         return f"stratified {self.folds}-fold cross-validation{rep}"
 
     def to_dict(self) -> dict:
@@ -139,6 +143,12 @@ def kfold_splits(y: np.ndarray, folds: int, repeats: int,
             if len(val):
                 out.append((np.flatnonzero(fold_of != f), val))
     return out
+
+
+def splits_for(splits: list, folds: int, cost: float) -> list:
+    """The splits a head of registry ``cost`` is scored on: all of them (every repeat) for
+    a cheap head, the first repeat's ``folds`` for a dear one (the single split: itself)."""
+    return splits if cost <= CHEAP_COST else splits[:folds]
 
 
 # ------------------------------------------------------------------ pooled scores, ties

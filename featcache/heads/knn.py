@@ -14,7 +14,6 @@ from featcache.heads.base import Head
 from featcache.heads.registry import register_head
 from featcache.heads.solver import PRECOND_ROWS, covariance
 
-
 #: At most one principal component per this many training rows. On real MobileNetV2
 #: features (CIFAR-10 subsets, accuracy on other training rows, 3 seeds), 2 classes x 50
 #: rows: knn / knn+flip 93.0 / 91.4% with 256 whitened components, 95.6 / 96.2% with 25;
@@ -36,10 +35,10 @@ class CosineKNNHead(Head):
     :data:`ROWS_PER_COMPONENT` training rows (``dim_``, mirrors not counted): whitening
     the last components of a few hundred rows scales their noise (and, with mirrors, the
     plain-vs-mirrored differences) up to the size of the signal, which made ``knn+flip``
-    worse than ``knn`` on a 100-image folder. The head keeps the projected training rows (``dim / D`` of the
-    data: 20% at D = 1,280) and their labels; ``dim=None`` (or ``dim >= D``) keeps the rows
-    as given, without any copy. Similarities are scaled by each row's inverse norm (no
-    normalised copy).
+    worse than ``knn`` on a 100-image folder. The head keeps the projected training rows
+    (``dim / D`` of the data: 20% at D = 1,280) and their labels; ``dim=None`` (or
+    ``dim >= D``) keeps the rows as given, without any copy. Similarities are scaled by
+    each row's inverse norm (no normalised copy).
 
     The search (:func:`top_k`) is a float32 blocked matrix product, a tile of queries
     against a tile of training rows at a time, keeping a running top-k per query: a tile

@@ -82,6 +82,9 @@ def test_a_hundred_image_folder_is_chosen_on_all_its_rows_not_on_ten(tmp_path):
     assert r["protocol"]["plan"]["kind"] == "kfold"
     assert all(row["n_val"] == 300 and row["plan"] == "kfold" for row in r["rows"])
     assert all(row["refit"] and row["n_train"] in (100, 200) for row in r["rows"])
+    dense = compare_heads(HeadsConfig(str(path), heads=("dense",), flip="off", workers=0),
+                          write=False)["rows"][0]
+    assert dense["plan"] == "kfold" and dense["n_val"] == 100   # a dear head: one repeat
     # the scores have the resolution of 300 predictions, not of 10
     vals = {round(s["val_accuracy"] * 300, 6) for row in r["rows"] for s in row["selection"]}
     assert all(abs(v - round(v)) < 1e-6 for v in vals)

@@ -271,6 +271,9 @@ def test_finetune_head_in_the_comparison_never_runs_the_bottom_and_exports(cut_f
     monkeypatch.undo()
     [row] = res["rows"]   # mirrors in the file: only the +flip row
     assert row["name"] == "finetune+flip" and row["head"] == "finetune"
+    # a small data set: chosen by k-fold on file rows, one repeat (a dear head), then refit
+    assert row["plan"] == "kfold" and res["protocol"]["plan"]["folds"] == 5
+    assert row["refit"] and row["n_val"] * 2 == row["n_train"]   # every row validated once
     assert (report / "mistakes.png").is_file()   # drawn from the head's file rows
     assert row["test_accuracy"] > 0.35 and row["ci95"][0] <= row["test_accuracy"]  # chance: 0.25
     # the default trains every block above the cut (block_15: block_16 and Conv_1)
