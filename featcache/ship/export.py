@@ -56,6 +56,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache._util.atomic import replacing, write_bytes, write_text
+from featcache.compare.selection import best_index
 from featcache.config import cache_key_fields
 from featcache.data.resize import uses_antialias
 from featcache.errors import ConfigError, DataError
@@ -142,18 +143,28 @@ def _exportable(row: dict) -> bool:
     return bool(spec is not None and getattr(spec, "keras", True) and row.get("saved"))
 
 
+def _row_cost(row: dict) -> float:
+    """A results row's relative cost, as the comparison's tie rule weighs it."""
+    from featcache.heads import HEADS
+
+    spec = HEADS.get(str(row.get("head")))
+    return (spec.cost if spec is not None else 1.0) * (2 if row.get("train_flip") else 1)
+
+
 def resolve_head(report_dir: Path, name: str | None = None) -> tuple[str, Path, dict]:
     """(row name, saved head file, results row) from ``report_dir/results.json``.
 
     ``name=None``: the comparison's best row, the highest *validation* accuracy
     (``best_row``; older reports: ``best_val_head``; the test split is not used to choose
-    what ships). A name may be a head (``logreg``) or a row of the comparison
-    (``logreg+tta``)."""
+    what ships); when that row has no Keras form (a plain scikit-learn head), the best
+    exportable row by the same rule, with a warning that names both. A name may be a head
+    (``logreg``) or a row of the comparison (``logreg+tta``)."""
     results = _read_results(report_dir)
     rows = _rows(results)
     where = report_dir / "results.json"
     best = results.get("best_row") if "best" in results.get("protocol", {}) else \
         results.get("best_val_head") or results.get("best_head")
+    asked = name
     name = name or best
     if not name:
         raise DataError(f"{where} names no best head; pass --head NAME")
@@ -163,10 +174,15 @@ def resolve_head(report_dir: Path, name: str | None = None) -> tuple[str, Path, 
                           f"first or pass another --head")
     row = rows[name]
     if not _exportable(row):
-        ok = [r for r in rows.values() if not (r.get("train_flip") or r.get("tta"))
-              and _exportable(r)]
-        best = max(ok, key=lambda r: r.get("val_accuracy", 0.0))["name"] if ok else None
-        hint = f" (the best exportable head of this comparison: --head {best})" if best else ""
+        ok = [r for r in rows.values() if _exportable(r)]
+        alt = ok[best_index(ok, [_row_cost(r) for r in ok])]["name"] if ok else None
+        if asked is None and alt is not None:
+            log.warning("the best row %s has no Keras form; exporting %s, the best "
+                        "exportable row (validation %.2f%% vs %.2f%%); --head NAME picks "
+                        "another", name, alt, 100 * rows[alt].get("val_accuracy", 0.0),
+                        100 * row.get("val_accuracy", 0.0))
+            return resolve_head(report_dir, alt)
+        hint = f" (the best exportable row of this comparison: --head {alt})" if alt else ""
         raise not_exportable(name, "it has no Keras form" + hint)
     path = Path(row["saved"])
     if not path.is_absolute():

@@ -355,14 +355,45 @@ def test_export_refuses_a_head_without_a_keras_form(compared, tmp_path):
 
     _, path, report, _ = compared
     with pytest.raises(ConfigError, match=r"'DummyClassifier' cannot be exported: it has no "
-                                          r"Keras form \(the best exportable head of this "
-                                          r"comparison: --head \w+\).*Keras-expressible "
+                                          r"Keras form \(the best exportable row of this "
+                                          r"comparison: --head [\w+]+\).*Keras-expressible "
                                           r"head: .*knn.*logreg.*--head"):
         export_model(path, head="DummyClassifier", report_dir=report,
                      output=tmp_path / "d.keras")
     assert not (tmp_path / "d.keras").exists()
     with pytest.raises(ConfigError, match="was not fitted"):
         export_model(path, head="linear_svm", report_dir=report)
+
+
+def test_default_export_takes_the_best_exportable_row_with_a_warning(compared, tmp_path,
+                                                                     caplog):
+    """A best row without a Keras form (a plain scikit-learn head won validation): the
+    default export ships the best exportable row instead, and says so."""
+    import json
+    import shutil
+
+    from featcache.ship.export import export_model
+    from featcache.ship.predict import load_classifier
+
+    _, path, report, _ = compared
+    copy = tmp_path / "report"
+    shutil.copytree(report, copy)
+    results = json.loads((copy / "results.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    dummy = rows["DummyClassifier"]
+    dummy["val_accuracy"] = 1.0
+    results["best_row"] = "DummyClassifier"
+    (copy / "results.json").write_text(json.dumps(results))
+    others = [r for r in results["rows"] if r["name"] != "DummyClassifier"]
+    want = max(others, key=lambda r: r["val_accuracy"])["name"]
+    with caplog.at_level("WARNING", logger="featcache"):
+        res = export_model(path, report_dir=copy, output=tmp_path / "m.keras")
+    assert load_classifier(res.path).metadata["head"] == want
+    assert any("best row DummyClassifier has no Keras form" in r.getMessage()
+               and want in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="no Keras form"):     # asked for by name: refused
+        export_model(path, head="DummyClassifier", report_dir=copy,
+                     output=tmp_path / "d.keras")
 
 
 def test_default_export_of_a_knn_best_row_and_predict(extracted, tmp_path, capsys):
