@@ -189,3 +189,31 @@ def test_fast_search_keeps_the_model_fitted_at_the_chosen_point():
     assert np.abs(head.coef_ - at[chosen].coef_).max() < 1e-2
     others = [np.abs(head.coef_ - m.coef_).max() for c, m in at.items() if c != chosen]
     assert others and min(others) > 5e-2                     # the check can tell them apart
+
+
+def test_selection_study_never_reads_the_test_split(tmp_path, capsys):
+    """benchmarks/studies/selection.py scores on held-out *training* rows: permuting the
+    file's test labels changes nothing it prints (and the held-out rows are disjoint from
+    the subset)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.studies import selection as study
+
+    a = make_feature_file(tmp_path / "a.h5", n_train=400, n_test=50, seed=5)
+    b = make_feature_file(tmp_path / "b.h5", n_train=400, n_test=50, seed=5,
+                          test_labels=lambda y: (y + 1) % 4)
+    out = []
+    for path in (a, b):
+        assert study.main([str(path), "--sizes", "10", "--seeds", "1",
+                           "--heads", "logreg,knn"]) == 0
+        lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+        out.append([{k: v for k, v in r.items() if k not in ("seconds", "mean_seconds")}
+                    for r in lines])
+    assert out[0] == out[1]
+    plans = [r["plan"] for r in out[0] if "summary" not in r]
+    assert plans == ["holdout", "kfold"]
+    rows, held = study.subsets(np.arange(400) % 4, 10, 0)
+    assert len(rows) == 40 and not set(rows) & set(held)
