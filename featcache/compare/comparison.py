@@ -210,7 +210,7 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
         "classes": fs.classes,
         "protocol": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
                      "search": cfg.search, "plan": plan.to_dict(),
-                     "selection": plan.describe() + " of the training rows; " + (
+                     "selection": plan.describe() + "; " + (
                          "the model selected on the fit rows is final (--search fast, no "
                          "refit)" if cfg.search == "fast" and plan.kind == "holdout" else
                          "refit on all training rows") + "; test scored once",

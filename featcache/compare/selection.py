@@ -66,9 +66,10 @@ class Plan:
 
     def describe(self) -> str:
         if self.kind == "holdout":
-            return f"one stratified validation split ({self.val_fraction:g} of every class)"
+            return (f"one stratified validation split of the training rows "
+                    f"({self.val_fraction:g} of every class)")
         rep = f", repeated {self.repeats}x for the cheap heads" if self.repeats > 1 else ""
-        return f"stratified {self.folds}-fold cross-validation{rep}"
+        return f"stratified {self.folds}-fold cross-validation of the training rows{rep}"
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "val_fraction": self.val_fraction, "folds": self.folds,

@@ -77,9 +77,15 @@ def test_a_hundred_image_folder_is_chosen_on_all_its_rows_not_on_ten(tmp_path):
     path = make_feature_file(tmp_path / "f.h5", n_train=100, n_test=70, k=2, dim=8, sep=1.2)
     from featcache.compare.comparison import compare_heads
 
-    r = compare_heads(HeadsConfig(str(path), heads=("logreg", "knn"), workers=0),
-                      write=False)
+    r = compare_heads(HeadsConfig(str(path), heads=("logreg", "knn"), workers=0,
+                                  out_dir=str(tmp_path / "report")))
     assert r["protocol"]["plan"]["kind"] == "kfold"
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "stratified 5-fold cross-validation of the training rows, repeated 3x" in md
+    assert "300 validation predictions over 15 folds" in md
+    noted = [row for row in r["rows"] if row["search_note"]]
+    assert ("Grid search notes" in md) is bool(noted)
+    assert all(f"- {row['name']}: {row['search_note']}" in md for row in noted)
     assert all(row["n_val"] == 300 and row["plan"] == "kfold" for row in r["rows"])
     assert all(row["refit"] and row["n_train"] in (100, 200) for row in r["rows"])
     dense = compare_heads(HeadsConfig(str(path), heads=("dense",), flip="off", workers=0),
