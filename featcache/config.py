@@ -357,7 +357,7 @@ class HeadsConfig:
         0.1, help="stratified share of the training rows held out for selection "
                   "(validation; not stage one's --test-fraction)")
     cv_below: int = setting(
-        50, help="k-fold cross-validation instead of the single validation split when that "
+        100, help="k-fold cross-validation instead of the single validation split when that "
                  "split would hold fewer than this many rows of the smallest class (0: "
                  "always the single split; docs/stage-two.md, \"Selection on small data\")")
     cv_folds: int = setting(5, help="folds of the k-fold cross-validation")
