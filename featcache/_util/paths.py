@@ -25,7 +25,7 @@ from pathlib import Path
 #: The environment variable naming the folder that holds ``cifar-10-batches-py``.
 REAL_DATA_ENV = "FEATCACHE_REAL_DATA"
 #: The checkout this package lives in (for ``data/`` and ``../shared``).
-CHECKOUT = Path(__file__).resolve().parents[1]
+CHECKOUT = Path(__file__).resolve().parents[2]   # featcache/_util/paths.py -> the checkout
 MOBILENET_V2_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 
 

@@ -42,3 +42,12 @@ def test_keras_home_copies_shared_weights_into_a_writable_folder(tmp_path, monke
     assert (got / "models" / "w.h5").read_bytes() == b"weights"
     assert os.environ["KERAS_HOME"] == str(got)
     assert paths.keras_home("w.h5", root=root) == got           # writable: used as it is
+
+
+def test_checkout_is_the_folder_holding_the_package():
+    """``data/`` and ``../shared`` are looked for beside the package's checkout."""
+    from featcache._util import paths
+
+    assert (paths.CHECKOUT / "featcache" / "__init__.py").is_file()
+    assert (paths.CHECKOUT / "pyproject.toml").is_file()
+    assert paths.shared_dir() == paths.CHECKOUT.parent / "shared"
