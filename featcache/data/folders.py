@@ -47,8 +47,15 @@ log = logging.getLogger(__name__)
 #: at most this many skipped files are named in the feature file (all are counted)
 MAX_LISTED_SKIPS = 200
 FINGERPRINT_VERSION = b"featcache-folder-v1"
+#: a folder of these names beside train/ is a validation split, not a class
+VAL_NAMES = frozenset({"val", "valid", "validation"})
 #: every class needs this many usable training images: one to fit a head, one to validate it
 MIN_TRAIN_PER_CLASS = 2
+
+
+def _others(class_dirs: list[Path], d: Path) -> tuple[str, ...]:
+    """The real paths of the class folders other than ``d`` (links must not lead there)."""
+    return tuple(os.path.realpath(o) for o in class_dirs if o != d)
 
 
 def _interleave(per_class: list[list[tuple[str, int]]]) -> list[tuple[str, int]]:
@@ -170,6 +177,13 @@ class FolderDataset(Dataset):
             raise DataError(f"image folder {root} {what}: put each class's images in its own "
                             f"sub-folder (<folder>/<class>/<image>), optionally inside "
                             f"train/ and test/")
+        val = sorted(names & VAL_NAMES)
+        if "train" in names and "test" not in names:
+            fix = (f"rename {val[0]}/ to test/" if val else
+                   "add test/<class>/ beside it, or put the class folders at the top level "
+                   "to have featcache draw the test split")
+            raise DataError(f"{root} has train/ but no test/ (featcache reads train/ + test/"
+                            f"{', not ' + val[0] + '/' if val else ''}): {fix}")
         if {"train", "test"} <= names:
             self.layout = "train/test"
             others = sorted(names - {"train", "test"})
@@ -183,13 +197,15 @@ class FolderDataset(Dataset):
                 raise DataError(f"{root / 'test'} has classes that train/ lacks: "
                                 f"{', '.join(unknown)}; rename them or add them to train/")
             out = {}
+            class_dirs = [d for split in ("train", "test") for d in subdirs(root / split)]
+            seen: set[str] = set()
             for split in ("train", "test"):
                 if not subdirs(root / split):
                     raise DataError(f"{root / split} has no class sub-folders: put each "
                                     f"class's images in {split}/<class>/")
                 per_class = []
                 for d in subdirs(root / split):
-                    files, _ = images_under(d)
+                    files, _ = images_under(d, others=_others(class_dirs, d), seen=seen)
                     if not files:
                         raise DataError(f"empty class: {no_images(d)}; add images or remove "
                                         f"the folder")
@@ -209,8 +225,9 @@ class FolderDataset(Dataset):
                         root, len(loose), loose[0].name)
         self.classes = [d.name for d in dirs]
         train, test = [], []
+        seen = set()
         for ci, d in enumerate(dirs):
-            files, _ = images_under(d)
+            files, _ = images_under(d, others=_others(dirs, d), seen=seen)
             if not files:
                 raise DataError(f"empty class: {no_images(d)}; add images or remove the folder")
             mask = stratified_split(len(files), float(self.test_fraction), int(self.seed), ci)

@@ -1,7 +1,7 @@
 """Image files: which files of a folder are images (:data:`IMAGE_SUFFIXES`, hidden names
-ignored, symlinked sub-folders followed once), and :func:`decode_image` — Pillow's decoding
+ignored, regular files only, symlinks followed once and never into another class), and :func:`decode_image` — Pillow's decoding
 for every format (EXIF orientation applied, the first frame of an animated GIF,
-grayscale / RGBA / palette / 16-bit made 8-bit RGB), used by image-folder datasets
+grayscale / RGBA / palette / 16-bit (scaled by bit depth) made 8-bit RGB), used by image-folder datasets
 (:mod:`featcache.data.folders`) and by ``featcache predict`` (:mod:`featcache.ship.predict`).
 
 Reads the files and folders it is given; writes nothing.
@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,10 @@ def decode_image(source: bytes | str | os.PathLike, name: str | None = None) -> 
             im.load()
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                # 16-bit samples (a PNG's "I" is 16-bit too): scaled by the bit depth,
+                # never by the image's own values (a dark image stays dark)
                 arr = np.asarray(im).astype(np.int64)
-                arr = (arr >> 8) if arr.max(initial=0) > 255 else arr
-                arr = np.clip(arr, 0, 255).astype(np.uint8)
+                arr = np.clip(arr >> 8, 0, 255).astype(np.uint8)
                 rgb = np.repeat(arr[..., None], 3, axis=2)
             else:
                 rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -70,23 +72,44 @@ def subdirs(d: Path) -> list[Path]:
     return sorted((p for p in d.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
 
 
-def images_under(d: Path) -> tuple[list[Path], int]:
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def images_under(d: Path, *, others: tuple[str, ...] = (),
+                 seen: set[str] | None = None) -> tuple[list[Path], int]:
     """Image files anywhere under ``d`` (sorted), and how many other files were ignored.
 
-    Symlinked sub-folders are followed like real ones; a folder reached a second time (a
-    link back up the tree, or two links to one folder) is not walked again, with a warning
-    (its images are already counted once)."""
+    Only regular files are read: a FIFO, socket or device named like an image is skipped
+    with a warning (reading it could block forever). Symlinked sub-folders and files are
+    followed like real ones, but never into another class: a link whose target lies in one
+    of ``others`` (the other class folders' real paths) or contains ``d`` itself (a link
+    back up the tree, ``ln -s .. dog/up``) is skipped with a warning, so no image is read
+    under a second label. ``seen`` (shared by the whole data set) holds the real paths
+    already read: a folder or file reached a second time is skipped with a warning."""
     found, ignored = [], 0
-    seen = {os.path.realpath(d)}
+    seen = set() if seen is None else seen
+    own = os.path.realpath(d)
+    seen.add(own)
+
+    def foreign(real: str) -> str | None:
+        if _inside(own, real):
+            return "it contains the class folder itself"
+        hit = next((o for o in others if _inside(real, o) or _inside(o, real)), None)
+        return f"it leads into another class ({hit})" if hit else None
+
     for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
         keep = []
         for n in sorted(dirnames):
             if n.startswith("."):
                 continue
-            real = os.path.realpath(os.path.join(dirpath, n))
-            if real in seen:
-                log.warning("%s: not walking %s again (a symlink to a folder already read: "
-                            "%s)", d, os.path.join(dirpath, n), real)
+            link = os.path.join(dirpath, n)
+            real = os.path.realpath(link)
+            why = foreign(real) if os.path.islink(link) else None
+            if why is None and real in seen:
+                why = f"a folder already read ({real})"
+            if why:
+                log.warning("%s: not reading %s: %s", d, link, why)
                 continue
             seen.add(real)
             keep.append(n)
@@ -94,10 +117,28 @@ def images_under(d: Path) -> tuple[list[Path], int]:
         for n in sorted(filenames):
             if n.startswith("."):
                 continue
-            if n.lower().endswith(IMAGE_SUFFIXES):
-                found.append(Path(dirpath) / n)
-            else:
+            if not n.lower().endswith(IMAGE_SUFFIXES):
                 ignored += 1
+                continue
+            path = os.path.join(dirpath, n)
+            real = os.path.realpath(path)
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError:
+                regular = True        # a broken link: decoding names it as unreadable
+            if not regular:
+                log.warning("%s: skipping %s: not a regular file", d, path)
+                ignored += 1
+                continue
+            why = foreign(real) if os.path.islink(path) else None
+            if why is None and real in seen:
+                why = f"a file already read ({real})"
+            if why:
+                log.warning("%s: not reading %s: %s", d, path, why)
+                ignored += 1
+                continue
+            seen.add(real)
+            found.append(Path(path))
     return sorted(found), ignored
 
 

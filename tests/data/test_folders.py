@@ -286,3 +286,95 @@ def test_cli_features_on_a_folder(folder, tmp_path, capsys):
                "--out-dir", str(tmp_path / "o2")])
     assert rc != 0
     assert "featcache: error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- hostile trees
+
+def _simple_folder(root: Path, per_class: int = 4, classes=("cat", "dog")) -> Path:
+    for ci, cls in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / cls / f"{i}.png", cls if cls in CLASSES else "cat", (16, 16),
+                        "RGB", "PNG", seed=10 * ci + i)
+    return root
+
+
+def _all_files(ds):
+    return sorted(r for split in ("train", "test") for r, _ in ds.files(split))
+
+
+def test_a_link_into_another_class_is_not_read_under_a_second_label(tmp_path, caplog):
+    root = _simple_folder(tmp_path / "pets")
+    os.symlink(root / "dog", root / "cat" / "dogs_too")              # into another class
+    os.symlink(root / "dog" / "0.png", root / "cat" / "a_dog.png")   # a file of another class
+    os.symlink("..", root / "dog" / "up")                            # back up the tree
+    with caplog.at_level(logging.WARNING, logger="featcache.data.imagefiles"):
+        ds = FolderDataset(root, image_size=32)
+    files = _all_files(ds)
+    assert len(files) == 8 and not any("dogs_too" in f or "a_dog" in f or "up/" in f
+                                       for f in files)
+    text = caplog.text
+    assert "leads into another class" in text and "contains the class folder itself" in text
+
+
+def test_a_link_to_an_outside_folder_is_read_once(tmp_path, caplog):
+    root = _simple_folder(tmp_path / "pets")
+    extra = _simple_folder(tmp_path / "extra", per_class=3, classes=("more",))
+    os.symlink(extra / "more", root / "cat" / "more")
+    os.symlink(extra / "more", root / "dog" / "more")                # the same folder again
+    with caplog.at_level(logging.WARNING, logger="featcache.data.imagefiles"):
+        ds = FolderDataset(root, image_size=32)
+    files = _all_files(ds)
+    assert sum("cat/more/" in f for f in files) == 3
+    assert sum("dog/more/" in f for f in files) == 0 and "already read" in caplog.text
+
+
+def test_a_link_from_train_into_test_is_refused(tmp_path, caplog):
+    root = tmp_path / "tt"
+    _simple_folder(root / "train")
+    _simple_folder(root / "test", per_class=2)
+    os.symlink(root / "test" / "cat", root / "train" / "cat" / "from_test")
+    with caplog.at_level(logging.WARNING, logger="featcache.data.imagefiles"):
+        ds = FolderDataset(root, image_size=32)
+    assert ds.splits == {"train": 8, "test": 4} and "another class" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_named_like_an_image_is_skipped_not_read(tmp_path, caplog):
+    import signal
+
+    root = _simple_folder(tmp_path / "pets")
+    os.mkfifo(root / "cat" / "pipe.png")
+    signal.alarm(60)                      # reading the FIFO would block forever
+    try:
+        with caplog.at_level(logging.WARNING, logger="featcache.data.imagefiles"):
+            ds = FolderDataset(root, image_size=32)
+    finally:
+        signal.alarm(0)
+    assert len(_all_files(ds)) == 8 and "not a regular file" in caplog.text
+
+
+@pytest.mark.parametrize("names,fix", [(("train", "val"), "rename val/ to test/"),
+                                       (("train", "validation"), "rename validation/ to test/"),
+                                       (("train",), "add test/<class>/")])
+def test_train_without_test_is_refused_with_the_fix(tmp_path, names, fix):
+    root = tmp_path / "layout"
+    for n in names:
+        _simple_folder(root / n)
+    with pytest.raises(DataError) as e:
+        FolderDataset(root, image_size=32)
+    msg = str(e.value)
+    assert "\n" not in msg and "has train/ but no test/" in msg and fix in msg
+
+
+def test_16bit_pngs_are_scaled_by_bit_depth_not_by_their_values(tmp_path):
+    dark = np.full((8, 8), 255, np.uint16)                 # 255 of 65,535: nearly black
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    assert decode_image(tmp_path / "dark.png").max() == 0
+    one = dark.copy()
+    one[0, 0] = 256                                        # one pixel more changes nothing
+    Image.fromarray(one).save(tmp_path / "one.png")
+    got = decode_image(tmp_path / "one.png")
+    assert got[1:, 1:].max() == 0 and got[0, 0, 0] == 1
+    bright = np.full((8, 8), 65535, np.uint16)
+    Image.fromarray(bright).save(tmp_path / "bright.png")
+    assert decode_image(tmp_path / "bright.png").min() == 255
