@@ -199,6 +199,7 @@ def load_features(path: str | os.PathLike, splits: Iterable[str] | None = None, 
                     raise CorruptFeatureFile(f"{path} has no split {name!r}; it has "
                                              f"{attrs.get('splits')}")
                 g = f[name]
+                check_rows(path, name, g, attrs)
                 n = int(attrs["rows_done"][attrs["splits"].index(name)]) \
                     if not require_complete else g["labels"].shape[0]
                 n = n if max_rows is None else min(n, int(max_rows))
@@ -209,6 +210,11 @@ def load_features(path: str | os.PathLike, splits: Iterable[str] | None = None, 
         except (OSError, KeyError) as exc:
             raise CorruptFeatureFile(f"{path} is damaged ({exc}); re-run stage one with "
                                      f"--force") from None
+    widths = {name: s.features.shape[1] if s.features.ndim == 2 else None
+              for name, s in out.items()}
+    if len(set(widths.values())) > 1 or None in widths.values():
+        raise CorruptFeatureFile(f"{path} is damaged: its splits' features have different "
+                                 f"widths ({widths}); re-run stage one with --force")
     if check_finite:
         for name, s in out.items():
             for arr in (s.features, s.features_flip):
@@ -218,6 +224,21 @@ def load_features(path: str | os.PathLike, splits: Iterable[str] | None = None, 
                         f"backbone run, e.g. float16 overflow); re-extract with --force, "
                         f"--precision float32")
     return FeatureSet(path=path, attrs=attrs, classes=classes, splits=out)
+
+
+def check_rows(path, name: str, group, attrs: dict) -> None:
+    """Refuse a split whose datasets disagree on their row count (features, labels, ids,
+    mirrored features), or, in a complete file, with ``rows_done``: heads would train on
+    rows paired with the wrong labels, or silently on fewer rows."""
+    counts = {k: int(group[k].shape[0]) for k in ("features", "labels", "ids",
+                                                  "features_flip") if k in group}
+    done = attrs.get("rows_done")
+    if attrs.get("complete") and done is not None and name in list(attrs.get("splits", [])):
+        counts["rows_done"] = int(done[list(attrs["splits"]).index(name)])
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items())
+        raise CorruptFeatureFile(f"{path} is damaged: its {name} split's row counts disagree "
+                                 f"({shown}); re-run stage one with --force")
 
 
 def read_ids(group, n: int | None = None) -> np.ndarray:

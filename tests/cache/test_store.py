@@ -210,3 +210,44 @@ def test_the_writer_reopens_a_file_another_process_briefly_holds_locked(tmp_path
         writer.open_owned(path)
     child.kill()
     child.wait(timeout=30)
+
+
+@pytest.mark.parametrize("dataset,rows", [("labels", 21), ("ids", 20), ("features_flip", 23),
+                                          ("features", 22)])
+def test_row_counts_that_disagree_are_a_damaged_file(tmp_path, dataset, rows):
+    """Labels 3 shorter than the features used to be accepted (heads trained on 21 of 24
+    rows); every split's datasets must agree with each other and with rows_done."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from stage_two_util import make_feature_file
+
+    path = make_feature_file(tmp_path / "f.h5", n_train=24, n_test=12)
+    reader.load_features(path)                                   # whole: accepted
+    with h5py.File(path, "r+") as f:
+        data = f["train"][dataset][:rows]
+        del f["train"][dataset]
+        f["train"].create_dataset(dataset, data=data)
+    with pytest.raises(CorruptFeatureFile) as e:
+        reader.load_features(path)
+    msg = str(e.value)
+    assert "\n" not in msg and "row counts disagree" in msg and f"{dataset} {rows}" in msg
+    assert "--force" in msg
+
+
+def test_splits_of_different_widths_are_a_damaged_file(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from stage_two_util import make_feature_file
+
+    path = make_feature_file(tmp_path / "f.h5", n_train=24, n_test=12, dim=16)
+    with h5py.File(path, "r+") as f:
+        for k in ("features", "features_flip"):
+            data = f["test"][k][:, :8]
+            del f["test"][k]
+            f["test"].create_dataset(k, data=data)
+    with pytest.raises(CorruptFeatureFile, match="different widths.*--force"):
+        reader.load_features(path)
