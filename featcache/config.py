@@ -52,6 +52,11 @@ ENGINES = ("local", "ray")
 #: The largest input size (px) stage one accepts: one 1024-px float32 image through a
 #: backbone already takes ~0.2 GiB of activations; 10,000 px took 4.7 GiB for one image.
 MAX_SIZE = 1024
+#: Upper bounds of the numeric settings (``bounds`` in the table): a value past them is a
+#: typo, not a request (a batch of 10^8 images, 10^5 threads or workers).
+MAX_BATCH = 4096
+MAX_THREADS = 1024
+MAX_SEED = 2 ** 32 - 1
 
 
 def check_size(size, backbone: str) -> int:
@@ -116,6 +121,9 @@ class ExtractConfig:
     told). ``resolved()`` fills the backbone's defaults and validates, once: it returns a
     :class:`ResolvedExtractConfig`, whose ``resolved()`` is itself."""
 
+    def __post_init__(self):
+        settings.check_bounds(self, ConfigError)   # every numeric setting, wherever set
+
     dataset: str = setting(
         "cifar10", env="FEATCACHE_DATASET", make="DATASET", key=True, to_key=dataset_name,
         companion="dataset_sha256",
@@ -130,7 +138,8 @@ class ExtractConfig:
         None, type=int, make="SIZE", key=True, attr="image_size",
         help="input size in px the images are resized to (default: the backbone's own; "
              "the file attribute image_size)")
-    batch: int = setting(DEFAULT_BATCH, make="BATCH", help="images per forward pass")
+    batch: int = setting(DEFAULT_BATCH, make="BATCH", bounds=(1, MAX_BATCH),
+                         help="images per forward pass")
     weights: str = setting(
         "imagenet", make="WEIGHTS", key=True, to_key=weights_tag, companion="weights_sha256",
         help="imagenet (Keras cache / KERAS_HOME), none (random), or a .h5 path")
@@ -157,13 +166,14 @@ class ExtractConfig:
              "(files get _flip; stage two's --flip MODE chooses how rows use them); "
              "--no-flip stores plain features only (half the time)")
     xla: bool = setting(False, help="compile the forward pass with XLA (tensorflow runtime)")
-    limit: int | None = setting(None, type=int, make="LIMIT", key=True,
+    limit: int | None = setting(None, type=int, make="LIMIT", key=True, bounds=(1, 10 ** 9),
                                 to_key=lambda n: n or 0, help="at most N images per split")
     test_fraction: float = setting(
-        0.2, aliases=("--val-fraction",), key=True,
+        0.2, aliases=("--val-fraction",), key=True, bounds=(0, 1, "open"),
         help="image folders without train/ and test/: the stratified TEST share (not stage "
              "two's validation share)")
-    seed: int = setting(0, key=True, help="seed of an image folder's train/test split")
+    seed: int = setting(0, key=True, bounds=(0, MAX_SEED),
+                        help="seed of an image folder's train/test split")
     cut: str | None = setting(
         None, make="CUT", key=True, key_if_set=True, metavar="BLOCK",
         help="also store float16 activations after this block (and mirrored), for the "
@@ -181,13 +191,13 @@ class ExtractConfig:
                                       "configuration")
     wait: bool = setting(False, help="wait for another process writing the same file "
                                      "instead of refusing")
-    threads: int | None = setting(None, type=int,
+    threads: int | None = setting(None, type=int, bounds=(1, MAX_THREADS),
                                   help="OpenVINO inference threads (default: all cores)")
     engine: str = setting(
         "local", choices=ENGINES,
         help="local: this process; ray: --shards parts as Ray tasks, then one merge (the "
              "same file, bit for bit)")
-    shards: int = setting(2, help="with --engine ray: how many parts")
+    shards: int = setting(2, bounds=(1, 4096), help="with --engine ray: how many parts")
     ray_address: str | None = setting(
         None, help="with --engine ray: a running cluster (auto, ray://host:10001, "
                    "host:6379; default: a local one-node cluster)")
@@ -348,24 +358,30 @@ FLIP_MODES = ("auto", "off", "train", "tta", "both")
 class HeadsConfig:
     """Stage two's settings: the settings table's second half (:mod:`featcache._util.settings`)."""
 
+    def __post_init__(self):
+        settings.check_bounds(self, ConfigError)   # every numeric setting, wherever set
+
     feature_file: str = setting(positional=True, help="a complete feature file (.h5)")
     heads: tuple[str, ...] = setting(
         (), type=str, parse=parse_heads, make="HEADS",
         help="comma-separated heads (default: the registry's defaults; `featcache heads "
              "--list` shows them)")
     val_fraction: float = setting(
-        0.1, help="stratified share of the training rows held out for selection "
-                  "(validation; not stage one's --test-fraction)")
+        0.1, bounds=(0, 1, "open"),
+        help="stratified share of the training rows held out for selection "
+             "(validation; not stage one's --test-fraction)")
     cv_below: int = setting(
-        100, help="k-fold cross-validation instead of the single validation split when that "
-                 "split would hold fewer than this many rows of the smallest class (0: "
-                 "always the single split; docs/stage-two.md, \"Selection on small data\")")
-    cv_folds: int = setting(5, help="folds of the k-fold cross-validation")
+        100, bounds=(0, 10 ** 9),
+        help="k-fold cross-validation instead of the single validation split when that "
+             "split would hold fewer than this many rows of the smallest class (0: "
+             "always the single split; docs/stage-two.md, \"Selection on small data\")")
+    cv_folds: int = setting(5, bounds=(2, 100), help="folds of the k-fold cross-validation")
     cv_repeats: int | None = setting(
-        None, type=int,
+        None, type=int, bounds=(1, 100),
         help="repeats of the k-fold, each a new shuffle (default: 3 below 1,000 training "
              "rows, else 1)")
-    seed: int = setting(0, help="seed of the validation split and of the heads")
+    seed: int = setting(0, bounds=(0, MAX_SEED),
+                        help="seed of the validation split and of the heads")
     flip: str = setting(
         "auto", choices=FLIP_MODES,
         help="stage two's mode (stage one's --flip only stores mirrored features): which "
@@ -374,7 +390,7 @@ class HeadsConfig:
     out_dir: str | None = setting(
         None, help="report folder (default: features/<stem>/ beside the feature file)")
     workers: int | None = setting(
-        None, type=int, make="WORKERS",
+        None, type=int, bounds=(0, MAX_THREADS), make="WORKERS",
         help="worker processes, one thread each (default: the cores available to this "
              "process; 0: everything in this process, one row after another); any count "
              "gives the same results")

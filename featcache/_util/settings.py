@@ -39,15 +39,18 @@ def setting(default: Any = MISSING, *, help: str, choices=None, flag: str | None
             to_key: Callable | None = None, companion: str | None = None,
             key_if_set: bool = False, make: str | None = None, env: str | None = None,
             type: Callable | None = None, parse: Callable | None = None,
-            metavar: str | None = None, positional: bool = False):
+            metavar: str | None = None, positional: bool = False,
+            bounds: tuple | None = None):
     """A dataclass field carrying its row of the settings table (see the module docstring).
 
     ``type`` converts the CLI string (default: from the default's type); ``parse`` turns the
-    converted value into the field's value (e.g. ``"0/4"`` -> ``(0, 4)``)."""
+    converted value into the field's value (e.g. ``"0/4"`` -> ``(0, 4)``). ``bounds`` is
+    ``(low, high)`` (inclusive; ``None`` for no limit on that side), or ``(low, high,
+    "open")`` for a fraction strictly between the two; :func:`check_bounds` applies it."""
     meta = dict(help=help, choices=choices, flag=flag, aliases=tuple(aliases), key=key,
                 attr=attr, to_key=to_key, companion=companion, key_if_set=key_if_set,
                 make=make, env=env, type=type, parse=parse, metavar=metavar,
-                positional=positional)
+                positional=positional, bounds=bounds)
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default")
     return field(default=default, metadata={"setting": meta})
@@ -74,6 +77,7 @@ class Setting:
     parse: Callable | None
     metavar: str | None
     positional: bool
+    bounds: tuple | None = None
 
     @property
     def allowed(self) -> tuple | None:
@@ -107,6 +111,37 @@ def table(cls) -> tuple[Setting, ...]:
         out.append(Setting(name=f.name, default=None if f.default is MISSING else f.default,
                            **{**meta, "flag": flag, "attr": meta["attr"] or f.name}))
     return tuple(out)
+
+
+def bounds_text(s: Setting) -> str:
+    """What ``s.bounds`` allows, as an error message says it."""
+    lo, hi, *kind = s.bounds
+    if kind:
+        return f"between {lo:g} and {hi:g} (exclusive)"
+    if hi is None:
+        return f"{lo} or more"
+    return f"between {lo} and {hi}" if lo is not None else f"at most {hi}"
+
+
+def check_bounds(cfg, error: type[Exception]) -> None:
+    """Raise ``error`` (one line naming the flag and its range) for the first setting of
+    ``cfg`` outside its ``bounds``; ``None`` values (not set) pass."""
+    for s in table(type(cfg)):
+        value = getattr(cfg, s.name)
+        if s.bounds is None or value is None:
+            continue
+        lo, hi, *kind = s.bounds
+        name = s.flag or s.name
+        try:
+            number = float(value)
+            ok = (lo is None or (number > lo if kind else number >= lo)) and \
+                 (hi is None or (number < hi if kind else number <= hi))
+            ok = ok and (not isinstance(s.default, int) or isinstance(value, bool)
+                         or float(int(value)) == number)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise error(f"{name} must be {bounds_text(s)}, not {value!r}")
 
 
 def key_fields(cls) -> tuple[str, ...]:

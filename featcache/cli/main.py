@@ -26,8 +26,16 @@ from featcache.errors import FeatcacheError
 
 log = logging.getLogger("featcache")
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (``featcache heads: error: …; see
+    featcache heads --help``) instead of the usage block and the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="featcache",
         description="Run a pretrained backbone once, cache its features, compare heads on them.")
     parser.add_argument("--version", action="version", version=f"featcache {__version__}")

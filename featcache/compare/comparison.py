@@ -63,7 +63,7 @@ from featcache.compare.protocol import (
 from featcache.compare.result import Comparison
 from featcache.compare.selection import best_index, best_row_rule
 from featcache.compare.stats import pairwise_mcnemar
-from featcache.config import SEARCH_MODES, HeadsConfig, with_settings
+from featcache.config import SEARCH_MODES, HeadsConfig, default_workers, with_settings
 from featcache.errors import ConfigError
 from featcache.heads import HEADS, resolve_heads
 from featcache.heads.registry import fmt_params
@@ -148,6 +148,11 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
         shared = stack.enter_context(SharedArrays()) if n_workers > 0 else None
         data, has_flip = split_data(fs, cfg, shared)
         specs = [(name, tf, tta) for name in names for tf, tta in HEADS[name].flip_rows(extra)]
+        useful = min(len(specs), default_workers())
+        if n_workers > useful:      # more processes than rows or cores only slow the machine
+            log.warning("--workers %d: running %d (%d rows, %d cores)", n_workers, useful,
+                        len(specs), default_workers())
+            n_workers = useful
         plan = data.plan
         row_costs = [job_cost(r, data) for r in specs]
         log.info("%s: %d train rows (selection: %s), %d test, %d features, heads: "
