@@ -172,3 +172,14 @@ def test_results_json_names_the_settings(tmp_path):
     assert saved["config"]["workers"] == 1 and saved["protocol"]["search"] == "exhaustive"
     with pytest.raises(Exception, match="--search"):
         compare_heads(HeadsConfig(str(path), search="quick"), write=False)
+
+
+def test_more_workers_than_rows_or_cores_are_capped_with_a_warning(tmp_path, caplog):
+    import logging
+
+    path = make_feature_file(tmp_path / "f.h5", n_train=200)
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        r = compare_heads(HeadsConfig(str(path), heads=("logreg",), flip="off", workers=64),
+                          write=False)
+    assert r["config"]["workers"] == 1                 # one row: one worker is all it uses
+    assert "--workers 64: running 1 (1 rows" in caplog.text
