@@ -113,6 +113,21 @@ def parse_part(path: str | Path) -> tuple[Path, int, int] | None:
     return p.with_name(m["stem"] + ".h5"), int(m["i"]), int(m["n"])
 
 
+VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def check_names(cfg) -> None:
+    """Refuse an empty ``--dataset`` (it used to read the current folder) and a
+    ``--variant`` that is not a plain file-name part (``../../x`` wrote outside
+    ``--out-dir``)."""
+    if not str(cfg.dataset).strip():
+        raise ConfigError("--dataset is empty; give cifar10, synthetic or the path of an "
+                          "image folder (one sub-folder per class; `.` for this folder)")
+    if cfg.variant is not None and cfg.variant != "" and not VARIANT_RE.match(cfg.variant):
+        raise ConfigError(f"--variant {cfg.variant!r} must be a plain file-name part "
+                          f"(letters, digits, . _ + -, not starting with . or -)")
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Stage one's settings: the settings table's first half (:mod:`featcache._util.settings`).
@@ -123,6 +138,7 @@ class ExtractConfig:
 
     def __post_init__(self):
         settings.check_bounds(self, ConfigError)   # every numeric setting, wherever set
+        check_names(self)
 
     dataset: str = setting(
         "cifar10", env="FEATCACHE_DATASET", make="DATASET", key=True, to_key=dataset_name,

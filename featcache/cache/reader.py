@@ -91,6 +91,9 @@ def attrs_dict(attrs) -> dict:
 
 def open_h5(path: Path, mode: str) -> h5py.File:
     """Open an existing feature file, turning h5py's errors into one-line project errors."""
+    if Path(path).is_dir():
+        raise CacheError(f"{path} is a folder, not a feature file; give the .h5 file (a "
+                         f"report folder sits beside the .h5 of the same name)")
     try:
         return h5py.File(path, mode)
     except FileNotFoundError:

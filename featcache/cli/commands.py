@@ -164,8 +164,9 @@ def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
     p.add_argument("--wait", action="store_true",
                    help="wait for another run writing the same report instead of refusing")
     if curve:
-        p.add_argument("--sizes", default="10,50,100,500,all",
-                       help="labelled examples per class, comma-separated ('all' = every row)")
+        p.add_argument("--sizes", default=None,
+                       help="labelled examples per class, comma-separated ('all' = every row; "
+                            "default: 10,50,100,500,all, those the data set has rows for)")
     else:
         p.add_argument("--list", action="store_true", help="list the head registry and exit")
         p.add_argument("--json", action="store_true",
@@ -257,8 +258,10 @@ def cmd_curve(args) -> int:
 
     cfg = _heads_config(args)
     resolve_heads(cfg.heads)
-    sizes = []
-    for s in args.sizes.split(","):
+    from featcache.compare.comparison import CURVE_SIZES, label_curve
+
+    sizes = [] if args.sizes is not None else list(CURVE_SIZES)
+    for s in (args.sizes.split(",") if args.sizes is not None else []):
         s = s.strip().lower()
         if s == "all":
             sizes.append(None)
@@ -266,10 +269,10 @@ def cmd_curve(args) -> int:
             sizes.append(int(s))
         else:
             raise ConfigError(f"--sizes takes positive counts or 'all', not {s!r}")
-    from featcache.compare.comparison import label_curve
     from featcache.compare.report import curve_table
 
-    results = label_curve(cfg, sizes=tuple(sizes), wait=args.wait)
+    results = label_curve(cfg, sizes=CURVE_SIZES if args.sizes is None else tuple(sizes),
+                          wait=args.wait)
     print(curve_table(results))
     print(f"{results['wall_s']:.1f} s; plot: {cfg.report_dir}/curve.png, "
           f"table: {cfg.report_dir}/curve.md")

@@ -278,6 +278,15 @@ def _curve(cfg: HeadsConfig, sizes, *, write: bool) -> dict:
     names = resolve_heads(cfg.heads)
     fs = load_data(cfg, flip=False)
     tr, te = fs["train"], fs["test"]
+    smallest = int(np.bincount(tr.labels)[np.bincount(tr.labels) > 0].min())
+    if sizes is CURVE_SIZES:   # the defaults: those this data set has rows for
+        sizes = [s for s in sizes if s is None or 2 <= int(s) < smallest] + \
+            ([None] if None not in sizes else [])
+    bad = [s for s in sizes if s is not None and not 2 <= int(s) <= smallest]
+    if bad:
+        raise ConfigError(f"--sizes {','.join(map(str, bad))}: each size must be between 2 "
+                          f"(one row to fit, one to validate) and {smallest} (the training "
+                          f"rows of the smallest class), or all")
     points = []
     for size in sizes:
         idx = np.arange(len(tr.labels)) if size is None else \

@@ -85,6 +85,12 @@ def resolve_user_head(entry: str) -> str:
         raise ConfigError(f"cannot import {module!r} for head {entry!r} ({exc}); put it on "
                           f"PYTHONPATH (make and `python -m featcache` add the current "
                           f"folder) or give path/to/file.py:{attr}") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"importing {module!r} for head {entry!r} raised "
+                          f"{type(exc).__name__}: {first}; fix the module") from None
     obj = getattr(mod, attr, None)
     for name, spec in HEADS.items():
         if obj is not None and spec.factory is obj:
@@ -95,12 +101,27 @@ def resolve_user_head(entry: str) -> str:
         raise ConfigError(f"{module} has no {attr!r} (head {entry!r}); name a scikit-learn "
                           f"classifier class or a factory registered with register_head")
     if inspect.isclass(obj) and hasattr(obj, "fit") and hasattr(obj, "predict"):
+        if not _is_classifier(obj):
+            raise ConfigError(f"{entry!r} is not a classifier (a scikit-learn classifier "
+                              f"has _estimator_type 'classifier', e.g. ClassifierMixin); "
+                              f"stage two needs class predictions: name a classifier such "
+                              f"as sklearn.linear_model:RidgeClassifier")
         register_head(attr, default=False, keras=hasattr(obj, "to_keras"),
                       summary=_first_line(obj.__doc__) or f"{module}.{attr}")(
             _class_factory(obj))
         return attr
     raise ConfigError(f"{entry!r} is neither a scikit-learn classifier class nor a head "
                       f"registered with register_head")
+
+
+def _is_classifier(cls) -> bool:
+    """A scikit-learn classifier class (or a featcache ``Head``), judged before any work."""
+    from sklearn.base import is_classifier
+
+    try:
+        return bool(is_classifier(cls()))
+    except Exception:  # noqa: BLE001 - a class that needs arguments: judge by its tags
+        return getattr(cls, "_estimator_type", None) == "classifier"
 
 
 def _first_line(doc) -> str:

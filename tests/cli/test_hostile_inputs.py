@@ -1,0 +1,52 @@
+"""Hostile inputs that used to end in a traceback or a wrong action, through the real CLI:
+each is one line on stderr and a non-zero exit, before any work."""
+
+from __future__ import annotations
+
+import pytest
+from stage_two_util import make_feature_file
+
+from featcache.cli.main import main
+
+
+def _one_line(argv, capsys, *want):
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:
+        rc = exc.code
+    err = capsys.readouterr().err.strip()
+    assert rc not in (0, None) and "Traceback" not in err and len(err.splitlines()) == 1, err
+    for w in want:
+        assert w in err, err
+    return err
+
+
+def test_a_folder_given_as_a_feature_file(tmp_path, capsys):
+    (tmp_path / "report").mkdir()
+    for cmd in ("heads", "info"):
+        err = _one_line([cmd, tmp_path / "report"], capsys, "is a folder, not a feature file")
+        assert "truncated" not in err and "delete it" not in err
+
+
+def test_an_empty_dataset_and_a_variant_with_a_path_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _one_line(["features", "--dataset", ""], capsys, "--dataset is empty")
+    _one_line(["features", "--dataset", "synthetic", "--variant", "../../x"], capsys,
+              "--variant '../../x' must be a plain file-name part")
+    assert not list(tmp_path.iterdir())              # nothing written anywhere
+
+
+def test_user_heads_that_raise_at_import_or_are_not_classifiers(tmp_path, capsys):
+    path = make_feature_file(tmp_path / "f.h5", n_train=60, n_test=20)
+    (tmp_path / "boom.py").write_text("raise RuntimeError('boom')\n")
+    _one_line(["heads", path, "--heads", f"{tmp_path / 'boom.py'}:Head", "--workers", "0"],
+              capsys, "raised RuntimeError: boom", "fix the module")
+    _one_line(["heads", path, "--heads", "sklearn.linear_model:LinearRegression",
+               "--workers", "0"], capsys, "is not a classifier")
+    assert not (tmp_path / "f").exists()             # no report started
+
+
+@pytest.mark.parametrize("sizes", ["1", "100000"])
+def test_curve_sizes_outside_the_data(tmp_path, capsys, sizes):
+    path = make_feature_file(tmp_path / "f.h5", n_train=80, n_test=20)
+    _one_line(["curve", path, "--heads", "logreg", "--sizes", sizes], capsys, "--sizes")
