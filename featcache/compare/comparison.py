@@ -154,6 +154,13 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
                         len(specs), default_workers())
             n_workers = useful
         plan = data.plan
+        absent = [fs.classes[c] for c in np.flatnonzero(
+            np.bincount(np.asarray(data.y_test), minlength=n_classes) == 0)]
+        if absent:
+            log.warning("the test split has no rows of class %s: its per-class accuracy is "
+                        "n/a and macro-F1 is over the %d classes present; accuracy says "
+                        "nothing about it", ", ".join(map(str, absent)),
+                        n_classes - len(absent))
         row_costs = [job_cost(r, data) for r in specs]
         log.info("%s: %d train rows (selection: %s), %d test, %d features, heads: "
                  "%s%s; %s search, %s", cfg.feature_file, len(data.y), plan.describe(),

@@ -103,15 +103,17 @@ def plot_per_class(names, matrix, classes, path: Path) -> None:
     """Heat map: one line per row (``names``, best first), one column per class, the
     share of that class's test images the row gets right, printed in each cell."""
     plt = pyplot()
-    m = np.asarray(matrix, dtype=np.float64) * 100
+    m = np.array([[np.nan if v is None else v for v in r] for r in matrix],
+                 dtype=np.float64) * 100           # None: a class without test rows
     n_rows, n_cls = m.shape
     fig, ax = plt.subplots(figsize=(1.6 + 0.6 * n_cls, 1.0 + 0.4 * n_rows))
-    im = ax.imshow(m, cmap="viridis", vmin=max(0.0, float(m.min()) - 5), vmax=100,
-                   aspect="auto")
+    low = float(np.nanmin(m)) if np.isfinite(m).any() else 0.0
+    im = ax.imshow(m, cmap="viridis", vmin=max(0.0, low - 5), vmax=100, aspect="auto")
     if n_cls <= 30 and n_rows <= 40:
         for i in range(n_rows):
             for j in range(n_cls):
-                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, "n/a" if np.isnan(m[i, j]) else f"{m[i, j]:.0f}", ha="center",
+                        va="center", fontsize=7,
                         color="black" if m[i, j] > 0.6 * 100 else "white")
     ax.set_xticks(range(n_cls), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n_rows), names, fontsize=8)

@@ -31,7 +31,13 @@ from featcache.compare.selection import (
     search_note,
     splits_for,
 )
-from featcache.compare.stats import confusion, macro_f1, per_class_accuracy, wilson
+from featcache.compare.stats import (
+    confusion,
+    json_floats,
+    macro_f1,
+    per_class_accuracy,
+    wilson,
+)
 from featcache.config import FLIP_MODES, HeadsConfig
 from featcache.errors import ConfigError, DataError
 from featcache.heads import HEADS, as_head
@@ -255,7 +261,7 @@ def run_row(name: str, data: SplitData, *, train_flip: bool, tta: bool, seed: in
         "search_note": sel.note, "plan": data.plan.kind,
         "test_accuracy": correct / len(y), "ci95": [lo, hi],
         "macro_f1": macro_f1(y, pred, n_classes),
-        "per_class_accuracy": per_class_accuracy(y, pred, n_classes).tolist(),
+        "per_class_accuracy": json_floats(per_class_accuracy(y, pred, n_classes)),
         "confusion": cm.tolist(),
         "skipped": sel.skipped, "refit": refit,
         "fast_select": {} if refit else dict(spec.fast_select),   # also in force under fast

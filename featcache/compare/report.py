@@ -28,7 +28,7 @@ import numpy as np
 from featcache._util.atomic import write_bytes, write_text
 from featcache.compare import plots
 from featcache.compare.mistakes import write_mistakes
-from featcache.compare.stats import per_class_accuracy
+from featcache.compare.stats import json_floats, per_class_accuracy
 from featcache.config import provenance_fields
 
 CSV_FIELDS = ("name", "head", "test_accuracy", "ci95_low", "ci95_high", "macro_f1",
@@ -161,8 +161,8 @@ def write_report(results: dict, predictions: dict, y_test, report_dir, *,
     n_classes, y = len(results["classes"]), np.asarray(y_test)
     for r in results["rows"]:  # compare_heads fills it; a results dict from elsewhere may not
         if "per_class_accuracy" not in r:
-            r["per_class_accuracy"] = per_class_accuracy(y, predictions[r["name"]],
-                                                         n_classes).tolist()
+            r["per_class_accuracy"] = json_floats(
+                per_class_accuracy(y, predictions[r["name"]], n_classes))
     order = sorted(results["rows"], key=lambda r: (r["name"] != results["best_row"],
                                                    -r["test_accuracy"]))
     plots.plot_per_class([r["name"] for r in order], [r["per_class_accuracy"] for r in order],

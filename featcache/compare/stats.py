@@ -9,7 +9,8 @@ already implement them (scipy, scikit-learn). Reads and writes nothing.
   Benjamini–Hochberg; statsmodels' ``multipletests`` would be a new dependency).
 - :func:`pairwise_mcnemar` — all pairs, Holm-adjusted, significant at ``alpha``.
 - :func:`macro_f1`, :func:`confusion`, :func:`per_class_accuracy` — ``sklearn.metrics``
-  over the classes ``0..n_classes-1`` (a class never predicted or absent counts as 0).
+  over the classes ``0..n_classes-1``; a class without test rows has no accuracy
+  (``None``) and is left out of the macro-F1 (a class never predicted counts as 0).
 """
 
 from __future__ import annotations
@@ -67,10 +68,13 @@ def pairwise_mcnemar(correct: dict[str, np.ndarray], alpha: float = 0.05) -> lis
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Unweighted mean of the per-class F1 over all ``n_classes`` classes."""
+    """Unweighted mean of the per-class F1 over the classes with test rows (a class absent
+    from the test split has no F1; averaging a 0 for it would understate every row)."""
     from sklearn.metrics import f1_score
 
-    return float(f1_score(y_true, y_pred, labels=np.arange(n_classes), average="macro",
+    present = np.unique(np.asarray(y_true))
+    present = present[(present >= 0) & (present < n_classes)]
+    return float(f1_score(y_true, y_pred, labels=present, average="macro",
                           zero_division=0.0))
 
 
@@ -82,9 +86,16 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
 
 
 def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n_classes,) share of each true class predicted right (its recall); 0 for a class
+    """(n_classes,) share of each true class predicted right (its recall); NaN for a class
     with no test rows."""
     from sklearn.metrics import recall_score
 
-    return np.asarray(recall_score(y_true, y_pred, labels=np.arange(n_classes), average=None,
-                                   zero_division=0.0), dtype=np.float64)
+    out = np.asarray(recall_score(y_true, y_pred, labels=np.arange(n_classes), average=None,
+                                  zero_division=0.0), dtype=np.float64)
+    out[np.bincount(np.asarray(y_true), minlength=n_classes)[:n_classes] == 0] = np.nan
+    return out
+
+
+def json_floats(values) -> list:
+    """``values`` as a JSON-safe list: NaN as None."""
+    return [None if v != v else float(v) for v in values]

@@ -223,3 +223,29 @@ def test_selection_study_never_reads_the_test_split(tmp_path, capsys):
     assert plans == ["holdout", "kfold"]
     rows, held = study.subsets(np.arange(400) % 4, 10, 0)
     assert len(rows) == 40 and not set(rows) & set(held)
+
+
+def test_a_test_split_missing_a_class_is_warned_and_left_out_of_macro_f1(tmp_path, caplog):
+    import logging
+
+    from featcache.compare.comparison import compare_heads
+
+    path = make_feature_file(tmp_path / "f.h5", n_train=200, n_test=60, k=3, sep=3.0,
+                             test_labels=lambda y: np.where(y == 2, 0, y))
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        r = compare_heads(HeadsConfig(str(path), heads=("logreg",), flip="off", workers=0,
+                                      out_dir=str(tmp_path / "report")))
+    assert "no rows of class class2" in caplog.text
+    row = r["rows"][0]
+    assert row["per_class_accuracy"][2] is None and None not in row["per_class_accuracy"][:2]
+    # macro-F1 over the two classes present, not with a 0 for the absent one
+    from sklearn.metrics import f1_score
+
+    from featcache.cache.reader import load_features
+
+    y = load_features(path)["test"].labels
+    pred = np.load(tmp_path / "report" / "predictions.npz")["logreg"]
+    want = f1_score(y, pred, labels=[0, 1], average="macro", zero_division=0.0)
+    every = f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0.0)
+    assert row["macro_f1"] == pytest.approx(want) and abs(want - every) > 0.05
+    assert (tmp_path / "report" / "per_class.png").is_file()
