@@ -124,12 +124,12 @@ def test_small_cases_by_hand():
     y = np.array([0, 0, 0, 1, 1, 2])
     p = np.array([0, 1, 0, 1, 1, 0])
     # class 0: tp 2 fp 1 fn 1 -> F1 2*2/(4+1+1) = 2/3; class 1: tp 2 fp 1 fn 0 -> 4/5;
-    # class 2: tp 0 -> 0; class 3 (no rows, never predicted) -> 0
+    # class 2: tp 0 -> 0; class 3 (no test rows, never predicted): no F1, left out
     assert macro_f1(y, p, 3) == pytest.approx((2 / 3 + 4 / 5 + 0) / 3)
-    assert macro_f1(y, p, 4) == pytest.approx((2 / 3 + 4 / 5) / 4)
+    assert macro_f1(y, p, 4) == pytest.approx((2 / 3 + 4 / 5 + 0) / 3)
     np.testing.assert_array_equal(confusion(y, p, 3), [[2, 1, 0], [0, 2, 0], [1, 0, 0]])
     assert confusion(y, p, 4).shape == (4, 4) and confusion(y, p, 3).dtype == np.int64
-    np.testing.assert_allclose(per_class_accuracy(y, p, 4), [2 / 3, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(per_class_accuracy(y, p, 4), [2 / 3, 1.0, 0.0, np.nan])
     # Wilson by its formula, z = 1.96: 3 of 10
     z, n, k = 1.959964, 10, 3
     c = (k / n + z * z / (2 * n)) / (1 + z * z / n)
