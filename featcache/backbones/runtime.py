@@ -168,17 +168,25 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def convert_graph(graph: Callable, input_shape: tuple, input_dtype: str, extensions=()):
+def convert_graph(graph: Callable, input_shape: tuple, input_dtype: str, extensions=(),
+                  share_weights: bool = True):
     """``ov.convert_model`` of ``graph`` (images -> dict of outputs) traced for
     ``(None, *input_shape)`` images of ``input_dtype``; ``extensions``: OpenVINO frontend
-    conversion extensions (ops the converter has no rule for)."""
+    conversion extensions (ops the converter has no rule for).
+
+    ``share_weights=True`` (OpenVINO's default) makes the converted model's weights *point
+    into* the TensorFlow variables' memory: the Keras model must then outlive it (stage one
+    keeps it). A caller that drops the Keras model after converting passes ``False`` (the
+    weights are copied): otherwise the model computes with whatever reuses that memory."""
     import openvino as ov
     import tensorflow as tf
 
     fn = tf.function(graph, input_signature=[
         tf.TensorSpec((None, *input_shape), tf.as_dtype(input_dtype), name="images")])
-    return ov.convert_model(fn, extension=list(extensions)) if extensions else \
-        ov.convert_model(fn)
+    kw = {"extension": list(extensions)} if extensions else {}
+    if not share_weights:
+        kw["share_weights"] = False
+    return ov.convert_model(fn, **kw)
 
 
 #: what a failed stage-one conversion tells the user to do instead
@@ -190,7 +198,12 @@ def _label(key: dict, label: str | None) -> str:
 
 
 def _conversion_error(label: str, exc: BaseException, fallback: str) -> ConversionError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """One line: the converter's summary line naming the ops (``-- No conversion rule found
+    for operations: X``) where it has one, else its first line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    ops = [ln.lstrip("- ") for ln in lines if ln.startswith(("-- No conversion rule",
+                                                             "-- Conversion is failed"))]
+    first = (ops or lines or [type(exc).__name__])[0]
     return ConversionError(f"OpenVINO could not convert {label} ({first[:200]}); {fallback}")
 
 
