@@ -48,7 +48,9 @@ class Settings:
     matmul_n: int = 4096
     matmul_reps: int = 2           # matmuls timed per round
     rt_images: int = 1024          # section 6: images per pipeline repetition (with mirrors)
-    rt_reps: int = 2               # section 6: alternating rounds over the runtimes
+    rt_reps: int = 2               # section 6: alternating rounds over the runtimes (and 8)
+    pr_images: int = 1000          # section 8: image files `featcache predict` classifies
+    pr_train: int = 1000           # section 8: training images the exported head is fitted on
     #: section 3: (input size, --limit per split) runs, consecutive pairs compared
     rss_runs: tuple = ((224, 500), (224, 2500), (32, 2500), (32, None))
     stage2_feature_file: str | None = None  # None: section 1's own feature file
@@ -66,7 +68,7 @@ class Settings:
     @classmethod
     def quick(cls, **kw) -> "Settings":
         base = dict(mode="quick", size=64, n_train=128, n_test=64, tp_images=384, tp_reps=2,
-                    rt_images=256, rt_reps=2,
+                    rt_images=256, rt_reps=2, pr_images=64, pr_train=128,
                     matmul_n=1024, matmul_reps=3, rss_runs=((64, 50), (64, 200)))
         base.update(kw)
         return cls(**base)

@@ -110,6 +110,10 @@ def headline_rows(r: dict) -> list[tuple[str, str, str]]:
                      + " of TensorFlow's"))
         rows.append(("... each runtime's pipeline vs its own bare engine (goal >= 0.95)",
                      ", ".join(f"{x['label']} {x['ratio']:.3f}" for x in rows6), ""))
+    if "s8" in r:
+        from .predict import headline_rows as _h8
+
+        rows += _h8(r["s8"])
     if "s5" in r:
         d = r["s5"]
         rows.append(("Repeated stage one with nothing changed: `make features` / "
@@ -189,11 +193,15 @@ def markdown(r: dict, chart_rel: str | None) -> str:
         ["section 4 file", r.get("s4", {}).get("file", "n/a")],
         ["section 6", f"{s.get('rt_reps', 'n/a')} alternating rounds of {s.get('rt_images', 0):,} "
                       f"images with mirrors per runtime (pipeline and bare engine)"],
+        ["section 8", f"{s.get('pr_images', 0):,} image files, a head fitted on "
+                      f"{s.get('pr_train', 0):,} training images, {s.get('rt_reps', 'n/a')} "
+                      f"alternating rounds per runtime"],
     ])
     from .finetune_mem import report_lines as _s7
+    from .predict import report_lines as _s8
 
     for key, fn in (("s1", _s1), ("s2", _s2), ("s3", _s3), ("s4", _s4), ("s5", _s5),
-                    ("s6", _s6), ("s7", _s7)):
+                    ("s6", _s6), ("s7", _s7), ("s8", _s8)):
         if key in r:
             L += [""] + fn(r[key], r) + [""]
             if key in load:

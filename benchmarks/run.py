@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--out BENCHMARKS.md]``: run the seven sections, print
+"""``python -m benchmarks [--quick] [--out BENCHMARKS.md]``: run the eight sections, print
 what was measured as it goes, write the markdown report, its chart and a JSON dump.
 
 Writes ``--out`` (default ``BENCHMARKS.md``; ``--quick``: ``bench-out/BENCHMARKS.md``),
@@ -22,10 +22,10 @@ from . import env
 
 SECTIONS = {1: "tutorial vs featcache", 2: "stage one vs bare backbone",
             3: "peak RSS", 4: "stage two", 5: "cache hit", 6: "stage one runtimes",
-            7: "finetune memory"}
+            7: "finetune memory", 8: "predict runtimes"}
 #: ``--quick`` leaves section 7 out unless named: its two children (TensorFlow, a backbone
 #: rebuilt, two training runs) would add about a minute to the smoke run CI makes.
-QUICK_SECTIONS = "1,2,3,4,5,6"
+QUICK_SECTIONS = "1,2,3,4,5,6,8"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stage two on this file (default, full mode: "
                         "features/cifar10_mobilenet_v2_224_flip.h5 when present)")
     p.add_argument("--sections", default=None,
-                   help=f"comma-separated subset of 1-7 (default: all; --quick: "
+                   help=f"comma-separated subset of 1-8 (default: all; --quick: "
                         f"{QUICK_SECTIONS}, section 7 only when named)")
     return p.parse_args(argv)
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     except ValueError:
         sections = [0]
     if not sections or not set(sections) <= set(SECTIONS):
-        print(f"benchmarks: error: --sections takes numbers from 1-7, not {args.sections}",
+        print(f"benchmarks: error: --sections takes numbers from 1-8, not {args.sections}",
               file=sys.stderr)
         return 2
     out, chart = report_paths(args)
@@ -146,9 +146,10 @@ def main(argv=None) -> int:
 
     section(6, lambda: runtimes.run(s))
 
-    from . import finetune_mem
+    from . import finetune_mem, predict
 
     section(7, lambda: finetune_mem.run(s))
+    section(8, lambda: predict.run(s))
 
     res["total_s"] = time.perf_counter() - t_start
     res["load_end"] = env.load()

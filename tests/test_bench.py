@@ -40,7 +40,7 @@ def _positive(x) -> bool:
 def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
     md, r = quick_run["md"], quick_run["json"]
     for heading in ("## Headline", "## Settings", "## 1. ", "## 2. ", "## 3. ", "## 4. ",
-                    "## 5. ", "## 6. "):
+                    "## 5. ", "## 6. ", "## 8. "):
         assert heading in md, heading
     # settings, device and the loud fallback notes are printed with the numbers
     assert "**Device used:** CPU (no GPU" in md or "**Device used:** GPU: " in md
@@ -99,6 +99,20 @@ def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
             assert p["batches"] == b["batches"] > 0
         assert f"{x['ratio']:.3f}" in md
     assert s6["rows"][0]["vs_tensorflow"] == 1.0
+
+    # section 8: featcache predict on each runtime, on the same image files
+    s8 = r["s8"]
+    assert [x["label"] for x in s8["rows"]] == labels      # the runtimes of section 6
+    assert s8["images"] == r["settings"]["pr_images"] and s8["auto"] in labels
+    for x in s8["rows"]:
+        assert _positive(x["images_per_s"]) and _positive(x["cli_s"])
+        assert len(x["rounds"]) == r["settings"]["rt_reps"]
+        assert 0 <= x["agreement"] <= 1 and 0 <= x["accuracy"] <= 1
+        assert 0 <= x["pipeline_agreement"] <= 1
+        assert f"**{x['vs_tensorflow']:.2f}x**" in md
+    tf_row, ov_row = s8["rows"][:2]
+    assert tf_row["agreement"] == 1.0 and tf_row["max_abs_diff"] == 0.0
+    assert ov_row["precision"] == "float32" and ov_row["max_abs_diff"] < 1e-4
 
     # the ratios in the headline table are the ones in the JSON
     assert f"**{s2['ratio']:.3f}**" in md and f"**{pairs[0]['rss_ratio']:.3f}**" in md

@@ -16,6 +16,9 @@ what runs them. Two halves:
   graph (the same one the TensorFlow runtime runs), converted by ``ov.convert_model`` once
   per :func:`conversion_key` and cached under :func:`cache_dir`, then compiled for the CPU
   at a fixed batch size (a short last batch is padded) with ``INFERENCE_PRECISION_HINT``.
+  :func:`compile_cached` (convert or read the cache, then compile) and :class:`OpenVINOStep`
+  (padded batches) also run ``featcache predict``'s exported models
+  (:mod:`featcache.ship.engines`), under keys of their own.
 
 Reads ``/proc/cpuinfo``, ``/proc/driver/nvidia/gpus`` (or ``/dev/nvidia*``) and the cache;
 writes only conversion-cache entries (``<cache_dir>/openvino/<key hash>/``: ``model.xml``,
@@ -38,7 +41,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from featcache.errors import ConfigError, ConversionError
+from featcache.errors import ConfigError, ConversionError, FeatcacheError
 
 log = logging.getLogger(__name__)
 
@@ -165,33 +168,61 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def convert_graph(graph: Callable, input_shape: tuple, input_dtype: str):
+def convert_graph(graph: Callable, input_shape: tuple, input_dtype: str, extensions=(),
+                  share_weights: bool = True):
     """``ov.convert_model`` of ``graph`` (images -> dict of outputs) traced for
-    ``(None, *input_shape)`` images of ``input_dtype``."""
+    ``(None, *input_shape)`` images of ``input_dtype``; ``extensions``: OpenVINO frontend
+    conversion extensions (ops the converter has no rule for).
+
+    ``share_weights=True`` (OpenVINO's default) makes the converted model's weights *point
+    into* the TensorFlow variables' memory: the Keras model must then outlive it (stage one
+    keeps it). A caller that drops the Keras model after converting passes ``False`` (the
+    weights are copied): otherwise the model computes with whatever reuses that memory."""
     import openvino as ov
     import tensorflow as tf
 
     fn = tf.function(graph, input_signature=[
         tf.TensorSpec((None, *input_shape), tf.as_dtype(input_dtype), name="images")])
-    return ov.convert_model(fn)
+    kw = {"extension": list(extensions)} if extensions else {}
+    if not share_weights:
+        kw["share_weights"] = False
+    return ov.convert_model(fn, **kw)
 
 
-def _conversion_error(key: dict, exc: BaseException) -> ConversionError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ConversionError(
-        f"OpenVINO could not convert {key['backbone']} ({first[:200]}); run it with "
-        f"--runtime tensorflow (make: RUNTIME=tensorflow)")
+#: what a failed stage-one conversion tells the user to do instead
+STAGE_ONE_FALLBACK = "run it with --runtime tensorflow (make: RUNTIME=tensorflow)"
 
 
-def load_or_convert(key: dict, graph: Callable, *, root: Path | None = None, core=None):
+def _label(key: dict, label: str | None) -> str:
+    return label or str(key.get("backbone", "the model"))
+
+
+def _conversion_error(label: str, exc: BaseException, fallback: str) -> ConversionError:
+    """One line: the converter's summary line naming the ops (``-- No conversion rule found
+    for operations: X``) where it has one, else its first line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    ops = [ln.lstrip("- ") for ln in lines if ln.startswith(("-- No conversion rule",
+                                                             "-- Conversion is failed"))]
+    first = (ops or lines or [type(exc).__name__])[0]
+    return ConversionError(f"OpenVINO could not convert {label} ({first[:200]}); {fallback}")
+
+
+def load_or_convert(key: dict, graph: Callable | None = None, *, root: Path | None = None,
+                    core=None, convert: Callable | None = None, label: str | None = None,
+                    fallback: str = STAGE_ONE_FALLBACK):
     """The converted ``ov.Model`` for ``key``: from the cache, else converted and cached.
 
-    Returns ``(model, converted)``. A damaged or mismatching entry is converted again; a
-    cache that cannot be written is warned about and the conversion used all the same.
-    A failed conversion is a :class:`ConversionError` naming the TensorFlow fallback.
+    Converted from ``graph`` (:func:`convert_graph` for ``key``'s input), or by
+    ``convert()`` (returns an ``ov.Model``; called only when the cache has no entry, so
+    what it loads is not loaded on a hit). Returns ``(model, converted)``. A damaged or
+    mismatching entry is converted again; a cache that cannot be written is warned about
+    and the conversion used all the same. A failed conversion is a :class:`ConversionError`
+    that names ``label`` (default: ``key["backbone"]``) and says ``fallback``; a
+    :class:`~featcache.errors.FeatcacheError` from ``convert`` is raised as it is.
     """
     import openvino as ov
 
+    label = _label(key, label)
     core = core or ov.Core()
     entry = (root or cache_dir()) / "openvino" / _key_hash(key)[:24]
     manifest = entry / "key.json"
@@ -204,19 +235,21 @@ def load_or_convert(key: dict, graph: Callable, *, root: Path | None = None, cor
                 if _file_sha256(entry / name) != digest:
                     raise ValueError(f"{name} does not match its checksum")
             model = core.read_model(entry / "model.xml")
-            log.info("OpenVINO model from the conversion cache %s", entry)
+            log.debug("OpenVINO model of %s from the conversion cache %s", label, entry)
             return model, False
         except Exception as exc:  # noqa: BLE001 - any damage means: convert again
             log.warning("conversion cache entry %s is unusable (%s); converting again",
                         entry, str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
             shutil.rmtree(entry, ignore_errors=True)
     t0 = time.perf_counter()
-    log.info("converting %s to OpenVINO (once per key; cached in %s)", key["backbone"],
-             entry.parent)
+    log.info("converting %s to OpenVINO (once per key; cached in %s)", label, entry.parent)
     try:
-        model = convert_graph(graph, tuple(key["input_shape"]), key["input_dtype"])
+        model = convert() if convert is not None else \
+            convert_graph(graph, tuple(key["input_shape"]), key["input_dtype"])
+    except FeatcacheError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
-        raise _conversion_error(key, exc) from None
+        raise _conversion_error(label, exc, fallback) from None
     log.info("converted in %.1f s", time.perf_counter() - t0)
     tmp = None
     try:
@@ -245,19 +278,21 @@ def load_or_convert(key: dict, graph: Callable, *, root: Path | None = None, cor
 # ---------------------------------------------------------------------------- running
 
 class OpenVINOStep:
-    """Runs a compiled step on batches: ``step(images) -> (features, flipped or None)``.
+    """Runs a compiled step on batches: ``step(images) -> (features, flipped or None)``;
+    :meth:`infer` gives every output of any compiled model (``featcache predict``'s too).
 
     One synchronous infer request: two in flight (the next batch running while this one is
     written) measured 0.97x of this on 2 cores, so it was not kept."""
 
-    def __init__(self, compiled, *, batch: int, flip: bool, input_dtype: str):
+    def __init__(self, compiled, *, batch: int, flip: bool = False, input_dtype: str):
         import numpy as np
 
         self.compiled, self.batch, self.flip = compiled, batch, flip
         self.dtype = np.dtype(input_dtype)
         self._request = compiled.create_infer_request()
-        self._ports = [compiled.output("features")] + \
-            ([compiled.output("features_flip")] if flip else [])
+        names = {name for o in compiled.outputs for name in o.get_names()}
+        self._ports = [compiled.output(n) for n in ("features", "features_flip")[:1 + flip]
+                       if n in names]
 
     def _padded(self, images):
         import numpy as np
@@ -280,6 +315,14 @@ class OpenVINOStep:
         self._request.infer({0: self._padded(images)})
         return self._outputs(self._request, len(images))
 
+    def infer(self, images) -> list:
+        """Every output of the compiled model for ``images`` (at most ``batch``; a short
+        batch is padded and the padding cut off), in the model's output order."""
+        n = len(images)
+        self._request.infer({0: self._padded(images)})
+        return [self._request.get_output_tensor(i).data[:n].copy()
+                for i in range(len(self.compiled.outputs))]
+
     def outputs(self, images) -> dict:
         """Every named output for ``images`` (the activations at a cut too) as a dict."""
         n = len(images)
@@ -289,13 +332,16 @@ class OpenVINOStep:
                 for name in ("features", "features_flip", "acts", "acts_flip") if name in names}
 
 
-def openvino_step(graph: Callable, key: dict, *, batch: int, threads: int | None = None,
-                  root: Path | None = None) -> OpenVINOStep:
-    """Convert (or load from the cache) and compile ``graph`` for ``key`` at ``batch``.
+def compile_cached(key: dict, graph: Callable | None = None, *, batch: int,
+                   threads: int | None = None, root: Path | None = None,
+                   convert: Callable | None = None, label: str | None = None,
+                   fallback: str = STAGE_ONE_FALLBACK):
+    """The compiled OpenVINO model for ``key`` at ``batch``: converted (or read from the
+    cache) by :func:`load_or_convert`, reshaped to ``(batch, *key["input_shape"])`` and
+    compiled for the CPU with ``key["precision"]`` as ``INFERENCE_PRECISION_HINT``.
 
     A failure to convert or compile becomes one :class:`ConversionError` line that names
-    the TensorFlow fallback.
-    """
+    ``label`` and says ``fallback`` (the TensorFlow runtime)."""
     import openvino as ov
 
     precision = key["precision"]
@@ -303,14 +349,25 @@ def openvino_step(graph: Callable, key: dict, *, batch: int, threads: int | None
     if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise ConfigError("--precision bf16: OpenVINO reports no bfloat16 support on this "
                           "CPU; use --precision float32")
-    model, _ = load_or_convert(key, graph, root=root, core=core)
+    model, _ = load_or_convert(key, graph, root=root, core=core, convert=convert, label=label,
+                               fallback=fallback)
     config = {"PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     try:
         model.reshape({model.inputs[0]: [batch, *key["input_shape"]]})
-        compiled = core.compile_model(model, "CPU", config)
+        return core.compile_model(model, "CPU", config)
     except Exception as exc:  # noqa: BLE001 - an op the CPU plugin cannot compile
-        raise _conversion_error(key, exc) from None
+        raise _conversion_error(_label(key, label), exc, fallback) from None
+
+
+def openvino_step(graph: Callable, key: dict, *, batch: int, threads: int | None = None,
+                  root: Path | None = None) -> OpenVINOStep:
+    """Convert (or load from the cache) and compile ``graph`` for ``key`` at ``batch``.
+
+    A failure to convert or compile becomes one :class:`ConversionError` line that names
+    the TensorFlow fallback.
+    """
+    compiled = compile_cached(key, graph, batch=batch, threads=threads, root=root)
     return OpenVINOStep(compiled, batch=batch, flip=key["flip"], input_dtype=key["input_dtype"])

@@ -35,13 +35,23 @@ class ProgressBar:
     ``Progress``), or ``heads [#####.....] 3/8 elapsed 0m41s ETA 1m02s`` for a progress
     object with ``elapsed_s`` instead of ``images_per_s`` (stage two's ``HeadsProgress``).
     A progress object's ``message`` (e.g. a finished row) is printed on a line of its own
-    above the bar."""
+    above the bar; :meth:`clear` erases the bar so that other lines can be written (predict's
+    results when stdout is the same terminal)."""
 
-    def __init__(self, stream=sys.stderr, width: int = 28):
-        self.stream, self.width = stream, width
-        self.tty = stream.isatty()
+    def __init__(self, stream=None, width: int = 28):
+        # sys.stderr as it is now (a default argument would keep the one at import)
+        self.stream, self.width = stream or sys.stderr, width
+        self.tty = self.stream.isatty()
         self._last = 0.0
         self._final = False
+
+    def clear(self) -> None:
+        """Erase the bar's line on a terminal (elsewhere its lines stay); the next update
+        draws it again at once."""
+        if self.tty and self._last and not self._final:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._last = 0.0
 
     def __call__(self, p) -> None:
         now = time.monotonic()

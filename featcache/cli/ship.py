@@ -9,7 +9,7 @@ import json
 import sys
 import time
 
-from featcache.cli.base import command, escape_name, options
+from featcache.cli.base import ProgressBar, command, escape_name, options
 
 # ---------------------------------------------------------------------------- merge
 
@@ -84,26 +84,53 @@ def cmd_export(args) -> int:
     return 0
 
 
+#: ``featcache predict`` draws a progress bar (stderr) for more files than this
+PROGRESS_FROM = 300
+
+
 def _predict_options(p: argparse.ArgumentParser) -> None:
+    from featcache.ship.engines import (
+        DEFAULT_PRECISION,
+        DEFAULT_RUNTIME,
+        PRECISIONS,
+        RUNTIMES,
+    )
+
     p.add_argument("model", help="a model written by `featcache export` (.keras, .savedmodel "
                                  "or .tflite, with its <model>.json beside it)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG/PNG/BMP/GIF)")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image")
     p.add_argument("--batch", type=int, default=32, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print JSON (one list) for machines")
+    # no argparse choices: a bad name is featcache's one-line error, listing the choices
+    p.add_argument("--runtime", default=DEFAULT_RUNTIME, metavar="|".join(RUNTIMES),
+                   help="what runs the model: auto = openvino on a CPU (converted once, "
+                        "cached), tensorflow when a GPU is visible to TensorFlow; tensorflow "
+                        "runs .tflite on TFLite's interpreter (default: %(default)s)")
+    p.add_argument("--precision", default=DEFAULT_PRECISION, metavar="|".join(PRECISIONS),
+                   help="auto = bf16 with openvino on a CPU with native bfloat16 "
+                        "(AVX512-BF16/AMX), else float32; float32 gives TensorFlow's "
+                        "probabilities (default: %(default)s)")
 
 
 @command("predict", help="classify image files with an exported model (top-k classes)")
 @options(_predict_options)
 def cmd_predict(args) -> int:
     """Rows are printed batch by batch as they are done; a file that cannot be read gets
-    one line on stderr and the rest still run; the exit status is 2 if any failed."""
+    one line on stderr and the rest still run; the exit status is 2 if any failed. More
+    than ``PROGRESS_FROM`` files get a progress bar on stderr (not with ``--quiet``)."""
     from featcache.ship.predict import iter_predictions
 
+    bar = ProgressBar() if len(args.images) > PROGRESS_FROM and not args.quiet else None
+    same_terminal = bar is not None and bar.tty and sys.stdout.isatty()
     bad = done = 0
     if args.json:
         print("[", flush=True)
-    for rows in iter_predictions(args.model, args.images, top_k=args.top_k, batch=args.batch):
+    for rows in iter_predictions(args.model, args.images, top_k=args.top_k, batch=args.batch,
+                                 runtime=args.runtime, precision=args.precision,
+                                 progress=bar):
+        if bar is not None and (same_terminal or any("error" in r for r in rows)):
+            bar.clear()  # lines go where the bar is; it is drawn again below them
         for row in rows:
             if "error" in row:
                 bad += 1
@@ -121,5 +148,3 @@ def cmd_predict(args) -> int:
     if args.json:
         print("]")
     return 2 if bad else 0
-
-

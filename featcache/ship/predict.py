@@ -1,20 +1,26 @@
 """Load an exported model and predict: :func:`load_classifier` reads ``<model>.json`` (the
 sidecar :mod:`featcache.ship.export` writes) and the model in its format (``.keras``,
-``.savedmodel``, ``.tflite``); :func:`predict_images` / :func:`iter_predictions` decode image
-files like stage one's folders (:func:`featcache.data.imagefiles.decode_image`), resize them with
-the same function (:func:`featcache.data.resize.resize_images`), run them through the model in
-batches (``PREDICT_BATCH``, threaded decode) and yield the top-k classes per file; a file
-that cannot be read is reported on its own and the others still get their result.
+``.savedmodel``, ``.tflite``) on a runtime (:mod:`featcache.ship.engines`: ``auto`` =
+OpenVINO on a CPU, TensorFlow when a GPU is visible to it; ``bf16`` on a CPU that has it);
+:func:`predict_images` / :func:`iter_predictions` decode image files like stage one's
+folders (:func:`featcache.data.imagefiles.decode_image`), resize them with the same function
+(:func:`featcache.data.resize.resize_images`) whatever the runtime, run them through the
+model in batches (``PREDICT_BATCH``, threaded decode) and yield the top-k classes per file,
+reporting :class:`PredictProgress` after each batch; a file that cannot be read is reported
+on its own and the others still get their result.
 
-Reads the model, its sidecar and the images; writes nothing. ``featcache predict``
+Reads the model, its sidecar and the images; writes nothing but, on OpenVINO, the
+conversion-cache entry of a model converted for the first time. ``featcache predict``
 (:mod:`featcache.cli.ship`) prints what it yields.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +29,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from featcache.errors import ConfigError, DataError
+from featcache.errors import ConfigError, DataError, FeatcacheError
+from featcache.ship import engines
 from featcache.ship.sidecar import read_sidecar, sidecar_path
 
 log = logging.getLogger(__name__)
@@ -87,9 +94,22 @@ def tflite_runner(**kw) -> Callable[[np.ndarray], np.ndarray]:
 
 
 @dataclass
+class PredictProgress:
+    """Reported after every batch of :func:`iter_predictions` (the CLI draws a bar from it,
+    like stage one's ``Progress``)."""
+
+    split: str         # what the bar is labelled with: "predict"
+    done: int          # images classified (or found unreadable) so far
+    total: int
+    images_per_s: float
+    eta_s: float
+
+
+@dataclass
 class Classifier:
     """A loaded exported model: ``class_names``, ``metadata`` (provenance), ``format``,
-    ``image_size`` and ``antialias`` (its resize), ``sidecar`` (the whole JSON)."""
+    ``image_size`` and ``antialias`` (its resize), ``sidecar`` (the whole JSON), and what
+    runs it: ``runtime`` (``tensorflow`` or ``openvino``) at ``precision``."""
 
     path: Path
     format: str
@@ -99,6 +119,8 @@ class Classifier:
     antialias: bool
     sidecar: dict = field(default_factory=dict)
     run: Callable[[np.ndarray], np.ndarray] | None = None
+    runtime: str = "tensorflow"
+    precision: str = "float32"
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """One (H, W, 3) image -> (size, size, 3) float32 with the model's own resize (the
@@ -121,28 +143,45 @@ class Classifier:
 
 
 
-def load_classifier(path) -> Classifier:
-    """An exported model (any format) and its ``<model>.json``, ready to classify."""
+def load_classifier(path, *, runtime: str = engines.DEFAULT_RUNTIME,
+                    precision: str = engines.DEFAULT_PRECISION,
+                    batch: int = PREDICT_BATCH) -> Classifier:
+    """An exported model (any format) and its ``<model>.json``, ready to classify.
+
+    ``runtime``: ``auto`` (OpenVINO on a CPU, TensorFlow when a GPU is visible to it),
+    ``openvino`` or ``tensorflow`` (TFLite's interpreter for ``.tflite``); ``precision``:
+    ``auto`` (``bf16`` with OpenVINO on a CPU with native bfloat16, else ``float32``),
+    ``float32`` or ``bf16``. OpenVINO compiles for ``batch`` images per call (any number
+    runs). Choices are checked before the model is touched (one-line errors)."""
     path = Path(path)
+    rt = engines.choose_runtime(runtime)
+    prec = engines.choose_precision(precision, rt)
+    if batch < 1:
+        raise ConfigError(f"--batch must be at least 1, not {batch}")
     if not path.exists():
         raise DataError(f"model {path} does not exist; make one with `featcache export`")
     meta = read_sidecar(path)
     fmt = str(meta.get("format", "keras"))
     size = meta["input"]["image_size"]
     antialias = bool(meta["input"].get("resize", {}).get("antialias", True))
-    try:
-        run = _runner(path, fmt, size)
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Keras/TF raise many types for bad files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{path} is not a loadable {fmt} model ({first[:160]}); export it "
-                        f"again with `featcache export`") from None
+    if rt == "openvino":
+        run = engines.openvino_runner(path, fmt, size, prec, batch=batch)
+    else:
+        try:
+            run = _runner(path, fmt, size)
+        except FeatcacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Keras/TF raise many types for bad files
+            raise engines.not_loadable(path, fmt, exc) from None
+    log.info("%s runs on %s %s%s", path.name, "OpenVINO" if rt == "openvino" else
+             "TFLite" if fmt == "tflite" else "TensorFlow", prec,
+             " (--precision float32 for float32)" if prec == "bf16" else "")
     return Classifier(path, fmt, meta["class_names"], dict(meta.get("metadata", {})), size,
-                      antialias, meta, run)
+                      antialias, meta, run, rt, prec)
 
 
 def _runner(path: Path, fmt: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """TensorFlow's runner of the model (TFLite's interpreter for ``.tflite``)."""
     import tensorflow as tf
 
     spec = [tf.TensorSpec([None, size, size, 3], tf.float32)]
@@ -172,17 +211,24 @@ def _load_image(clf: Classifier, image) -> tuple[np.ndarray | None, str | None]:
 
 
 def iter_predictions(model, images: Iterable, top_k: int = 3, batch: int = PREDICT_BATCH,
-                     workers: int | None = None) -> Iterator[list[dict]]:
+                     workers: int | None = None, *, runtime: str = engines.DEFAULT_RUNTIME,
+                     precision: str = engines.DEFAULT_PRECISION,
+                     progress: Callable[[PredictProgress], None] | None = None
+                     ) -> Iterator[list[dict]]:
     """Classify ``images`` (paths) in batches; yield each batch's rows, in input order, as
     soon as it is done: ``{"image", "top": [{"class", "probability"}]}``, or
     ``{"image", "error"}`` for a file that cannot be read or decoded (the others go on).
 
-    Files are decoded and resized in ``workers`` threads, one batch ahead of the model."""
+    ``model``: a path (loaded with ``runtime`` and ``precision``, see
+    :func:`load_classifier`) or a :class:`Classifier`. Files are decoded and resized in
+    ``workers`` threads, one batch ahead of the model. ``progress(PredictProgress)`` is
+    called once a batch's rows have been taken (so a bar drawn then sits below them)."""
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, not {top_k}")
     if batch < 1:
         raise ConfigError(f"--batch must be at least 1, not {batch}")
-    clf = model if isinstance(model, Classifier) else load_classifier(model)
+    clf = model if isinstance(model, Classifier) else \
+        load_classifier(model, runtime=runtime, precision=precision, batch=batch)
     k = min(top_k, len(clf.class_names))
     images = [str(i) for i in images]
     workers = workers or min(8, (os.cpu_count() or 1) + 2)
@@ -200,6 +246,17 @@ def iter_predictions(model, images: Iterable, top_k: int = 3, batch: int = PREDI
                                for c in order]}
         return rows
 
+    t0, done = time.perf_counter(), 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            el = time.perf_counter() - t0
+            rate = done / el if el > 0 else 0.0
+            progress(PredictProgress("predict", done, len(images), rate,
+                                     (len(images) - done) / rate if rate > 0 else math.inf))
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = None
         for a in range(0, len(images), batch):
@@ -207,19 +264,25 @@ def iter_predictions(model, images: Iterable, top_k: int = 3, batch: int = PREDI
             futures = [pool.submit(_load_image, clf, p) for p in chunk]
             if pending is not None:
                 yield finish(*pending)
+                report(len(pending[0]))
             pending = (chunk, futures)
         if pending is not None:
             yield finish(*pending)
+            report(len(pending[0]))
 
 
-def predict_images(model, images: Iterable, top_k: int = 3,
-                   batch: int = PREDICT_BATCH) -> list[dict]:
+def predict_images(model, images: Iterable, top_k: int = 3, batch: int = PREDICT_BATCH, *,
+                   runtime: str = engines.DEFAULT_RUNTIME,
+                   precision: str = engines.DEFAULT_PRECISION) -> list[dict]:
     """Top-k classes per image file: ``[{"image", "top": [{"class", "probability"}]}]``.
 
-    ``model``: a path or a :class:`Classifier`. An image that cannot be decoded raises a
-    :class:`~featcache.errors.DataError` naming it (``iter_predictions`` goes on instead).
+    ``model``: a path (loaded with ``runtime`` and ``precision``, see
+    :func:`load_classifier`) or a :class:`Classifier`. An image that cannot be decoded
+    raises a :class:`~featcache.errors.DataError` naming it (``iter_predictions`` goes on
+    instead).
     """
-    rows = [r for rows in iter_predictions(model, images, top_k, batch) for r in rows]
+    rows = [r for rows in iter_predictions(model, images, top_k, batch, runtime=runtime,
+                                           precision=precision) for r in rows]
     bad = [r for r in rows if "error" in r]
     if bad:
         raise DataError(bad[0]["error"])

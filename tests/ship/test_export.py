@@ -100,7 +100,7 @@ def test_exported_model_reproduces_the_pipeline(extracted, tmp_path, tta):
     fs, images = _pipeline_rows(folder, path)
     want = head.predict_proba(fs["test"].features, fs["test"].features_flip if tta else None)
 
-    clf = load_classifier(res.path)  # a fresh load from disk
+    clf = load_classifier(res.path, precision="float32")  # a fresh load from disk
     assert clf.class_names == list(CLASSES)
     assert clf.metadata["backbone"] == "mobilenet_025" and clf.metadata["tta"] is tta
     from featcache.data.imagefiles import decode_image
@@ -276,7 +276,8 @@ def test_real_cifar_folder_accuracy_and_export_round_trip(real_data_dir, keras_h
 
     model = export_model(fs.path, head=head, output=tmp_path / "cifar.keras").path
     files = FolderDataset(folder, image_size=224, test_fraction=0.4).files("test")[:6]
-    rows = predict_images(model, [folder / rel for rel, _ in files], top_k=10)
+    rows = predict_images(model, [folder / rel for rel, _ in files], top_k=10,
+                          precision="float32")
     for row, p in zip(rows, proba[:6]):
         got = {t["class"]: t["probability"] for t in row["top"]}
         np.testing.assert_allclose([got[c] for c in fs.classes], p, atol=1e-3)
@@ -338,7 +339,7 @@ def test_export_a_compared_head_reproduces_it(compared, tmp_path, row):
     head = load_head(report / rows[row]["saved"])
     fs, images = _pipeline_rows(folder, path)
     want = head.predict_proba(fs["test"].features, fs["test"].features_flip if res.tta else None)
-    clf = load_classifier(res.path)
+    clf = load_classifier(res.path, precision="float32")
     got = _exported_probs(clf, images)
     ok = _untied(head, fs, res.tta)
     assert ok.mean() >= 0.75, f"{ok.sum()} of {len(ok)} test rows without a near tie"

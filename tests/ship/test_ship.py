@@ -205,7 +205,7 @@ def test_export_each_format_runs_without_featcache(shipped, tmp_path, fmt, row):
     # and featcache's own predict reads every format (its JSON beside it), batched
     from featcache.ship.predict import predict_images
 
-    rows = predict_images(out, files, top_k=3, batch=4)
+    rows = predict_images(out, files, top_k=3, batch=4, precision="float32")
     for row_, p, o in zip(rows, want, ok):
         got_p = {t["class"]: t["probability"] for t in row_["top"]}
         if o:
@@ -448,7 +448,7 @@ def test_predict_runs_in_batches_with_the_same_probabilities(shipped, keras_mode
 
     folder, path, report, _ = shipped
     want, images, files = _pipeline_probs(folder, path, report, "logreg")
-    clf = load_classifier(keras_model)
+    clf = load_classifier(keras_model, precision="float32")
     calls = []
     run = clf.run
     clf.run = lambda x: (calls.append(len(x)), run(x))[1]
@@ -484,8 +484,9 @@ def test_predict_streams_goes_on_past_a_bad_file_and_exits_non_zero(shipped, ker
     rest, err = p.communicate(timeout=300)
     assert p.returncode == 2
     assert [ln.split(": ")[0] for ln in rest.splitlines()] == [str(images[-1])]
-    errors = err.splitlines()
+    errors = [ln for ln in err.splitlines() if not re.match(r"\d\d:\d\d:\d\d INFO featcache\.", ln)]
     assert len(errors) == 2 and all(e.startswith("featcache: error: ") for e in errors), err
+    assert " runs on " in err       # featcache's own log line names the runtime
     assert "slow.png cannot be decoded" in errors[0] and "broken.jpg" in errors[1]
     assert "Traceback" not in err and not TF_NOISE.search(err)
 
