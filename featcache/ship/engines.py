@@ -74,8 +74,11 @@ def choose_runtime(name: str) -> str:
     return "tensorflow" if gpu_for_tensorflow() else "openvino"
 
 
-def choose_precision(name: str, runtime_name: str) -> str:
-    """The precision ``runtime_name`` runs at: ``auto`` -> stage one's choice for OpenVINO,
+def choose_precision(name: str, runtime_name: str, features: str | None = None) -> str:
+    """The precision ``runtime_name`` runs at: ``auto`` -> the precision the head's
+    features were computed at (``features``, from the model's metadata: bf16 features
+    predict in bf16, float32 ones in float32, so predict reproduces what the head was
+    trained and scored on) where OpenVINO on this CPU runs it, else stage one's choice;
     float32 for TensorFlow; ``bf16`` only with OpenVINO on a CPU that has it."""
     if name not in PRECISIONS:
         raise ConfigError(f"unknown precision {name!r} for predict; choose one of "
@@ -85,6 +88,9 @@ def choose_precision(name: str, runtime_name: str) -> str:
             raise ConfigError("--precision bf16 runs on OpenVINO: use --runtime openvino (the "
                               "TensorFlow runtime runs the exported model in float32)")
         return "float32"
+    if name == "auto" and features in ("float32", "bf16") and \
+            (features == "float32" or runtime.cpu_has_bf16()):
+        return features
     return runtime.resolve_precision(name, "openvino")
 
 

@@ -150,17 +150,23 @@ def load_classifier(path, *, runtime: str = engines.DEFAULT_RUNTIME,
 
     ``runtime``: ``auto`` (OpenVINO on a CPU, TensorFlow when a GPU is visible to it),
     ``openvino`` or ``tensorflow`` (TFLite's interpreter for ``.tflite``); ``precision``:
-    ``auto`` (``bf16`` with OpenVINO on a CPU with native bfloat16, else ``float32``),
+    ``auto`` (the precision the head's features were computed at, from the model's
+    metadata, where this CPU runs it: a head trained on bf16 features predicts in bf16;
+    else ``bf16`` with OpenVINO on a CPU with native bfloat16, else ``float32``),
     ``float32`` or ``bf16``. OpenVINO compiles for ``batch`` images per call (any number
     runs). Choices are checked before the model is touched (one-line errors)."""
     path = Path(path)
     rt = engines.choose_runtime(runtime)
-    prec = engines.choose_precision(precision, rt)
+    engines.choose_precision(precision, rt)      # a bad choice fails before any reading
     if batch < 1:
         raise ConfigError(f"--batch must be at least 1, not {batch}")
     if not path.exists():
         raise DataError(f"model {path} does not exist; make one with `featcache export`")
     meta = read_sidecar(path)
+    features = (meta.get("metadata") or {})
+    prec = engines.choose_precision(
+        precision, rt, str(features.get("precision")) if features.get("runtime") ==
+        "openvino" else "float32" if features.get("runtime") else None)
     fmt = str(meta.get("format", "keras"))
     size = meta["input"]["image_size"]
     antialias = bool(meta["input"].get("resize", {}).get("antialias", True))

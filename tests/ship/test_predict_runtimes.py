@@ -396,3 +396,13 @@ def test_the_bar_is_cleared_for_other_lines_on_a_terminal():
     text = stream.getvalue()
     assert text.count("predict [") == 2 and "\r\033[K" in text
     assert text.endswith("2/4   10.0 img/s ETA 0m00s")
+
+
+def test_auto_precision_is_the_features_precision_where_the_cpu_runs_it(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert engines.choose_precision("auto", "openvino", "float32") == "float32"
+    assert engines.choose_precision("auto", "openvino", "bf16") == "bf16"
+    assert engines.choose_precision("float32", "openvino", "bf16") == "float32"   # asked
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512f"}))
+    assert engines.choose_precision("auto", "openvino", "bf16") == "float32"      # cannot
+    assert engines.choose_precision("auto", "tensorflow", "bf16") == "float32"
