@@ -122,7 +122,7 @@ def test_extract_features_takes_settings_as_keywords(tmp_path):
         featcache.extract_features(backbon="mobilenet_v2")
     with pytest.raises(ConfigError, match="--engine must be one of local, ray"):
         featcache.extract_features(engine="spark", out_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="--shards must be at least 1"):
+    with pytest.raises(ConfigError, match="--shards must be between 1 and 4096"):
         featcache.extract_features(engine="ray", shards=0, out_dir=str(tmp_path))
 
 

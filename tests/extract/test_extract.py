@@ -113,7 +113,7 @@ def test_file_names_spell_out_non_default_settings():
     (dict(backbone="nope"), "unknown backbone"),
     (dict(backbone="inception_v3", size=32), "at least 75 px"),
     (dict(precision="float8"), "unknown precision"),
-    (dict(batch=0), "at least 1"),
+    (dict(batch=0), "--batch must be between 1 and 4096"),
 ])
 def test_bad_settings_are_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
