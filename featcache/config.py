@@ -117,12 +117,15 @@ VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def check_names(cfg) -> None:
-    """Refuse an empty ``--dataset`` (it used to read the current folder) and a
-    ``--variant`` that is not a plain file-name part (``../../x`` wrote outside
-    ``--out-dir``)."""
+    """Refuse an empty ``--dataset`` (it used to read the current folder), an ``--output``
+    without ``.h5`` (its report folder would be the file itself) and a ``--variant`` that is
+    not a plain file-name part (``../../x`` wrote outside ``--out-dir``)."""
     if not str(cfg.dataset).strip():
         raise ConfigError("--dataset is empty; give cifar10, synthetic or the path of an "
                           "image folder (one sub-folder per class; `.` for this folder)")
+    if cfg.output and not str(cfg.output).endswith(".h5") and not Path(cfg.output).is_dir():
+        raise ConfigError(f"--output {cfg.output!r} must be a file name ending in .h5 (its "
+                          f"report folder is the same name without it)")
     if cfg.variant is not None and cfg.variant != "" and not VARIANT_RE.match(cfg.variant):
         raise ConfigError(f"--variant {cfg.variant!r} must be a plain file-name part "
                           f"(letters, digits, . _ + -, not starting with . or -)")

@@ -226,6 +226,12 @@ def load_features(path: str | os.PathLike, splits: Iterable[str] | None = None, 
                         f"{path}: {name} features contain NaN or Inf (a numerically broken "
                         f"backbone run, e.g. float16 overflow); re-extract with --force, "
                         f"--precision float32")
+                big = _max_abs(arr) if arr is not None else 0.0
+                if big > MAX_FEATURE:
+                    raise CorruptFeatureFile(
+                        f"{path}: {name} features hold values up to {big:.3g}, beyond any "
+                        f"backbone's (|x| <= {MAX_FEATURE:g}; their squares overflow "
+                        f"float32); re-extract with --force, --precision float32")
     return FeatureSet(path=path, attrs=attrs, classes=classes, splits=out)
 
 
@@ -252,6 +258,16 @@ def read_ids(group, n: int | None = None) -> np.ndarray:
         return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in raw],
                         dtype=object)
     return np.asarray(raw, dtype=np.int64)
+
+
+#: Larger pooled features than this are damage, not activations: squared, they overflow
+#: the float32 similarities and norms the heads compute (a kNN search then fails).
+MAX_FEATURE = 1e15
+
+
+def _max_abs(arr: np.ndarray, block: int = 8192) -> float:
+    return max((float(np.abs(arr[i:i + block]).max(initial=0.0))
+                for i in range(0, len(arr), block)), default=0.0)
 
 
 def _all_finite(arr: np.ndarray, block: int = 8192) -> bool:

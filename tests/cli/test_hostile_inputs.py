@@ -50,3 +50,19 @@ def test_user_heads_that_raise_at_import_or_are_not_classifiers(tmp_path, capsys
 def test_curve_sizes_outside_the_data(tmp_path, capsys, sizes):
     path = make_feature_file(tmp_path / "f.h5", n_train=80, n_test=20)
     _one_line(["curve", path, "--heads", "logreg", "--sizes", sizes], capsys, "--sizes")
+
+
+def test_an_output_without_h5_is_refused(tmp_path, capsys):
+    _one_line(["features", "--dataset", "synthetic", "--output", tmp_path / "plain"], capsys,
+              "must be a file name ending in .h5")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_huge_finite_feature_value_is_a_damaged_file(tmp_path, capsys):
+    import h5py
+
+    path = make_feature_file(tmp_path / "f.h5", n_train=60, n_test=20)
+    with h5py.File(path, "r+") as f:
+        f["train"]["features"][3, 2] = 3e38                  # finite, squares overflow
+    _one_line(["heads", path, "--heads", "knn", "--workers", "0"], capsys,
+              "features hold values up to 3e+38", "--force")
