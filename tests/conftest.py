@@ -84,6 +84,22 @@ def synthetic_features(tmp_path):
     return extract_features(cfg).path
 
 
+@pytest.fixture
+def counted_conversions(monkeypatch):
+    """Counts real OpenVINO conversions (calls of ``runtime.convert_graph``): the list of
+    their arguments after the first, one entry per conversion."""
+    from featcache.backbones import runtime
+
+    calls = []
+    real = runtime.convert_graph
+
+    def counting(*a, **kw):
+        calls.append(a[1:])
+        return real(*a, **kw)
+    monkeypatch.setattr(runtime, "convert_graph", counting)
+    return calls
+
+
 #: the test files that take longest (``--durations``), started first: ``make test`` runs
 #: the files on pytest-xdist workers (``--dist loadfile``) in collection order, and a long
 #: file started last would leave one worker running it alone at the end.

@@ -39,19 +39,6 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(runtime, "visible_gpus", lambda: [])
 
 
-@pytest.fixture
-def counted_conversions(monkeypatch):
-    """Counts real conversions (calls of ``runtime.convert_graph``)."""
-    calls = []
-    real = runtime.convert_graph
-
-    def counting(*a, **kw):
-        calls.append(a[1:])
-        return real(*a, **kw)
-    monkeypatch.setattr(runtime, "convert_graph", counting)
-    return calls
-
-
 # ---------------------------------------------------------------------------- choosing
 
 def test_auto_picks_openvino_on_a_cpu_and_tensorflow_when_a_gpu_is_visible(monkeypatch):

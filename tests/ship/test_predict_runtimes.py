@@ -97,17 +97,10 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
+def cache(tmp_path, monkeypatch, counted_conversions):
     """A conversion cache of this test's own, and the conversions made in it."""
     monkeypatch.setenv(runtime.CACHE_ENV, str(tmp_path / "cache"))
-    calls = []
-    real = runtime.convert_graph
-
-    def counting(*a, **kw):
-        calls.append(a[1:])
-        return real(*a, **kw)
-    monkeypatch.setattr(runtime, "convert_graph", counting)
-    return calls
+    return counted_conversions
 
 
 def _probs(rows, class_names):
