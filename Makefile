@@ -23,6 +23,7 @@ PREPROCESS ?=
 POOLING    ?=
 RUNTIME    ?=
 PRECISION  ?=
+CALIBRATION ?=
 DTYPE      ?=
 FLIP       ?=
 LIMIT      ?=
@@ -46,7 +47,8 @@ FEATURE_ARGS = $(call opt,DATASET,--dataset) $(call opt,DATA_DIR,--data-dir) \
   $(call opt,BACKBONE,--backbone) $(call opt,SIZE,--size) $(call opt,BATCH,--batch) \
   $(call opt,WEIGHTS,--weights) $(call opt,PREPROCESS,--preprocess) \
   $(call opt,POOLING,--pooling) $(call opt,RUNTIME,--runtime) \
-  $(call opt,PRECISION,--precision) $(call opt,DTYPE,--dtype) $(call yesno,FLIP,--flip) \
+  $(call opt,PRECISION,--precision) $(call opt,CALIBRATION,--calibration) \
+  $(call opt,DTYPE,--dtype) $(call yesno,FLIP,--flip) \
   $(call opt,LIMIT,--limit) $(call opt,VARIANT,--variant) $(call opt,CUT,--cut) \
   $(call opt,OUT_DIR,--out-dir)
 HEADS_ARGS = $(call opt,HEADS,--heads) $(call opt,WORKERS,--workers)

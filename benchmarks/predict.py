@@ -35,10 +35,11 @@ log = logging.getLogger(__name__)
 
 
 def engines() -> list[tuple[str, str]]:
-    """(runtime, precision) pairs this machine can run (as section 6)."""
+    """(runtime, precision) pairs this machine can run (as section 6, but float: predict
+    runs an exported model, which is not quantized)."""
     from .runtimes import engines as stage_one_engines
 
-    return stage_one_engines()
+    return [e for e in stage_one_engines() if e[1] != "int8"]
 
 
 def label(runtime: str, precision: str) -> str:

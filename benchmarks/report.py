@@ -110,6 +110,20 @@ def headline_rows(r: dict) -> list[tuple[str, str, str]]:
                      + " of TensorFlow's"))
         rows.append(("... each runtime's pipeline vs its own bare engine (goal >= 0.95)",
                      ", ".join(f"{x['label']} {x['ratio']:.3f}" for x in rows6), ""))
+        by = {x["label"]: x for x in rows6}
+        if "OpenVINO int8" in by:
+            i8 = by["OpenVINO int8"]
+            vnni = bool(r["s6"].get("int8_flags"))
+            rows.append((f"... OpenVINO int8 vs float32 (goal >= {2.5 if vnni else 1.5}x on a "
+                         f"CPU {'with' if vnni else 'without'} VNNI/AMX), features' cosine "
+                         f"to float32 " + (f"{c['mean']:.4f}" if (c := i8["cosine_to_float32"])
+                                           else "n/a"),
+                         f"{_f(i8['pipeline_images_per_s'])} vs "
+                         f"{_f(by['OpenVINO float32']['pipeline_images_per_s'])}",
+                         f"**{i8['vs_openvino_float32']:.2f}x**"
+                         + (f" ({i8['pipeline_images_per_s'] / bf:.2f}x bf16's)"
+                            if (bf := by.get("OpenVINO bf16", {}).get("pipeline_images_per_s"))
+                            else "")))
     if "s8" in r:
         from .predict import headline_rows as _h8
 
@@ -367,14 +381,31 @@ def _s6(d: dict, r: dict) -> list[str]:
          f"{2 * fl['flops'] / 1e9:.3f} GFLOP per image (the image and its mirror) against the "
          f"median {d['matmul_n']}x{d['matmul_n']} float32 matmul of the same rounds "
          f"({_f(d['matmul_gflops_median'])} GFLOP/s).", ""]
-    L += _table(["runtime", "pipeline img/s", "vs TensorFlow float32", "bare engine img/s",
-                 "pipeline / bare", "pipeline GFLOP/s", "fraction of matmul",
-                 "rounds (pipeline img/s)"],
+    roofs = d.get("roofs_gops_median", {})
+    if roofs:
+        L += [f"Roofs, the same {d['matmul_n']}x{d['matmul_n']} matmul compiled by OpenVINO in "
+              f"the same rounds: " + ", ".join(f"{p} {_f(v)} GOP/s" for p, v in roofs.items())
+              + (f" (int8 instructions here: {', '.join(d['int8_flags'])})"
+                 if d.get("int8_flags") else " (no VNNI/AMX here: int8 runs on AVX2 "
+                 "multiplies)") + ". Cosine: each image's features (and its mirror's) against "
+              "OpenVINO float32's, mean / min.", ""]
+
+    def _cos(x):
+        c = x.get("cosine_to_float32")
+        return f"{c['mean']:.4f} / {c['min']:.3f}" if c else "n/a"
+
+    def _opt(v, fmt):
+        return fmt.format(v) if v is not None else "n/a"
+    L += _table(["runtime", "pipeline img/s", "vs TensorFlow float32", "vs OpenVINO float32",
+                 "bare engine img/s", "pipeline / bare", "pipeline GOP/s",
+                 "fraction of float32 matmul", "fraction of its precision's roof",
+                 "cosine to float32", "rounds (pipeline img/s)"],
                 [[x["label"], f"**{_f(x['pipeline_images_per_s'])}**",
-                  f"**{x['vs_tensorflow']:.2f}x**", _f(x["bare_images_per_s"]),
-                  f"{x['ratio']:.3f}", _f(x["pipeline_gflops"]),
-                  f"{x['pipeline_flops_ratio']:.3f}",
-                  ", ".join(_f(p["images_per_s"]) for p in x["featcache"])]
+                  f"**{x['vs_tensorflow']:.2f}x**",
+                  f"**{_opt(x.get('vs_openvino_float32'), '{:.2f}x')}**",
+                  _f(x["bare_images_per_s"]), f"{x['ratio']:.3f}", _f(x["pipeline_gflops"]),
+                  f"{x['pipeline_flops_ratio']:.3f}", _opt(x.get("roof_ratio"), "{:.3f}"),
+                  _cos(x), ", ".join(_f(p["images_per_s"]) for p in x["featcache"])]
                  for x in d["rows"]])
     for why in d.get("skipped", []):
         L += ["", f"Not run: {why}."]

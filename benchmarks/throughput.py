@@ -100,6 +100,41 @@ def matmul_gflops(n: int, reps: int, *, state: dict) -> list[float]:
     return out
 
 
+def openvino_matmul_gops(n: int, reps: int, *, precision: str, state: dict) -> list[float]:
+    """GOP/s of ``reps`` timed n x n matmuls compiled by OpenVINO's CPU plugin at
+    ``precision``: ``float32``, ``bf16`` (the inference-precision hint) or ``int8`` (both
+    operands through 256-level FakeQuantize, which the plugin runs as a u8 x s8 matmul:
+    VNNI/AMX where the CPU has them). The roofs the backbone's precisions are measured
+    against; the compiled models are made once, in ``state``."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    if precision not in state:
+        rng = np.random.default_rng(0)
+        param = ops.parameter([n, n], np.float32, name="a")
+        a, w = param, ops.constant(rng.uniform(-1, 1, (n, n)).astype(np.float32))
+        if precision == "int8":
+            lo, hi = ops.constant(np.float32(-1)), ops.constant(np.float32(1))
+            a = ops.fake_quantize(a, lo, hi, lo, hi, 256)
+            w = ops.fake_quantize(w, lo, hi, lo, hi, 255)
+        model = ov.Model([ops.matmul(a, w, False, True)], [param])
+        compiled = ov.Core().compile_model(model, "CPU", {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"})
+        req = compiled.create_infer_request()
+        x = rng.uniform(-1, 1, (n, n)).astype(np.float32)
+        req.infer({0: x})   # warm-up
+        state[precision] = (req, x)
+    req, x = state[precision]
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        req.infer({0: x})
+        out.append(2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return out
+
+
 def pipeline_rep(s: Settings, ds, out: Path, *, runtime: str = "tensorflow",
                  precision: str = "float32", flip: bool = False) -> dict:
     """One full ``extract_features`` run into a fresh file; steady-state images/s.

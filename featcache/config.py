@@ -177,8 +177,14 @@ class ExtractConfig:
              "visible")
     precision: str = setting(
         DEFAULT_PRECISION, choices=PRECISIONS, make="PRECISION", key=True,
-        help="auto = bf16 with openvino on a CPU with AVX512-BF16/AMX, else float32; bf16 "
-             "(openvino), mixed_bfloat16 / mixed_float16 (tensorflow Keras policies)")
+        help="auto = bf16 with openvino on a CPU with AVX512-BF16/AMX, else float32; bf16, "
+             "int8 (openvino; int8 = the graph quantized by NNCF, calibrated on training "
+             "images), mixed_bfloat16 / mixed_float16 (tensorflow Keras policies)")
+    calibration: int = setting(
+        300, make="CALIBRATION", key=True, key_when=lambda c: c.precision == "int8",
+        bounds=(1, 100_000),
+        help="--precision int8: how many training images (never test ones; drawn with "
+             "--seed) calibrate the quantization")
     flip: bool = setting(
         True, make="FLIP", key=True,
         help="stage one's yes/no: also store the features of horizontally mirrored images "
@@ -192,7 +198,8 @@ class ExtractConfig:
         help="image folders without train/ and test/: the stratified TEST share (not stage "
              "two's validation share)")
     seed: int = setting(0, key=True, bounds=(0, MAX_SEED),
-                        help="seed of an image folder's train/test split")
+                        help="seed of an image folder's train/test split (and of the "
+                             "int8 calibration sample)")
     cut: str | None = setting(
         None, make="CUT", key=True, key_if_set=True, metavar="BLOCK",
         help="also store float16 activations after this block (and mirrored), for the "
@@ -270,7 +277,9 @@ class ExtractConfig:
             parts.append("ov")
         if self.precision != "float32":
             parts.append({"mixed_bfloat16": "bf16", "mixed_float16": "mf16",
-                          "bf16": "bf16"}[self.precision])
+                          "bf16": "bf16", "int8": "int8"}[self.precision])
+        if self.precision == "int8" and self.calibration != _default("calibration"):
+            parts.append(f"cal{self.calibration}")
         if self.dtype != "float32":
             parts.append("f16")
         if self.flip:
@@ -324,6 +333,11 @@ class ResolvedExtractConfig(ExtractConfig):
 
     def resolved(self) -> "ResolvedExtractConfig":
         return self
+
+
+def _default(name: str, cls=None):
+    """The table's default of setting ``name`` (of :class:`ExtractConfig` unless ``cls``)."""
+    return next(f.default for f in fields(cls or ExtractConfig) if f.name == name)
 
 
 def cache_key_fields() -> tuple[str, ...]:

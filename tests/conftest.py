@@ -84,6 +84,39 @@ def synthetic_features(tmp_path):
     return extract_features(cfg).path
 
 
+@pytest.fixture(scope="session")
+def calibrated_weights(tmp_path_factory):
+    """``calibrated_weights(backbone)``: the path of a random weight file of ``backbone``
+    whose BatchNorm statistics are set to those of 16 synthetic images (Keras' random init
+    makes the activations of a deep network vanish, ~1e-10, so its features would be all but
+    zero); made once per backbone per session. For backbones with ``tf`` preprocessing."""
+    made = {}
+
+    def make(backbone: str) -> str:
+        if backbone in made:
+            return made[backbone]
+        import keras
+        import numpy as np
+
+        from featcache.backbones.registry import build_backbone, get_backbone
+        from featcache.data.datasets import Synthetic
+
+        images, _ = next(Synthetic().batches("train", 0, 16, 16))
+        m = build_backbone(get_backbone(backbone), weights="none")
+        x = images.astype(np.float32) / 127.5 - 1.0
+        bns = [la for la in m.layers if isinstance(la, keras.layers.BatchNormalization)]
+        probe = keras.Model(m.input, [b.input for b in bns])
+        for i, bn in enumerate(bns):
+            a = np.asarray(probe(x, training=False)[i])
+            bn.moving_mean.assign(a.mean((0, 1, 2)))
+            bn.moving_variance.assign(a.var((0, 1, 2)) + 1e-3)
+        path = tmp_path_factory.mktemp("weights") / f"{backbone}_calibrated.weights.h5"
+        m.save_weights(path)
+        made[backbone] = str(path)
+        return made[backbone]
+    return make
+
+
 @pytest.fixture
 def counted_conversions(monkeypatch):
     """Counts real OpenVINO conversions (calls of ``runtime.convert_graph``): the list of

@@ -89,9 +89,20 @@ def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
     s6 = r["s6"]
     labels = [x["label"] for x in s6["rows"]]
     assert labels[:2] == ["TensorFlow float32", "OpenVINO float32"]
-    assert labels[2:] in ([], ["OpenVINO bf16"])
-    assert bool(s6["skipped"]) == (len(labels) == 2)   # bf16 is said to be left out, not hidden
+    floats = [x for x in labels if not x.endswith("int8")]
+    assert floats[2:] in ([], ["OpenVINO bf16"]) and labels[len(floats):] in (
+        [], ["OpenVINO int8"])
+    # bf16 and int8 are said to be left out, not hidden
+    assert len(s6["skipped"]) == 4 - len(labels)
+    assert set(s6["roofs_gops_median"]) == {x.split()[1] for x in labels}
     for x in s6["rows"]:
+        c = x["cosine_to_float32"]    # None: random weights gave all-zero features
+        assert c is None or -1 <= c["min"] <= c["mean"] <= 1 + 1e-6
+        if x["label"] == "OpenVINO float32":
+            assert c is None or c["min"] > 1 - 1e-6
+            assert x["vs_openvino_float32"] == 1.0
+        assert _positive(x["roof_gops"]) and _positive(x["roof_ratio"])
+        assert f"**{x['vs_openvino_float32']:.2f}x**" in md
         assert _positive(x["pipeline_images_per_s"]) and _positive(x["bare_images_per_s"])
         assert _positive(x["ratio"]) and _positive(x["pipeline_flops_ratio"])
         assert len(x["featcache"]) == len(x["bare"]) == r["settings"]["rt_reps"]
@@ -102,7 +113,7 @@ def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
 
     # section 8: featcache predict on each runtime, on the same image files
     s8 = r["s8"]
-    assert [x["label"] for x in s8["rows"]] == labels      # the runtimes of section 6
+    assert [x["label"] for x in s8["rows"]] == floats      # section 6's float runtimes
     assert s8["images"] == r["settings"]["pr_images"] and s8["auto"] in labels
     for x in s8["rows"]:
         assert _positive(x["images_per_s"]) and _positive(x["cli_s"])

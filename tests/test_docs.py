@@ -206,7 +206,7 @@ def test_readme_links_the_page():
 #: third-party packages the module map names where a module imports them
 NOTABLE = {"h5py": "h5py", "tensorflow": "TensorFlow", "keras": "Keras", "openvino": "OpenVINO",
            "ray": "Ray", "matplotlib": "matplotlib", "scipy": "scipy", "sklearn": "scikit-learn",
-           "joblib": "joblib", "threadpoolctl": "threadpoolctl", "PIL": "Pillow"}
+           "joblib": "joblib", "threadpoolctl": "threadpoolctl", "PIL": "Pillow", "nncf": "NNCF"}
 
 
 def _dotted(path: Path) -> str:

@@ -15,7 +15,9 @@ the field's metadata everything the rest of featcache needs to know about it:
   name in the file, default the field name), ``to_key`` (how the value is written there)
   and ``companion`` (a measured value stored beside it, e.g. ``dataset_sha256``);
   ``key_if_set`` — in the key only when its value is not ``None`` (a setting added later,
-  e.g. ``cut``: files made without it keep their key and name);
+  e.g. ``cut``: files made without it keep their key and name); ``key_when`` — in the key
+  only when ``key_when(config)`` is true (a setting that matters only beside another, e.g.
+  ``calibration`` only with ``--precision int8``);
 - ``make`` — the Makefile variable that passes it (empty by default there);
 - ``env`` — an environment variable that overrides the default.
 
@@ -37,7 +39,8 @@ from typing import Any, Callable
 def setting(default: Any = MISSING, *, help: str, choices=None, flag: str | None | bool = True,
             aliases: tuple[str, ...] = (), key: bool = False, attr: str | None = None,
             to_key: Callable | None = None, companion: str | None = None,
-            key_if_set: bool = False, make: str | None = None, env: str | None = None,
+            key_if_set: bool = False, key_when: Callable | None = None,
+            make: str | None = None, env: str | None = None,
             type: Callable | None = None, parse: Callable | None = None,
             metavar: str | None = None, positional: bool = False,
             bounds: tuple | None = None):
@@ -49,7 +52,7 @@ def setting(default: Any = MISSING, *, help: str, choices=None, flag: str | None
     "open")`` for a fraction strictly between the two; :func:`check_bounds` applies it."""
     meta = dict(help=help, choices=choices, flag=flag, aliases=tuple(aliases), key=key,
                 attr=attr, to_key=to_key, companion=companion, key_if_set=key_if_set,
-                make=make, env=env, type=type, parse=parse, metavar=metavar,
+                key_when=key_when, make=make, env=env, type=type, parse=parse, metavar=metavar,
                 positional=positional, bounds=bounds)
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default")
@@ -78,6 +81,7 @@ class Setting:
     metavar: str | None
     positional: bool
     bounds: tuple | None = None
+    key_when: Callable | None = None
 
     @property
     def allowed(self) -> tuple | None:
@@ -157,15 +161,17 @@ def key_fields(cls) -> tuple[str, ...]:
 
 
 def optional_key_fields(cls) -> tuple[str, ...]:
-    """The key attributes a file has only when the setting was given (``key_if_set``)."""
-    return tuple(s.attr for s in table(cls) if s.key and s.key_if_set)
+    """The key attributes a file has only when the setting was given (``key_if_set``) or
+    matters (``key_when``)."""
+    return tuple(s.attr for s in table(cls) if s.key and (s.key_if_set or s.key_when))
 
 
 def cache_key(cfg, measured: dict) -> dict:
     """The cache key of a resolved config: each key setting as written by its ``to_key``,
     with its companion taken from ``measured``. A setting whose companion is given as
     ``None`` is left out with it (files made before that setting was recorded), and so is
-    a ``key_if_set`` setting whose value is ``None``."""
+    a ``key_if_set`` setting whose value is ``None`` and a ``key_when`` one whose condition
+    is false."""
     key = {}
     for s in table(type(cfg)):
         if not s.key:
@@ -173,7 +179,7 @@ def cache_key(cfg, measured: dict) -> dict:
         if s.companion and measured.get(s.companion, ...) is None:
             continue
         value = getattr(cfg, s.name)
-        if s.key_if_set and value is None:
+        if (s.key_if_set and value is None) or (s.key_when and not s.key_when(cfg)):
             continue
         key[s.attr] = s.to_key(value) if s.to_key else value
         if s.companion:

@@ -8,9 +8,12 @@ what runs them. Two halves:
   feature file before any virtualenv exists): :func:`resolve_runtime` turns ``auto`` into
   ``openvino`` on a CPU and ``tensorflow`` when an NVIDIA GPU is visible
   (:func:`visible_gpus`: the devices the kernel shows, honouring ``CUDA_VISIBLE_DEVICES``);
-  :func:`resolve_precision` turns ``auto`` into ``bf16`` for OpenVINO on a CPU whose
-  ``/proc/cpuinfo`` lists ``avx512_bf16`` or ``amx_bf16`` (:func:`cpu_has_bf16`; never
-  assumed), else ``float32``.
+  :func:`resolve_precision` turns ``auto`` into the measured rule of
+  :func:`auto_precision`: ``bf16`` for OpenVINO on a CPU whose ``/proc/cpuinfo`` lists
+  ``avx512_bf16`` or ``amx_bf16`` (:func:`cpu_has_bf16`; never assumed), else ``float32``.
+  ``int8`` (NNCF's post-training quantization of the converted graph,
+  :mod:`featcache.extract.quantize`) is chosen by name; :func:`cpu_has_fast_int8` tells
+  whether the CPU has the VNNI/AMX instructions that make it pay.
 - **Running** (:func:`openvino_step`): the whole step — uint8 batch -> resize -> the
   backbone's preprocessing -> backbone -> pooling (-> mirrored copy) — as one TensorFlow
   graph (the same one the TensorFlow runtime runs), converted by ``ov.convert_model`` once
@@ -50,9 +53,9 @@ DEFAULT_RUNTIME = "auto"
 #: ``--precision`` values of each runtime (``auto`` resolves to one of them).
 RUNTIME_PRECISIONS = {
     "tensorflow": ("float32", "mixed_bfloat16", "mixed_float16"),   # Keras dtype policies
-    "openvino": ("float32", "bf16"),                                # INFERENCE_PRECISION_HINT
+    "openvino": ("float32", "bf16", "int8"),   # INFERENCE_PRECISION_HINT; int8: NNCF-quantized
 }
-PRECISIONS = ("auto", "float32", "bf16", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("auto", "float32", "bf16", "int8", "mixed_bfloat16", "mixed_float16")
 DEFAULT_PRECISION = "auto"
 #: What ``--precision auto`` picks for OpenVINO on a CPU with bf16 (the one place to change it).
 OPENVINO_BF16_AUTO = "bf16"
@@ -81,6 +84,36 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+#: CPU flags of the instructions that make int8 arithmetic pay: VNNI (AVX-512 or AVX)
+#: and AMX; without them OpenVINO emulates int8 dot products with AVX2 multiplies.
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_has_fast_int8() -> bool:
+    """True when the CPU has VNNI or AMX int8 instructions (:data:`INT8_FLAGS`)."""
+    return bool(set(INT8_FLAGS) & cpu_flags())
+
+
+def nncf_available() -> bool:
+    """True when NNCF (the quantizer of ``--precision int8``) can be imported (cheap:
+    looks it up without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("nncf") is not None
+
+
+def float_precision(runtime: str) -> str:
+    """The fastest float precision ``runtime`` has on this CPU: ``bf16`` for OpenVINO on a
+    CPU with native bfloat16, else ``float32``."""
+    return OPENVINO_BF16_AUTO if runtime == "openvino" and cpu_has_bf16() else "float32"
+
+
+def auto_precision(runtime: str) -> str:
+    """What ``--precision auto`` is for ``runtime`` on this CPU (the measured rule; see
+    docs/stage-one.md): :func:`float_precision`."""
+    return float_precision(runtime)
+
+
 def visible_gpus() -> list[str]:
     """NVIDIA GPUs the kernel shows and ``CUDA_VISIBLE_DEVICES`` does not hide: the devices
     a CUDA build of TensorFlow would use. Cheap (no TensorFlow import)."""
@@ -106,9 +139,10 @@ def resolve_precision(precision: str, runtime: str) -> str:
         raise ConfigError(f"unknown precision {precision!r}; choose one of "
                           f"{', '.join(PRECISIONS)}")
     if precision == "auto":
-        return OPENVINO_BF16_AUTO if runtime == "openvino" and cpu_has_bf16() else "float32"
+        return auto_precision(runtime)
     if precision not in RUNTIME_PRECISIONS[runtime]:
         other = {"bf16": "mixed_bfloat16 with --runtime tensorflow, or --runtime openvino",
+                 "int8": "--runtime openvino (NNCF quantizes OpenVINO's graph)",
                  "mixed_bfloat16": "bf16 with --runtime openvino, or --runtime tensorflow",
                  "mixed_float16": "--runtime tensorflow (a GPU policy)"}[precision]
         raise ConfigError(f"--precision {precision} does not exist for --runtime {runtime} "
@@ -117,6 +151,14 @@ def resolve_precision(precision: str, runtime: str) -> str:
         raise ConfigError("--precision bf16: this CPU has no native bfloat16 (no avx512_bf16 "
                           "or amx_bf16 in /proc/cpuinfo); use --precision float32")
     return precision
+
+
+def require_int8() -> None:
+    """Refuse ``--precision int8`` where NNCF is missing (checked when stage one runs, not
+    when a file is named: naming works without the virtualenv)."""
+    if not nncf_available():
+        raise ConfigError("--precision int8 needs NNCF, which is not installed (make install "
+                          "installs it; or pip install nncf); use --precision float32")
 
 
 def cache_dir() -> Path:
@@ -346,11 +388,15 @@ def compile_cached(key: dict, graph: Callable | None = None, *, batch: int,
 
     precision = key["precision"]
     core = ov.Core()
-    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        raise ConfigError("--precision bf16: OpenVINO reports no bfloat16 support on this "
-                          "CPU; use --precision float32")
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    for name, cap in (("bf16", "BF16"), ("int8", "INT8")):
+        if precision == name and cap not in caps:
+            raise ConfigError(f"--precision {name}: OpenVINO reports no {cap} support on this "
+                              "CPU; use --precision float32")
     model, _ = load_or_convert(key, graph, root=root, core=core, convert=convert, label=label,
                                fallback=fallback)
+    # an int8 model runs its quantized ops in int8 whatever the hint; the rest (resize,
+    # preprocessing, pooling) stays float32
     config = {"PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
     if threads:

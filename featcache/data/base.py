@@ -1,5 +1,5 @@
 """What every dataset is: :class:`Dataset`, a source of uint8 image batches with labels per
-split (``batches``, ``fingerprint``, ``ids``, ``labels``), and :data:`Batch`.
+split (``batches``, ``take``, ``fingerprint``, ``ids``, ``labels``), and :data:`Batch`.
 
 Reads and writes nothing; subclasses (:mod:`featcache.data.datasets`,
 :mod:`featcache.data.folders`) read their data.
@@ -38,3 +38,12 @@ class Dataset:
         """All labels of ``split`` (small: N int64)."""
         return np.concatenate([y for _, y in self.batches(split, 0, self.splits[split], 4096)]) \
             if self.splits[split] else np.zeros(0, np.int64)
+
+    def take(self, split: str, rows) -> Batch:
+        """The images and labels of ``rows`` (sorted row indices of ``split``), in that
+        order. Reads only those rows (one small read each); a data set held in large files
+        overrides it with one pass."""
+        parts = [next(iter(self.batches(split, int(r), int(r) + 1, 1))) for r in rows]
+        if not parts:
+            raise ValueError(f"no rows of {split} asked for")
+        return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])

@@ -133,6 +133,19 @@ class Cifar10(Dataset):
             if offset >= stop:
                 break
 
+    def take(self, split, rows):
+        """One pass over ``split``'s files, keeping ``rows`` (sorted indices)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        images, labels, offset = [], [], 0
+        for x, y in self._files(split):
+            mine = rows[(rows >= offset) & (rows < offset + len(x))] - offset
+            images.append(x[mine])
+            labels.append(y[mine])
+            offset += len(x)
+            if offset > rows.max(initial=-1):
+                break
+        return np.concatenate(images), np.concatenate(labels)
+
     def fingerprint(self) -> str:
         h = hashlib.sha256(b"cifar10")
         for split, n in self.splits.items():

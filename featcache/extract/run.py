@@ -146,8 +146,10 @@ def make_step(model, *, size: int, mode: str, flip: bool = False, xla: bool = Fa
 
 
 def make_runtime_step(cfg: ExtractConfig, model, ds: Dataset, *, batch: int,
-                      weights_sha: str):
-    """The step of ``cfg.runtime`` for ``model`` on ``ds``'s images at ``batch``."""
+                      weights_sha: str, dataset_sha: str):
+    """The step of ``cfg.runtime`` for ``model`` on ``ds``'s images at ``batch``; at
+    ``int8``, the converted graph quantized on a calibration sample of ``ds``'s training
+    images (:mod:`featcache.extract.quantize`; converted and quantized once per key)."""
     if cfg.runtime == "tensorflow":
         return make_step(model, size=cfg.size, mode=cfg.preprocess, flip=cfg.flip, xla=cfg.xla,
                          cut=cfg.cut)
@@ -158,7 +160,24 @@ def make_runtime_step(cfg: ExtractConfig, model, ds: Dataset, *, batch: int,
         input_dtype=str(probe.dtype), image_size=cfg.size, preprocess=cfg.preprocess,
         pooling=cfg.pooling, flip=cfg.flip, precision=cfg.precision, cut=cfg.cut)
     graph = step_graph(model, size=cfg.size, mode=cfg.preprocess, flip=cfg.flip, cut=cfg.cut)
-    return runtimes.openvino_step(graph, key, batch=batch, threads=cfg.threads)
+    if cfg.precision != "int8":
+        return runtimes.openvino_step(graph, key, batch=batch, threads=cfg.threads)
+    from featcache.extract import quantize
+
+    rows = len(quantize.calibration_rows(ds.splits.get(quantize.CALIBRATION_SPLIT, 0),
+                                         cfg.calibration, cfg.seed))
+    key["calibration"] = quantize.calibration_key(dataset_sha256=dataset_sha, rows=rows,
+                                                  seed=cfg.seed)
+
+    def convert():  # only on a conversion-cache miss: the sample is read only then
+        float_model = runtimes.convert_graph(graph, tuple(key["input_shape"]),
+                                             key["input_dtype"])
+        return quantize.quantize(float_model,
+                                 quantize.calibration_images(ds, cfg.calibration, cfg.seed))
+
+    compiled = runtimes.compile_cached(key, batch=batch, threads=cfg.threads, convert=convert)
+    return runtimes.OpenVINOStep(compiled, batch=batch, flip=cfg.flip,
+                                 input_dtype=key["input_dtype"])
 
 
 # ---------------------------------------------------------------------------- shards
@@ -193,6 +212,8 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     t0 = time.perf_counter()
     cfg = config.resolved()
     spec = get_backbone(cfg.backbone)
+    if cfg.precision == "int8":
+        runtimes.require_int8()
     check_output(cfg.output_path)  # a folder there, or a read-only folder: refused before work
     ds = dataset or open_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                                  limit=cfg.limit, test_fraction=cfg.test_fraction, seed=cfg.seed,
@@ -230,6 +251,12 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
         weights_source=str(cfg.weights), xla=cfg.xla,
     )
     attrs["resize"] = describe_resize(REGISTRY_ANTIALIAS)  # a folder's extra_attrs say its own
+    if cfg.precision == "int8":
+        import nncf
+
+        from featcache.extract.quantize import CALIBRATION_SPLIT
+        attrs.update(calibration_split=CALIBRATION_SPLIT, nncf_version=nncf.__version__,
+                     calibration_images=min(cfg.calibration, ds.splits.get(CALIBRATION_SPLIT, 0)))
     attrs.update(ds.extra_attrs)
     ranges = {s: shard_range(n, cfg.batch, cfg.shard) for s, n in ds.splits.items()}
     if cfg.shard:
@@ -239,7 +266,8 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     path = cfg.output_path
     step = None
     if not path.exists():  # convert before any file is made; a final file is complete
-        step = make_runtime_step(cfg, model, ds, batch=cfg.batch, weights_sha=w_sha)
+        step = make_runtime_step(cfg, model, ds, batch=cfg.batch, weights_sha=w_sha,
+                                 dataset_sha=ds_sha)
 
     with writer_cls.open(path, attrs=attrs, classes=ds.classes, splits=specs, dim=dim,
                          dtype=cfg.dtype, flip=cfg.flip, force=cfg.force,
@@ -252,7 +280,8 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
             log.info("resuming with the file's batch size %d (not %d) so batches line up",
                      batch, cfg.batch)
         if step is None or batch != cfg.batch:
-            step = make_runtime_step(cfg, model, ds, batch=batch, weights_sha=w_sha)
+            step = make_runtime_step(cfg, model, ds, batch=batch, weights_sha=w_sha,
+                                     dataset_sha=ds_sha)
         todo = sum(writer.rows(s) - writer.rows_done(s) for s in ds.splits)
         done = 0
         t_start = time.perf_counter()

@@ -78,7 +78,8 @@ def choose_precision(name: str, runtime_name: str, features: str | None = None) 
     """The precision ``runtime_name`` runs at: ``auto`` -> the precision the head's
     features were computed at (``features``, from the model's metadata: bf16 features
     predict in bf16, float32 ones in float32, so predict reproduces what the head was
-    trained and scored on) where OpenVINO on this CPU runs it, else stage one's choice;
+    trained and scored on) where OpenVINO on this CPU runs it, else the fastest float
+    precision here (int8 features too: an exported model is not quantized);
     float32 for TensorFlow; ``bf16`` only with OpenVINO on a CPU that has it."""
     if name not in PRECISIONS:
         raise ConfigError(f"unknown precision {name!r} for predict; choose one of "
@@ -91,6 +92,8 @@ def choose_precision(name: str, runtime_name: str, features: str | None = None) 
     if name == "auto" and features in ("float32", "bf16") and \
             (features == "float32" or runtime.cpu_has_bf16()):
         return features
+    if name == "auto":   # int8 features too: predict has no calibration set, it runs float
+        return runtime.float_precision("openvino")
     return runtime.resolve_precision(name, "openvino")
 
 

@@ -32,23 +32,9 @@ def _images(n=16):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
+def weights(calibrated_weights):
     """A MobileNetV2 weight file: random, BatchNorm statistics set to the data's."""
-    import keras
-
-    from featcache.backbones.registry import build_backbone, get_backbone
-
-    m = build_backbone(get_backbone("mobilenet_v2"), weights="none")
-    x = _images().astype(np.float32) / 127.5 - 1.0
-    bns = [l for l in m.layers if isinstance(l, keras.layers.BatchNormalization)]
-    probe = keras.Model(m.input, [b.input for b in bns])
-    for i, bn in enumerate(bns):
-        a = np.asarray(probe(x, training=False)[i])
-        bn.moving_mean.assign(a.mean((0, 1, 2)))
-        bn.moving_variance.assign(a.var((0, 1, 2)) + 1e-3)
-    path = tmp_path_factory.mktemp("weights") / "mnv2_calibrated.weights.h5"
-    m.save_weights(path)
-    return str(path)
+    return calibrated_weights("mobilenet_v2")
 
 
 def _cfg(tmp_path, weights, **kw):

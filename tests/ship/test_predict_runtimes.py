@@ -307,6 +307,19 @@ def test_precision_follows_stage_ones_auto_rule(monkeypatch):
         engines.choose_precision("bf16", "openvino")
 
 
+def test_a_head_on_int8_features_predicts_in_the_fastest_float_precision(monkeypatch):
+    """An exported model is not quantized (predict has no calibration images): a head fitted
+    on int8 features runs in bf16 where the CPU has it, else float32 - even on a CPU where
+    stage one's auto picks int8."""
+    flags = frozenset({"avx512f", "avx512_bf16", "avx512_vnni", "amx_int8"})
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    assert engines.choose_precision("auto", "openvino", "int8") == "bf16"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
+    assert engines.choose_precision("auto", "openvino", "int8") == "float32"
+    with pytest.raises(ConfigError, match="unknown precision 'int8'"):
+        engines.choose_precision("int8", "openvino")
+
+
 # ---------------------------------------------------------------------------- errors
 
 def test_bad_choices_are_one_line_errors(built):

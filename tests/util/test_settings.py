@@ -105,7 +105,10 @@ def test_cache_key_is_generated_from_the_table():
     assert not {"batch", "xla", "out_dir", "size"} & set(names)
     key = ExtractConfig(runtime="openvino", precision="float32", test_fraction=0.3).cache_key(
         dataset_sha256="d", weights_sha256="w", runtime_version="1")
-    assert tuple(key) == tuple(n for n in names if n != "cut")   # cut: only when set
+    # cut: only when set; calibration: only at int8
+    assert tuple(key) == tuple(n for n in names if n not in ("cut", "calibration"))
+    assert ExtractConfig(precision="int8", calibration=50).cache_key(
+        dataset_sha256="d", weights_sha256="w", runtime_version="1")["calibration"] == 50
     assert names[-1] == "cut" and ExtractConfig(cut="block_16").cache_key(
         dataset_sha256="d", weights_sha256="w", runtime_version="1")["cut"] == "block_16"
     assert key["test_fraction"] == 0.3 and key["image_size"] == 224 and key["limit"] == 0
