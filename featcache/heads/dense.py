@@ -19,7 +19,8 @@ import numpy as np
 from sklearn.utils.validation import check_array
 
 from featcache._util.atomic import replacing, write_text
-from featcache.heads.base import Head
+from featcache.errors import ConfigError
+from featcache.heads.base import FIT_AGAIN, Head, unreadable_head
 from featcache.heads.registry import register_head
 from featcache.heads.solver import Scaler
 
@@ -170,13 +171,26 @@ class DenseHead(Head):
 
     @classmethod
     def load(cls, path) -> "DenseHead":
+        """The head saved at ``path`` (``.keras``) and the ``.json`` beside it; without the
+        ``.json``, or with either file damaged, a one-line error that says what to do."""
         path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        head = cls(**meta["params"])
-        head.model_ = keras_module().models.load_model(path)
-        head.classes_ = np.asarray(meta["classes"])
-        head.best_epochs_ = meta["best_epochs"]
-        head.n_features_in_ = meta["n_features_in"]
+        side = path.with_suffix(".json")
+        if not side.is_file():
+            raise ConfigError(f"{path} has no {side.name} beside it (the head's classes and "
+                              f"parameters, saved with it): copy the two files together, "
+                              f"or {FIT_AGAIN}")
+        try:
+            meta = json.loads(side.read_text())
+            head = cls(**meta["params"])
+            classes = np.asarray(meta["classes"])
+            best_epochs, width = meta["best_epochs"], meta["n_features_in"]
+        except Exception as exc:  # noqa: BLE001 - a damaged JSON raises several types
+            raise unreadable_head(side, exc) from None
+        try:
+            head.model_ = keras_module().models.load_model(path)
+        except Exception as exc:  # noqa: BLE001 - Keras raises many types for bad files
+            raise unreadable_head(path, exc) from None
+        head.classes_, head.best_epochs_, head.n_features_in_ = classes, best_epochs, width
         return head
 
     # ---- pickling keeps the model: its .keras bytes

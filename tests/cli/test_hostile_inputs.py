@@ -66,3 +66,27 @@ def test_a_huge_finite_feature_value_is_a_damaged_file(tmp_path, capsys):
         f["train"]["features"][3, 2] = 3e38                  # finite, squares overflow
     _one_line(["heads", path, "--heads", "knn", "--workers", "0"], capsys,
               "features hold values up to 3e+38", "--force")
+
+
+def test_a_keras_head_without_its_json_or_damaged_is_one_line(tmp_path, capsys):
+    """A dense head is two files (``.keras`` + ``.json``): either one missing or damaged is
+    one line naming the file and what to do, never a traceback."""
+    import numpy as np
+
+    from featcache.heads import HEADS, save_head
+
+    path = make_feature_file(tmp_path / "f.h5", n_train=60, n_test=20)
+    X = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
+    head = HEADS["dense"].make(random_state=0, epochs=1, hidden=8).fit(X, np.arange(40) % 4)
+    saved = save_head(head, tmp_path / "heads", "dense")
+    side = saved.with_suffix(".json")
+    meta = side.read_text()
+    export = ["export", path, "--head-file", saved, "--output", tmp_path / "m.keras"]
+    side.unlink()
+    _one_line(export, capsys, f"{saved} has no dense.json beside it", "make heads")
+    side.write_text(meta[:len(meta) // 2])                    # a truncated JSON
+    _one_line(export, capsys, f"{side} is not a readable saved head", "make heads")
+    side.write_text(meta)
+    saved.write_bytes(saved.read_bytes()[:100])               # a truncated model
+    _one_line(export, capsys, f"{saved} is not a readable saved head", "make heads")
+    assert not (tmp_path / "m.keras").exists()
