@@ -90,3 +90,66 @@ def test_a_keras_head_without_its_json_or_damaged_is_one_line(tmp_path, capsys):
     saved.write_bytes(saved.read_bytes()[:100])               # a truncated model
     _one_line(export, capsys, f"{saved} is not a readable saved head", "make heads")
     assert not (tmp_path / "m.keras").exists()
+
+
+def _tiny_model(path, n_classes: int, fmt: str = "keras"):
+    """A model of the exported kind (RGB images -> class probabilities) in ``fmt``, with no
+    sidecar: pooling and a softmax Dense, built in a second."""
+    import keras
+
+    inp = keras.Input((None, None, 3) if fmt != "tflite" else (8, 8, 3), name="image")
+    x = keras.layers.GlobalAveragePooling2D()(inp)
+    model = keras.Model(inp, keras.layers.Dense(n_classes, activation="softmax")(x))
+    if fmt == "keras":
+        model.save(path)
+    elif fmt == "savedmodel":
+        model.export(str(path), format="tf_saved_model", verbose=False)
+    else:
+        import tensorflow as tf
+
+        path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return path
+
+
+def _sidecar(model, class_names, fmt: str = "keras"):
+    import json
+
+    from featcache.ship.sidecar import sidecar_path
+
+    sidecar_path(model).write_text(json.dumps({
+        "featcache_export": 1, "format": fmt, "model": model.name, "class_names": class_names,
+        "input": {"image_size": 8, "resize": {"antialias": True}}}))
+
+
+@pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
+def test_predict_with_a_sidecar_of_the_wrong_class_count(tmp_path, capsys, monkeypatch,
+                                                         runtime):
+    """A ``<model>.json`` naming more or fewer classes than the model scores (used to print
+    names the model never scored, or an IndexError) is one line naming the sidecar."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(tmp_path / "cache"))
+    model = _tiny_model(tmp_path / "m.keras", 3)
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "x.png")
+    predict = ["predict", model, tmp_path / "x.png", "--runtime", runtime]
+    for names in (["a", "b"], ["a", "b", "c", "d"]):
+        _sidecar(model, names)
+        _one_line(predict, capsys, f"{model}.json names {len(names)} classes but m.keras "
+                  f"scores 3", "featcache export")
+    _sidecar(model, ["a", "b", "c"])                  # the right count predicts
+    assert main([str(a) for a in predict]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'x.png'}: ")
+
+
+@pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])
+def test_the_other_formats_know_their_class_count_too(tmp_path, fmt):
+    from featcache.errors import DataError
+    from featcache.ship.predict import load_classifier
+
+    model = _tiny_model(tmp_path / f"m.{fmt}", 3, fmt)
+    _sidecar(model, ["a", "b"], fmt)
+    with pytest.raises(DataError, match="names 2 classes but m.* scores 3"):
+        load_classifier(model, runtime="tensorflow")
+    _sidecar(model, ["a", "b", "c"], fmt)
+    assert load_classifier(model, runtime="tensorflow").class_names == ["a", "b", "c"]
