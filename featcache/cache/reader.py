@@ -133,6 +133,34 @@ def read_attrs(path: str | os.PathLike) -> dict:
         return legacy_defaults(attrs_dict(f.attrs))
 
 
+def file_identity(source) -> dict:
+    """What a fitted head records of the feature file it was fitted on, and what it is
+    checked against when it is used with one (:func:`featcache.heads.check_fitted_on`):
+    ``feature_file`` (the path, for messages), ``config_sha256``, ``classes`` (the names,
+    in label order) and ``n_features`` (the width of the features). ``source``: a loaded
+    :class:`FeatureSet` (the width from a split it holds) or a path (read without its
+    arrays)."""
+    if isinstance(source, FeatureSet) and source.splits:
+        split = next(iter(source.splits.values()))
+        path, attrs, classes = source.path, source.attrs, source.classes
+        width = int(split.features.shape[1])
+    else:
+        path = Path(getattr(source, "path", source))
+        with open_h5(path, "r") as f:
+            check_schema(path, f.attrs)
+            attrs = attrs_dict(f.attrs)
+            try:
+                classes = [c.decode() if isinstance(c, bytes) else str(c)
+                           for c in f["classes"][()]]
+                first = [str(s) for s in attrs.get("splits", [])][:1]
+                width = int(f[first[0]]["features"].shape[1]) if first else None
+            except (OSError, KeyError, IndexError) as exc:
+                raise CorruptFeatureFile(f"{path} is damaged ({exc}); re-run stage one with "
+                                         f"--force") from None
+    return {"feature_file": str(path), "config_sha256": attrs.get("config_sha256"),
+            "classes": list(classes), "n_features": width}
+
+
 # --------------------------------------------------------------------------- reading
 
 @dataclass

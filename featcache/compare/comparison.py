@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache.lock import FileLock
+from featcache.cache.reader import file_identity
 from featcache.compare.jobs import job_cost, make_jobs, run_job
 
 # the protocol's parts, importable from here as before the split
@@ -136,6 +137,7 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
                           f"{cfg.search!r}")
     n_workers = cfg.n_workers
     fs = load_data(cfg)
+    identity = file_identity(fs)   # what the saved heads record of the file they fit
     extra = flip_rows(cfg.flip, fs.has_flip)
     # Fitted heads go to a staging folder while the comparison runs and are moved into
     # place only at the end, just before results.json: an interrupted run leaves the previous
@@ -172,7 +174,7 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
                      out_dir=str(staging.resolve()) if staging is not None else None,
                      search=cfg.search, in_worker=n_workers > 0,
                      log_level=logging.getLogger("featcache").getEffectiveLevel(),
-                     user_heads=user_heads)
+                     user_heads=user_heads, fitted_on=identity)
         costs = [sum(job_cost(r, data) for r in job.rows) for job in jobs]
         state = {"rows": 0, "cost": 0.0, "eta": float("inf"), "at": time.monotonic()}
         start = time.monotonic()

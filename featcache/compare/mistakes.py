@@ -94,7 +94,7 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
     """Write ``<report_dir>/mistakes.png`` for ``results``' best row; its path, or None.
     ``predicted``: the best row's (test predictions, test probabilities) as the comparison
     computed them; without probabilities the saved head predicts again."""
-    from featcache.cache.reader import load_features
+    from featcache.cache.reader import file_identity, load_features
     from featcache.heads import HEADS, as_head, load_head
 
     report_dir = Path(report_dir)
@@ -106,7 +106,8 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
         if predicted is not None and predicted[1] is not None:
             pred, proba = np.asarray(predicted[0]), np.asarray(predicted[1])
         else:
-            head = as_head(load_head(report_dir / best["saved"]))  # a plain sklearn head too
+            head = as_head(load_head(report_dir / best["saved"],   # a plain sklearn head too
+                                     fitted_on=file_identity(fs)))
             X, Xf = test.features, (test.features_flip if tta else None)
             if getattr(HEADS.get(best.get("head")), "file_rows", None):  # finetune
                 from featcache.heads.finetune.data import file_test_rows

@@ -2,7 +2,8 @@
 featcache's heads import Keras (:func:`keras_module`; the other heads' ``to_keras`` use it).
 
 Reads and writes only what :meth:`DenseHead.save` / :meth:`DenseHead.load` are given:
-``<name>.keras`` (the model) and ``<name>.json`` (classes, parameters, best epochs).
+``<name>.keras`` (the model) and ``<name>.json`` (classes, parameters, best epochs, the
+feature file it was fitted on).
 Pickling a fitted DenseHead keeps its model (the ``.keras`` file's bytes, through a
 temporary folder). Importing this module does not import Keras or TensorFlow; fitting,
 loading and ``to_keras`` do.
@@ -166,6 +167,8 @@ class DenseHead(Head):
         meta = {"class": "DenseHead", "params": self.get_params(),
                 "classes": self.classes_.tolist(), "best_epochs": self.best_epochs_,
                 "n_features_in": self.n_features_in_}
+        if getattr(self, "fitted_on_", None) is not None:   # its feature file (stage two)
+            meta["fitted_on"] = self.fitted_on_
         write_text(directory / f"{name}.json", json.dumps(meta, indent=2))
         return path
 
@@ -191,6 +194,8 @@ class DenseHead(Head):
         except Exception as exc:  # noqa: BLE001 - Keras raises many types for bad files
             raise unreadable_head(path, exc) from None
         head.classes_, head.best_epochs_, head.n_features_in_ = classes, best_epochs, width
+        if isinstance(meta.get("fitted_on"), dict):
+            head.fitted_on_ = meta["fitted_on"]
         return head
 
     # ---- pickling keeps the model: its .keras bytes

@@ -153,3 +153,39 @@ def test_the_other_formats_know_their_class_count_too(tmp_path, fmt):
         load_classifier(model, runtime="tensorflow")
     _sidecar(model, ["a", "b", "c"], fmt)
     assert load_classifier(model, runtime="tensorflow").class_names == ["a", "b", "c"]
+
+
+def test_a_head_fitted_on_another_feature_file_is_refused_by_export(tmp_path, capsys):
+    """``export --head-file`` (or ``--report-dir``) with a head fitted on another feature
+    file used to ship it under this file's class names (an IndexError when there were
+    fewer): the head carries its file's identity and export refuses a mismatch, naming it."""
+    a = make_feature_file(tmp_path / "a.h5", n_train=60, n_test=20, flip=False, seed=0)
+    other = make_feature_file(tmp_path / "b.h5", n_train=60, n_test=20, flip=False, seed=1)
+    fewer = make_feature_file(tmp_path / "c.h5", n_train=60, n_test=20, flip=False, k=3)
+    wider = make_feature_file(tmp_path / "d.h5", n_train=60, n_test=20, flip=False, dim=8)
+    assert main(["heads", str(a), "--heads", "logreg", "--workers", "0", "-q"]) == 0
+    capsys.readouterr()
+    saved = tmp_path / "a" / "heads" / "logreg.joblib"
+    out = tmp_path / "m.keras"
+    for path, why in ((other, "another configuration: config_sha256"),
+                      (fewer, "4 classes vs 3"), (wider, "features of width 16 vs 8")):
+        err = _one_line(["export", path, "--head-file", saved, "--output", out], capsys,
+                        f"{saved} was fitted on {a} ({why}", f"not on {path}",
+                        f"featcache heads {path}")
+        assert "IndexError" not in err
+        _one_line(["export", path, "--report-dir", tmp_path / "a", "--output", out], capsys,
+                  f"was fitted on {a} (")
+    assert not out.exists()
+
+
+def test_the_check_accepts_the_head_on_its_own_file(tmp_path):
+    from featcache.cache.reader import file_identity
+    from featcache.compare.comparison import compare_heads
+    from featcache.heads import fitted_on, load_head
+
+    a = make_feature_file(tmp_path / "a.h5", n_train=60, n_test=20, flip=False)
+    res = compare_heads(a, heads="logreg", workers=0)
+    path = tmp_path / "a" / res["rows"][0]["saved"]
+    head = load_head(path, fitted_on=file_identity(a))            # no error
+    assert fitted_on(head) == file_identity(a)
+    assert fitted_on(head)["classes"] == ["class0", "class1", "class2", "class3"]
