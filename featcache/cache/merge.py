@@ -35,6 +35,7 @@ class _Part:
     starts: dict      # split -> row_start
     rows: dict        # split -> rows in this part
     ids: dict         # split -> this part's row ids
+    sha256: dict      # split -> this part's file hashes (image folders), or None
 
 
 #: Root attributes that describe one part, not the merged file.
@@ -45,7 +46,7 @@ _MERGE_MUST_AGREE = ("config_sha256", "batch_size", "dtype", "flip", "splits", "
 
 
 def _read_part(path: Path) -> _Part:
-    from featcache.cache.reader import attrs_dict, check_schema, open_h5, read_ids
+    from featcache.cache.reader import attrs_dict, check_schema, open_h5, read_ids, read_sha256
 
     with open_h5(path, "r") as f:
         check_schema(path, f.attrs)
@@ -66,7 +67,8 @@ def _read_part(path: Path) -> _Part:
         rows = {s: int(f[s]["labels"].shape[0]) for s in splits}
         dim = int(f[splits[0]]["features"].shape[1])
         ids = {s: read_ids(f[s]) for s in splits}
-    return _Part(path, attrs, i, n, classes, dim, starts, rows, ids)
+        hashes = {s: read_sha256(f[s]) for s in splits}
+    return _Part(path, attrs, i, n, classes, dim, starts, rows, ids, hashes)
 
 
 def _check_parts(parts: list[_Part]) -> None:
@@ -132,6 +134,14 @@ def _joined_ids(parts: list[_Part], split: str):
     return np.concatenate(arrays) if arrays else None
 
 
+def _joined_sha256(parts: list[_Part], split: str):
+    """The file hashes of ``split`` across the parts, or None unless every part has them."""
+    import numpy as np
+
+    arrays = [p.sha256[split] for p in parts]
+    return None if not arrays or any(a is None for a in arrays) else np.concatenate(arrays)
+
+
 def merge_parts(parts: Iterable[str | os.PathLike], out: str | os.PathLike, *,
                 force: bool = False, wait: bool = False) -> Path:
     """Join complete shard part files into one feature file at ``out``; return its path.
@@ -164,7 +174,8 @@ def merge_parts(parts: Iterable[str | os.PathLike], out: str | os.PathLike, *,
     dtype = str(first.attrs.get("dtype", "float32"))
     block = max(1, MERGE_BLOCK_BYTES // max(1, first.dim * np.dtype(dtype).itemsize))
     with FeatureWriter.open(out, attrs=attrs, classes=first.classes,
-                            splits={s: SplitSpec(totals[s], 0, _joined_ids(read, s))
+                            splits={s: SplitSpec(totals[s], 0, _joined_ids(read, s),
+                                                 _joined_sha256(read, s))
                                     for s in splits}, dim=first.dim, dtype=dtype,
                             flip=flip, force=force, wait=wait) as writer:
         if writer.complete:

@@ -14,6 +14,9 @@ Layout (schema 2)::
     /<split>/ids                  (N,) the row's identity: int64 index in the split
                                   (CIFAR-10, registry datasets) or UTF-8 relative path
                                   (image folders); ``attrs["id_kind"]`` "index" | "path"
+    /<split>/sha256               image folders (optional: not in older files): (N,) the
+                                  sha256 (64 ASCII hex bytes) of each row's file as stage
+                                  one read it, so stage two can tell a changed file
     root attrs                    provenance (see PROVENANCE_KEYS), ``complete``,
                                   ``splits`` and ``rows_done`` (one count per split)
 
@@ -133,6 +136,34 @@ def read_attrs(path: str | os.PathLike) -> dict:
         return legacy_defaults(attrs_dict(f.attrs))
 
 
+def file_identity(source) -> dict:
+    """What a fitted head records of the feature file it was fitted on, and what it is
+    checked against when it is used with one (:func:`featcache.heads.check_fitted_on`):
+    ``feature_file`` (the path, for messages), ``config_sha256``, ``classes`` (the names,
+    in label order) and ``n_features`` (the width of the features). ``source``: a loaded
+    :class:`FeatureSet` (the width from a split it holds) or a path (read without its
+    arrays)."""
+    if isinstance(source, FeatureSet) and source.splits:
+        split = next(iter(source.splits.values()))
+        path, attrs, classes = source.path, source.attrs, source.classes
+        width = int(split.features.shape[1])
+    else:
+        path = Path(getattr(source, "path", source))
+        with open_h5(path, "r") as f:
+            check_schema(path, f.attrs)
+            attrs = attrs_dict(f.attrs)
+            try:
+                classes = [c.decode() if isinstance(c, bytes) else str(c)
+                           for c in f["classes"][()]]
+                first = [str(s) for s in attrs.get("splits", [])][:1]
+                width = int(f[first[0]]["features"].shape[1]) if first else None
+            except (OSError, KeyError, IndexError) as exc:
+                raise CorruptFeatureFile(f"{path} is damaged ({exc}); re-run stage one with "
+                                         f"--force") from None
+    return {"feature_file": str(path), "config_sha256": attrs.get("config_sha256"),
+            "classes": list(classes), "n_features": width}
+
+
 # --------------------------------------------------------------------------- reading
 
 @dataclass
@@ -140,12 +171,14 @@ class SplitFeatures:
     """One split's arrays (float32 features unless the file stores float16).
 
     ``ids``: each row's identity, int64 indices in the split (registry datasets) or
-    ``str`` paths relative to the image folder (object array)."""
+    ``str`` paths relative to the image folder (object array); ``sha256``: for an image
+    folder, each row's file's content hash when the file was read (None in older files)."""
 
     features: np.ndarray
     labels: np.ndarray
     features_flip: np.ndarray | None = None
     ids: np.ndarray | None = None
+    sha256: np.ndarray | None = None   # image folders: each row's file's sha256 (hex str)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -209,7 +242,8 @@ def load_features(path: str | os.PathLike, splits: Iterable[str] | None = None, 
                 feats = g["features"][:n]
                 flipped = g["features_flip"][:n] if flip and "features_flip" in g else None
                 labels = g["labels"][:n]
-                out[name] = SplitFeatures(feats, labels, flipped, read_ids(g, n))
+                out[name] = SplitFeatures(feats, labels, flipped, read_ids(g, n),
+                                          read_sha256(g, n))
         except (OSError, KeyError) as exc:
             raise CorruptFeatureFile(f"{path} is damaged ({exc}); re-run stage one with "
                                      f"--force") from None
@@ -240,7 +274,7 @@ def check_rows(path, name: str, group, attrs: dict) -> None:
     mirrored features), or, in a complete file, with ``rows_done``: heads would train on
     rows paired with the wrong labels, or silently on fewer rows."""
     counts = {k: int(group[k].shape[0]) for k in ("features", "labels", "ids",
-                                                  "features_flip") if k in group}
+                                                  "features_flip", "sha256") if k in group}
     done = attrs.get("rows_done")
     if attrs.get("complete") and done is not None and name in list(attrs.get("splits", [])):
         counts["rows_done"] = int(done[list(attrs["splits"]).index(name)])
@@ -258,6 +292,16 @@ def read_ids(group, n: int | None = None) -> np.ndarray:
         return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in raw],
                         dtype=object)
     return np.asarray(raw, dtype=np.int64)
+
+
+def read_sha256(group, n: int | None = None) -> np.ndarray | None:
+    """The first ``n`` (default: all) file hashes of an open split group as ``str`` (hex),
+    None when the file has none (a registry data set, or a file written before them)."""
+    if "sha256" not in group:
+        return None
+    raw = group["sha256"][:n] if n is not None else group["sha256"][()]
+    return np.array([v.decode("ascii") if isinstance(v, bytes) else str(v) for v in raw],
+                    dtype=object)
 
 
 #: Larger pooled features than this are damage, not activations: squared, they overflow

@@ -125,11 +125,22 @@ def _is_disk_full(exc: BaseException | None) -> bool:
 class SplitSpec:
     """What a writer preallocates for one split: row count, for shard parts the offset,
     and the rows' ids (default: their index in the split, ``row_start`` on; a folder
-    passes its relative paths). The ids are written when the file is created."""
+    passes its relative paths) and, for a folder, its files' sha256. Both are written when
+    the file is created."""
 
     rows: int
     row_start: int = 0
     ids: Sequence | np.ndarray | None = None
+    sha256: Sequence | np.ndarray | None = None   # image folders: each row's file's sha256
+
+    def sha256_array(self) -> np.ndarray | None:
+        """The files' sha256 as stored (64 ASCII hex bytes each), or None."""
+        if self.sha256 is None:
+            return None
+        if len(self.sha256) != self.rows:
+            raise CacheError(f"{len(self.sha256)} file hashes for {self.rows} rows; give one "
+                             f"per row")
+        return np.array([str(v) for v in np.asarray(self.sha256).tolist()], dtype="S64")
 
     def id_array(self) -> np.ndarray:
         """The ids as stored: int64 indices, or an object array of ``str`` paths."""
@@ -141,6 +152,12 @@ class SplitSpec:
         if ids.dtype.kind in "iu":
             return ids.astype(np.int64)
         return np.array([str(v) for v in ids.tolist()], dtype=object)
+
+
+def write_sha256(group, hashes: np.ndarray | None) -> None:
+    """Store a split's per-row file hashes (``/<split>/sha256``) in an open (new) group."""
+    if hashes is not None:
+        group.create_dataset("sha256", data=np.asarray(hashes, dtype="S64"))
 
 
 def write_ids(group, ids: np.ndarray) -> None:
@@ -262,6 +279,7 @@ class FeatureWriter:
                     preallocated(g, "labels", (spec.rows,), "int64",
                                   (min(1 << 17, max(spec.rows, 1)),))
                     write_ids(g, spec.id_array())
+                    write_sha256(g, spec.sha256_array())
                 for key, value in attrs.items():
                     f.attrs[key] = "none" if value is None else value
                 f.attrs["schema_version"] = SCHEMA_VERSION

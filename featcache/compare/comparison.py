@@ -3,8 +3,10 @@
 Reads one complete feature file through :mod:`featcache.cache.writer` (never stage one's modules).
 Writes, under ``HeadsConfig.report_dir`` (``features/<stem>/`` beside the file), through
 :mod:`featcache.compare.report`: ``heads/<row>.joblib|.keras``, ``predictions.npz``,
-``results.csv``, ``report.md``, plots, and ``results.json`` last; for the label-efficiency
-curve ``curve.json|csv|md|png``.
+``results.csv``, ``report.md``, plots, and ``results.json`` last — all into a staging folder
+beside it (``features/.<stem>.tmp/``) that replaces the report folder in one step at the end
+(:func:`_compare`); for the label-efficiency curve ``curve.json|csv|md|png``, each replaced
+in the report folder itself.
 
 The protocol (the test labels influence no choice):
 
@@ -40,14 +42,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from featcache._util.atomic import recover, replacing, temp_name
 from featcache.cache.lock import FileLock
+from featcache.cache.reader import file_identity
 from featcache.compare.jobs import job_cost, make_jobs, run_job
 
 # the protocol's parts, importable from here as before the split
@@ -123,7 +126,29 @@ def _report_lock(cfg: HeadsConfig, *, write: bool, wait: bool):
 
 
 def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
+    """Run the comparison; with ``write``, build the whole new report — fitted heads,
+    plots, ``results.json`` — in a staging folder beside the report folder
+    (``features/.<stem>.tmp/``), link into it what the old folder holds that the comparison
+    does not write (:func:`featcache.compare.report.carry_over`: curve files, exported
+    models), and swap it in for the old folder in one step
+    (:func:`featcache._util.atomic.replacing`): a reader sees the whole old report or the
+    whole new one, never new heads beside old results. A staging folder (or a previous
+    version) that a killed run left is cleaned up first."""
     from featcache.compare import report
+
+    if not write:
+        return _run(cfg, None, progress)[0]
+    with replacing(cfg.report_dir) as staging:
+        staging.mkdir(parents=True)
+        results, preds, y_test, probas = _run(cfg, staging, progress)
+        report.write_report(results, preds, y_test, staging, probabilities=probas)
+        report.carry_over(cfg.report_dir, staging)
+    return results
+
+
+def _run(cfg: HeadsConfig, staging: Path | None, progress):
+    """The comparison itself, fitted heads saved under ``staging/heads`` (None: not saved):
+    (results, test predictions by row, test labels, test probabilities by row)."""
     from featcache.compare.workers import SharedArrays, Ticker, run_jobs
 
     t0 = time.perf_counter()
@@ -136,13 +161,8 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
                           f"{cfg.search!r}")
     n_workers = cfg.n_workers
     fs = load_data(cfg)
+    identity = file_identity(fs)   # what the saved heads record of the file they fit
     extra = flip_rows(cfg.flip, fs.has_flip)
-    # Fitted heads go to a staging folder while the comparison runs and are moved into
-    # place only at the end, just before results.json: an interrupted run leaves the previous
-    # report and the heads it names untouched.
-    staging = cfg.report_dir / ".staging" if write else None
-    if staging is not None and staging.exists():
-        shutil.rmtree(staging)
     n_classes = len(fs.classes)
     with contextlib.ExitStack() as stack:
         shared = stack.enter_context(SharedArrays()) if n_workers > 0 else None
@@ -172,7 +192,7 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
                      out_dir=str(staging.resolve()) if staging is not None else None,
                      search=cfg.search, in_worker=n_workers > 0,
                      log_level=logging.getLogger("featcache").getEffectiveLevel(),
-                     user_heads=user_heads)
+                     user_heads=user_heads, fitted_on=identity)
         costs = [sum(job_cost(r, data) for r in job.rows) for job in jobs]
         state = {"rows": 0, "cost": 0.0, "eta": float("inf"), "at": time.monotonic()}
         start = time.monotonic()
@@ -234,21 +254,7 @@ def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
         "mcnemar": pairwise_mcnemar({k: v == y_test for k, v in preds.items()}),
     }
     results["wall_s"] = time.perf_counter() - t0
-    if write:
-        _publish_heads(staging, cfg.report_dir)
-        report.write_report(results, preds, y_test, cfg.report_dir, probabilities=probas)
-    return results
-
-
-def _publish_heads(staging: Path, report_dir: Path) -> None:
-    """Move the staged fitted heads into ``report_dir/heads`` (each an atomic rename)."""
-    src = staging / "heads"
-    dst = report_dir / "heads"
-    dst.mkdir(parents=True, exist_ok=True)
-    if src.exists():
-        for f in sorted(src.iterdir()):
-            os.replace(f, dst / f.name)
-    shutil.rmtree(staging, ignore_errors=True)
+    return results, preds, y_test, probas
 
 
 # --------------------------------------------------------------------------- curve
@@ -315,6 +321,7 @@ def _curve(cfg: HeadsConfig, sizes, *, write: bool) -> dict:
                "config": cfg.to_dict(), "sizes": [s or "all" for s in sizes],
                "n_classes": len(fs.classes),
                "points": points, "wall_s": time.perf_counter() - t0}
-    if write:
+    if write:   # a heads run killed while swapping its report in leaves it repaired first
+        recover(temp_name(cfg.report_dir), cfg.report_dir)
         report.write_curve(results, cfg.report_dir)
     return results

@@ -32,6 +32,7 @@ class Job:
     in_worker: bool
     log_level: int
     user_heads: tuple[str, ...] = ()             # module:attr entries a worker imports
+    fitted_on: dict | None = None                # the feature file's identity, saved heads carry
 
 
 def make_jobs(rows, **ctx) -> list[Job]:
@@ -64,7 +65,8 @@ def run_job(job: Job, data: SplitData) -> list[tuple[dict, np.ndarray, np.ndarra
             tensorflow_single_threaded()
         row, pred, proba, _ = run_row(
             name, data, train_flip=train_flip, tta=tta, seed=job.seed, n_classes=job.n_classes,
-            search=job.search, report_dir=Path(job.out_dir) if job.out_dir else None)
+            search=job.search, report_dir=Path(job.out_dir) if job.out_dir else None,
+            fitted_on=job.fitted_on)
         row["worker_pid"] = os.getpid()
         out.append((row, pred, proba))
     return out

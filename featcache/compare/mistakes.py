@@ -6,14 +6,19 @@ comparison computed them or else its saved head (``<report>/heads/<row>.joblib|.
 and the images themselves through the ids: registry data sets (CIFAR-10,
 synthetic) by index in the test split (from ``data_dir``, default
 :func:`featcache._util.paths.find_cifar10` else ``data``), image folders by relative path under
-the file's ``source_dir``. Writes ``<report>/mistakes.png`` (atomically). When the images
-or the head cannot be found it logs why and writes nothing: the report never fails for it.
+the file's ``source_dir`` — only files still the ones stage one read (their sha256 against
+the file's ``/test/sha256``; in a file without those, not modified since ``created_utc``): a
+changed or missing file is left out of the figure with one warning that counts them, and
+when none is left the figure is not drawn. Writes ``<report>/mistakes.png`` (atomically).
+When the images or the head cannot be found it logs why and writes nothing: the report
+never fails for it.
 A head without ``predict_proba`` is ranked by test-row order and titled without a
 probability.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -39,8 +44,13 @@ def confident_mistakes(y, pred, proba=None, n: int = N_SHOWN) -> np.ndarray:
     return wrong[:n]
 
 
+#: seconds of clock slack when a file's mtime is compared with the feature file's creation
+MTIME_SLACK_S = 2.0
+
+
 def load_images(attrs: dict, split: str, ids, *, data_dir=None) -> list[np.ndarray]:
-    """The images of ``ids`` (uint8 RGB) for a feature file with ``attrs``."""
+    """The images of ``ids`` (uint8 RGB) for a feature file with ``attrs`` (unchecked: see
+    :func:`checked_images`)."""
     if "source_dir" in attrs:
         from featcache.data.imagefiles import decode_image
 
@@ -56,6 +66,58 @@ def load_images(attrs: dict, split: str, ids, *, data_dir=None) -> list[np.ndarr
         images, _ = next(iter(ds.batches(split, int(i), int(i) + 1, 1)))
         out.append(np.asarray(images[0]).astype(np.uint8))
     return out
+
+
+def checked_images(attrs: dict, split: str, ids, sha256=None, *,
+                   data_dir=None) -> tuple[list[np.ndarray | None], list[str]]:
+    """The images of ``ids`` as :func:`load_images` reads them, but for an image folder
+    only those still the files stage one read: each file's bytes are hashed and compared
+    with the ``sha256`` the feature file stored for its row (a file written before those
+    were stored: not modified after the feature file was created, ``created_utc``). Returns
+    (an image, or None for a file changed or gone, per id; the ids left out, each with why)."""
+    if "source_dir" not in attrs:   # a registry data set: found by index, fixed
+        return load_images(attrs, split, ids, data_dir=data_dir), []
+    from featcache.data.imagefiles import decode_image
+
+    root = Path(str(attrs["source_dir"]))
+    made = _created(attrs)
+    images: list[np.ndarray | None] = []
+    left_out: list[str] = []
+    for k, rel in enumerate(str(i) for i in ids):
+        path = root / rel
+        why = None
+        try:
+            data = path.read_bytes()
+            if sha256 is not None:
+                if hashlib.sha256(data).hexdigest() != str(sha256[k]):
+                    why = "changed"
+            elif made is None:
+                why = "cannot be checked: the feature file has neither hashes nor created_utc"
+            elif path.stat().st_mtime > made + MTIME_SLACK_S:
+                why = "modified after the feature file was made"
+        except OSError:
+            why = "gone"
+        if why is None:
+            try:
+                images.append(decode_image(data, name=rel))
+                continue
+            except FeatcacheError:
+                why = "cannot be decoded"
+        images.append(None)
+        left_out.append(f"{rel} ({why})")
+    return images, left_out
+
+
+def _created(attrs: dict) -> float | None:
+    """When the feature file was created (``created_utc``), as a POSIX time; None if not
+    recorded or not readable."""
+    from datetime import datetime, timezone
+
+    try:
+        t = datetime.fromisoformat(str(attrs["created_utc"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _probabilities(head, X, Xf):
@@ -94,7 +156,7 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
     """Write ``<report_dir>/mistakes.png`` for ``results``' best row; its path, or None.
     ``predicted``: the best row's (test predictions, test probabilities) as the comparison
     computed them; without probabilities the saved head predicts again."""
-    from featcache.cache.reader import load_features
+    from featcache.cache.reader import file_identity, load_features
     from featcache.heads import HEADS, as_head, load_head
 
     report_dir = Path(report_dir)
@@ -106,7 +168,8 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
         if predicted is not None and predicted[1] is not None:
             pred, proba = np.asarray(predicted[0]), np.asarray(predicted[1])
         else:
-            head = as_head(load_head(report_dir / best["saved"]))  # a plain sklearn head too
+            head = as_head(load_head(report_dir / best["saved"],   # a plain sklearn head too
+                                     fitted_on=file_identity(fs)))
             X, Xf = test.features, (test.features_flip if tta else None)
             if getattr(HEADS.get(best.get("head")), "file_rows", None):  # finetune
                 from featcache.heads.finetune.data import file_test_rows
@@ -118,11 +181,26 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
         if not len(rows):
             log.info("no wrong test predictions: no mistakes.png")
             return None
-        images = load_images(fs.attrs, "test", test.ids[rows], data_dir=data_dir)
+        images, left_out = checked_images(
+            fs.attrs, "test", test.ids[rows],
+            None if test.sha256 is None else test.sha256[rows], data_dir=data_dir)
     except (FeatcacheError, OSError, KeyError, StopIteration, ValueError) as exc:
         log.warning("mistakes.png not written (%s)", str(exc).splitlines()[0] if str(exc)
                     else type(exc).__name__)
         return None
+    source = fs.attrs.get("source_dir")
+    if left_out and len(left_out) == len(rows):
+        log.warning("mistakes.png not written: the images of all %d most confident mistakes "
+                    "changed or are gone in %s since stage one read them (e.g. %s); re-run "
+                    "stage one (--force) to draw it", len(rows), source, left_out[0])
+        return None
+    if left_out:
+        log.warning("mistakes.png leaves out %d of the %d most confident mistakes: their images "
+                    "changed or are gone in %s since stage one read them (%s%s)",
+                    len(left_out), len(rows), source, ", ".join(left_out[:3]),
+                    ", …" if len(left_out) > 3 else "")
+        keep = [k for k, im in enumerate(images) if im is not None]
+        rows, images = rows[keep], [images[k] for k in keep]
     def name(label) -> str:
         k = int(label)
         return fs.classes[k] if 0 <= k < len(fs.classes) else str(label)

@@ -3,7 +3,8 @@ the single test score.
 
 Reads the feature file it is given (:func:`load_data`, through :mod:`featcache.cache.writer`) and
 writes only a fitted head, when ``run_row`` is given a ``report_dir``
-(``report_dir/heads/<row>.joblib|.keras``, :meth:`featcache.heads.Head.save`). Every head
+(``report_dir/heads/<row>.joblib|.keras``, :meth:`featcache.heads.Head.save`), carrying the
+identity of the feature file it was fitted on. Every head
 goes through :func:`featcache.heads.as_head`, so a plain scikit-learn classifier runs
 like featcache's own heads; this module calls only the heads' public methods
 (``score_grid``, ``refit_from``, ``set_grid_point``, ``predict``, ``save``).
@@ -40,7 +41,7 @@ from featcache.compare.stats import (
 )
 from featcache.config import FLIP_MODES, HeadsConfig
 from featcache.errors import ConfigError, DataError
-from featcache.heads import HEADS, as_head
+from featcache.heads import HEADS, as_head, record_fitted_on
 from featcache.heads.registry import fmt_params
 
 log = logging.getLogger(__name__)
@@ -217,12 +218,14 @@ def row_label(name: str, train_flip: bool, tta: bool) -> str:
 
 
 def run_row(name: str, data: SplitData, *, train_flip: bool, tta: bool, seed: int,
-            n_classes: int, report_dir=None,
-            search: str = "exhaustive") -> tuple[dict, np.ndarray, np.ndarray | None, object]:
+            n_classes: int, report_dir=None, search: str = "exhaustive",
+            fitted_on: dict | None = None
+            ) -> tuple[dict, np.ndarray, np.ndarray | None, object]:
     """Select (:func:`select`), refit on all training rows (``search="exhaustive"``, and
     always under k-fold; under ``"fast"`` on the single split the model selected on the fit
     rows is the final one), test once. Returns (row, test predictions, test probabilities
-    or None, head)."""
+    or None, head). ``fitted_on``: the feature file's identity
+    (:func:`featcache.cache.reader.file_identity`), recorded on the head it saves."""
     if name not in HEADS:      # a worker process that was not told how to import it
         raise ConfigError(f"head {name!r} is not registered in this process; register it "
                           f"in an importable module and pass --heads module:{name}, or run "
@@ -272,6 +275,8 @@ def run_row(name: str, data: SplitData, *, train_flip: bool, tta: bool, seed: in
         "n_test": len(y),
     }
     if report_dir is not None:
+        if fitted_on is not None:
+            record_fitted_on(head, fitted_on)
         path = head.save(report_dir / "heads", label.replace("+", "_"))
         row["saved"] = str(path.relative_to(report_dir))
     log.debug("%-16s test %.4f [%.4f, %.4f]  %s  select %.1f s, fit %.1f s", label,

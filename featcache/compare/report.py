@@ -1,9 +1,10 @@
-"""Stage two's report files, written atomically into ``features/<stem>/``.
+"""Stage two's report files, written into the folder it is given: the comparison's staging
+folder, swapped in whole for ``features/<stem>/`` (:mod:`featcache.compare.comparison`).
 
 Reads nothing itself (``mistakes.png``, through :mod:`featcache.compare.mistakes`, reads the feature
-file, the best head and the images). Writes (each to a temporary name in the same folder,
-then an fsynced rename, :mod:`featcache._util.atomic`, so an interrupted run leaves the previous
-report intact):
+file, the best head and the images; :func:`carry_over` links what the new report keeps of the
+old folder). Writes (each to a temporary name in the same folder, then an fsynced rename,
+:mod:`featcache._util.atomic`):
 
 - ``predictions.npz`` (test labels and every row's test predictions),
 - ``results.csv``, ``report.md`` (table, McNemar pairs, plots),
@@ -21,15 +22,23 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from featcache._util.atomic import write_bytes, write_text
+from featcache._util.atomic import carry, write_bytes, write_text
 from featcache.compare import plots
 from featcache.compare.mistakes import write_mistakes
 from featcache.compare.stats import json_floats, per_class_accuracy
 from featcache.config import provenance_fields
+
+#: what ``featcache heads`` writes into a report folder (``heads/`` too), in the order of
+#: ``results["files"]``; every other entry there (the curve's files, exported models, a
+#: user's notes) is carried into the new report by :func:`carry_over`
+REPORT_FILES = ("results.csv", "report.md", "predictions.npz", "accuracy.png", "confusion.png",
+                "fit_time.png", "per_class.png", "mistakes.png", "results.json")
+HEADS_DIR = "heads"
 
 CSV_FIELDS = ("name", "head", "test_accuracy", "ci95_low", "ci95_high", "macro_f1",
               "val_accuracy", "val_std", "select_s", "fit_s", "predict_s_per_1000", "params",
@@ -169,12 +178,12 @@ def write_report(results: dict, predictions: dict, y_test, report_dir, *,
                    results["classes"], d / "per_class.png")
     results["plots"] = {"accuracy": "accuracy.png", "confusion": "confusion.png",
                         "fit_time": "fit_time.png", "per_class": "per_class.png"}
-    results["files"] = ["results.csv", "report.md", "predictions.npz", "accuracy.png",
-                        "confusion.png", "fit_time.png", "per_class.png", "results.json"]
     predicted = (predictions.get(results["best_row"]),
                  (probabilities or {}).get(results["best_row"]))
     if "feature_file" in results and write_mistakes(results, d, predicted=predicted):
-        results["plots"]["mistakes"] = "mistakes.png"; results["files"].insert(-1, "mistakes.png")  # noqa: E702
+        results["plots"]["mistakes"] = "mistakes.png"
+    results["files"] = [f for f in REPORT_FILES
+                        if f != "mistakes.png" or "mistakes" in results["plots"]]
     # the data files after the plots: a run interrupted while plotting keeps the old ones
     buf = io.BytesIO()
     np.savez_compressed(buf, y_test=np.asarray(y_test),
@@ -184,6 +193,25 @@ def write_report(results: dict, predictions: dict, y_test, report_dir, *,
     write_text(d / "report.md", report_markdown(results))
     write_text(d / "results.json", json.dumps(results, indent=2, sort_keys=False))
     return results
+
+
+def carry_over(old_dir, new_dir) -> list[str]:
+    """Link into ``new_dir`` (a report being built) every entry of the report folder
+    ``old_dir`` that ``featcache heads`` does not write (:data:`REPORT_FILES`,
+    ``heads/``): the curve's files, exported models, anything a user put there; hidden
+    entries (temporaries) stay behind. Returns the names carried."""
+    old_dir, new_dir = Path(old_dir), Path(new_dir)
+    if not old_dir.is_dir():
+        return []
+    owned = {*REPORT_FILES, HEADS_DIR}
+    carried = []
+    for entry in sorted(old_dir.iterdir()):
+        name = entry.name
+        if name.startswith(".") or name in owned or os.path.lexists(new_dir / name):
+            continue
+        carry(entry, new_dir / name)
+        carried.append(name)
+    return carried
 
 
 def curve_table(results: dict) -> str:

@@ -1,5 +1,6 @@
 """What every dataset is: :class:`Dataset`, a source of uint8 image batches with labels per
-split (``batches``, ``take``, ``fingerprint``, ``ids``, ``labels``), and :data:`Batch`.
+split (``batches``, ``take``, ``fingerprint``, ``ids``, ``file_sha256``, ``labels``), and
+:data:`Batch`.
 
 Reads and writes nothing; subclasses (:mod:`featcache.data.datasets`,
 :mod:`featcache.data.folders`) read their data.
@@ -33,6 +34,11 @@ class Dataset:
         """Each row's identity, stored in the feature file: its index in ``split`` (int64).
         Image folders return relative paths instead."""
         return np.arange(self.splits[split], dtype=np.int64)
+
+    def file_sha256(self, split: str) -> np.ndarray | None:
+        """Each row's file's sha256 (hex), for data sets made of files (image folders);
+        None: the rows are not files."""
+        return None
 
     def labels(self, split: str) -> np.ndarray:
         """All labels of ``split`` (small: N int64)."""

@@ -257,6 +257,7 @@ class FolderDataset(Dataset):
         workers = self.workers or min(8, (os.cpu_count() or 1) + 2)
         h = hashlib.sha256(FINGERPRINT_VERSION)
         kept: dict[str, list[tuple[str, int]]] = {s: [] for s in candidates}
+        self._sha256: dict[str, list[str]] = {s: [] for s in candidates}
         skipped: list[tuple[str, str]] = []
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = pool.map(check, (rel for _, rel, _ in order))
@@ -264,6 +265,7 @@ class FolderDataset(Dataset):
                 h.update(f"{split}\0{rel}\0{lab}\0{digest}\n".encode())
                 if problem is None:
                     kept[split].append((rel, lab))
+                    self._sha256[split].append(digest)
                 else:
                     skipped.append((rel, problem))
         return kept, skipped, h.hexdigest()
@@ -285,6 +287,12 @@ class FolderDataset(Dataset):
         """Each row's path relative to the root (POSIX, UTF-8), in row order: the id stage
         one stores, so a row of the feature file can be traced back to its image."""
         return np.array([rel for rel, _ in self._files[split]], dtype=object)
+
+    def file_sha256(self, split: str) -> np.ndarray:
+        """The sha256 (hex) of each row's file as it was read when the folder was opened, in
+        row order: stage one stores it beside the ids, so stage two can tell whether the
+        file at a row's path is still the one whose features it has."""
+        return np.array(self._sha256[split], dtype=object)
 
     def batches(self, split: str, start: int, stop: int, batch_size: int) -> Iterator[Batch]:
         """float32 (B, size, size, 3) RGB 0-255 batches and int64 labels, rows start..stop."""

@@ -262,7 +262,10 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     if cfg.shard:
         attrs["shard"] = f"{cfg.shard[0]}/{cfg.shard[1]}"
         attrs["total_rows"] = [ds.splits[s] for s in ds.splits]
-    specs = {s: SplitSpec(hi - lo, lo, ds.ids(s)[lo:hi]) for s, (lo, hi) in ranges.items()}
+    hashes = {s: ds.file_sha256(s) for s in ranges}   # image folders: each file's content
+    specs = {s: SplitSpec(hi - lo, lo, ds.ids(s)[lo:hi],
+                          None if hashes[s] is None else hashes[s][lo:hi])
+             for s, (lo, hi) in ranges.items()}
     path = cfg.output_path
     step = None
     if not path.exists():  # convert before any file is made; a final file is complete

@@ -15,7 +15,8 @@ grid loop, warm starts, save/load), :mod:`~featcache.heads.user` (``--heads`` na
 (``logreg``, ``linear_svm``), :mod:`~featcache.heads.rff` (``rbf_svm``),
 :mod:`~featcache.heads.knn` (``knn``), :mod:`~featcache.heads.dense` (``dense``,
 ``dense_ens``), :mod:`~featcache.heads.plain` (any scikit-learn classifier as a head,
-save/load), :mod:`~featcache.heads.finetune` (``finetune``, opt-in).
+save/load, the feature file a saved head was fitted on), :mod:`~featcache.heads.finetune`
+(``finetune``, opt-in).
 
 Every head follows the scikit-learn estimator contract: ``fit(X, y)`` returns self,
 learned state ends in ``_``, ``random_state``, ``predict``, ``predict_proba``,
@@ -57,7 +58,8 @@ from featcache.heads.linear import FAST_PATH, LinearHead, linear_svm, logreg
 from featcache.heads.rff import RFFSVMHead, cosine_block, rbf_svm
 from featcache.heads.knn import CosineKNNHead, inv_norms, knn, top_k
 from featcache.heads.dense import DenseHead, dense, dense_ens
-from featcache.heads.plain import SklearnHead, as_head, load_head, save_head
+from featcache.heads.plain import (SklearnHead, as_head, check_fitted_on, fitted_on, load_head,
+                                   record_fitted_on, save_head)
 from featcache.heads.finetune import FinetuneHead, finetune
 # isort: on
 
@@ -66,4 +68,5 @@ __all__ = ["HEADS", "Head", "HeadSpec", "default_heads", "get_head", "head_spec"
            "register_head", "resolve_heads", "resolve_user_head", "FAST_PATH", "LinearHead",
            "linear_svm", "logreg", "RFFSVMHead", "cosine_block", "rbf_svm", "CosineKNNHead",
            "inv_norms", "knn", "top_k", "DenseHead", "dense", "dense_ens", "SklearnHead",
-           "as_head", "load_head", "save_head", "FinetuneHead", "finetune"]
+           "as_head", "load_head", "save_head", "check_fitted_on", "fitted_on",
+           "record_fitted_on", "FinetuneHead", "finetune"]

@@ -160,19 +160,28 @@ class Head(ClassifierMixin, BaseEstimator):
         try:
             return joblib.load(path)
         except (ModuleNotFoundError, AttributeError) as exc:
-            raise ConfigError(f"{path} was saved by another featcache version ({exc}); fit "
-                              f"it again with `make heads` (featcache heads FEATURE_FILE)"
-                              ) from None
+            raise ConfigError(f"{path} was saved by another featcache version ({exc}); "
+                              f"{FIT_AGAIN}") from None
         except Exception as exc:  # unpickling a damaged file raises almost anything
-            raise ConfigError(f"{path} is not a readable saved head ({type(exc).__name__}: "
-                              f"{exc}); fit it again with `make heads` (featcache heads "
-                              f"FEATURE_FILE)") from None
+            raise unreadable_head(path, exc) from None
 
     def __getstate__(self):
         state = dict(super().__getstate__())   # a copy: Python 3.11 hands out __dict__ itself
         for k in self._transient:
             state.pop(k, None)
         return state
+
+
+#: what every error about a saved head that cannot be used tells the user to do
+FIT_AGAIN = "fit it again with `make heads` (featcache heads FEATURE_FILE)"
+
+
+def unreadable_head(path, exc: BaseException) -> ConfigError:
+    """The one-line error for a saved head file that cannot be read (damaged, truncated,
+    not a head): what failed, and :data:`FIT_AGAIN`."""
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    return ConfigError(f"{path} is not a readable saved head ({type(exc).__name__}"
+                       f"{': ' + text if text else ''}); {FIT_AGAIN}")
 
 
 def dump_joblib(obj, directory, name: str) -> Path:

@@ -2,7 +2,8 @@
 featcache's heads import Keras (:func:`keras_module`; the other heads' ``to_keras`` use it).
 
 Reads and writes only what :meth:`DenseHead.save` / :meth:`DenseHead.load` are given:
-``<name>.keras`` (the model) and ``<name>.json`` (classes, parameters, best epochs).
+``<name>.keras`` (the model) and ``<name>.json`` (classes, parameters, best epochs, the
+feature file it was fitted on).
 Pickling a fitted DenseHead keeps its model (the ``.keras`` file's bytes, through a
 temporary folder). Importing this module does not import Keras or TensorFlow; fitting,
 loading and ``to_keras`` do.
@@ -19,7 +20,8 @@ import numpy as np
 from sklearn.utils.validation import check_array
 
 from featcache._util.atomic import replacing, write_text
-from featcache.heads.base import Head
+from featcache.errors import ConfigError
+from featcache.heads.base import FIT_AGAIN, Head, unreadable_head
 from featcache.heads.registry import register_head
 from featcache.heads.solver import Scaler
 
@@ -165,18 +167,35 @@ class DenseHead(Head):
         meta = {"class": "DenseHead", "params": self.get_params(),
                 "classes": self.classes_.tolist(), "best_epochs": self.best_epochs_,
                 "n_features_in": self.n_features_in_}
+        if getattr(self, "fitted_on_", None) is not None:   # its feature file (stage two)
+            meta["fitted_on"] = self.fitted_on_
         write_text(directory / f"{name}.json", json.dumps(meta, indent=2))
         return path
 
     @classmethod
     def load(cls, path) -> "DenseHead":
+        """The head saved at ``path`` (``.keras``) and the ``.json`` beside it; without the
+        ``.json``, or with either file damaged, a one-line error that says what to do."""
         path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        head = cls(**meta["params"])
-        head.model_ = keras_module().models.load_model(path)
-        head.classes_ = np.asarray(meta["classes"])
-        head.best_epochs_ = meta["best_epochs"]
-        head.n_features_in_ = meta["n_features_in"]
+        side = path.with_suffix(".json")
+        if not side.is_file():
+            raise ConfigError(f"{path} has no {side.name} beside it (the head's classes and "
+                              f"parameters, saved with it): copy the two files together, "
+                              f"or {FIT_AGAIN}")
+        try:
+            meta = json.loads(side.read_text())
+            head = cls(**meta["params"])
+            classes = np.asarray(meta["classes"])
+            best_epochs, width = meta["best_epochs"], meta["n_features_in"]
+        except Exception as exc:  # noqa: BLE001 - a damaged JSON raises several types
+            raise unreadable_head(side, exc) from None
+        try:
+            head.model_ = keras_module().models.load_model(path)
+        except Exception as exc:  # noqa: BLE001 - Keras raises many types for bad files
+            raise unreadable_head(path, exc) from None
+        head.classes_, head.best_epochs_, head.n_features_in_ = classes, best_epochs, width
+        if isinstance(meta.get("fitted_on"), dict):
+            head.fitted_on_ = meta["fitted_on"]
         return head
 
     # ---- pickling keeps the model: its .keras bytes

@@ -3,7 +3,11 @@
 are :mod:`featcache.heads.user`).
 
 Reads the saved head files it is given; writes ``directory/<name>.joblib`` (or a dense head's
-``.keras`` + ``.json``) through :meth:`featcache.heads.base.Head.save`.
+``.keras`` + ``.json``) through :meth:`featcache.heads.base.Head.save`. A head fitted by stage
+two carries the identity of its feature file (:func:`record_fitted_on`: path, config hash,
+class names, feature width, as the ``fitted_on_`` attribute pickled with it, or in a dense
+head's ``.json``), and :func:`load_head` / :func:`check_fitted_on` refuse to use it with
+another file.
 
 A plain estimator does not take mirrored features, so :class:`SklearnHead` hands them over
 the only ways a plain ``fit``/``predict`` allows: as extra training rows (``X`` and
@@ -118,13 +122,115 @@ def save_head(estimator, directory, name: str) -> Path:
     return as_head(estimator).save(directory, name)
 
 
-def load_head(path):
-    """A fitted head saved by :func:`save_head` (``.joblib``, or ``.keras`` + ``.json``)."""
+def load_head(path, *, fitted_on: dict | None = None):
+    """A fitted head saved by :func:`save_head` (``.joblib``, or ``.keras`` + ``.json``).
+
+    ``fitted_on``: the identity of the feature file the caller will use it with
+    (:func:`featcache.cache.reader.file_identity`): a head fitted on another file is
+    refused (:func:`check_fitted_on`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no saved head at {path}; run `featcache heads` first")
     if path.suffix == ".keras":
         from featcache.heads.dense import DenseHead
 
-        return DenseHead.load(path)
-    return Head.load(path)
+        head = DenseHead.load(path)
+    else:
+        head = Head.load(path)
+    if fitted_on is not None:
+        check_fitted_on(head, fitted_on, path)
+    return head
+
+
+# --------------------------------------------------------------------------- fitted on
+
+#: the attribute a saved head carries the identity of its feature file in
+FITTED_ON = "fitted_on_"
+
+
+def record_fitted_on(head, identity: dict) -> None:
+    """Record on ``head`` (and on the estimator an adapter saves in its place) the
+    identity of the feature file it was fitted on
+    (:func:`featcache.cache.reader.file_identity`), so that its saved file carries it."""
+    targets = [head] + ([head.estimator] if isinstance(head, SklearnHead) else [])
+    for t in targets:
+        try:
+            setattr(t, FITTED_ON, dict(identity))
+        except AttributeError:   # an estimator with __slots__: saved without it
+            log.warning("%s cannot record the feature file it was fitted on; export "
+                        "checks only its width and classes", type(t).__name__)
+
+
+def fitted_on(head) -> dict | None:
+    """The identity of the feature file ``head`` was fitted on, None if it records none
+    (a head saved before heads recorded it, or an estimator fitted outside stage two)."""
+    rec = getattr(head, FITTED_ON, None)
+    if rec is None and isinstance(head, SklearnHead):
+        rec = getattr(head.estimator, FITTED_ON, None)
+    return rec if isinstance(rec, dict) else None
+
+
+def check_fitted_on(head, identity: dict, source=None) -> None:
+    """Refuse, with a one-line :class:`~featcache.errors.ConfigError`, to use ``head`` with
+    the feature file of ``identity`` when it was fitted on another: another configuration
+    (``config_sha256``), other class names or another feature width. ``source``: the
+    saved head file it came from (None: an estimator object).
+
+    A head that records no feature file is checked for what it shows of one: its feature
+    width, and that its labels are this file's classes (a saved one: all of them) — with a
+    warning, for a saved one, that it should be fitted again to be checked fully."""
+    this = identity["feature_file"]
+    what = str(source) if source is not None else f"head {type(head).__name__}"
+    fix = (f"use it with the feature file it was fitted on, or fit a head on this one with "
+           f"`featcache heads {this}`")
+    rec = fitted_on(head)
+    if rec is not None:
+        diff = _differences(rec, identity)
+        if diff:
+            raise ConfigError(f"{what} was fitted on {rec.get('feature_file')} ({diff}), not "
+                              f"on {this}; {fix}")
+        return
+    if source is not None:
+        log.warning("%s records no feature file it was fitted on (saved by an older "
+                    "featcache, or not by `featcache heads`): only its feature width and "
+                    "classes are checked against %s; fit it again with `featcache heads` to "
+                    "have it checked fully", source, this)
+    n, width = len(identity["classes"]), identity.get("n_features")
+    have = getattr(head, "n_features_in_", None)
+    if have is not None and width is not None and int(have) != int(width):
+        raise ConfigError(f"{what} takes features of width {int(have)} but {this} has "
+                          f"{int(width)}: it was fitted on another feature file; {fix}")
+    labels = getattr(head, "classes_", None)
+    if labels is None:
+        return
+    try:
+        labels = [int(c) for c in np.asarray(labels).tolist()]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} predicts labels {list(labels)[:5]} where {this} has class "
+                          f"numbers 0..{n - 1}; {fix}") from None
+    out = [c for c in labels if not 0 <= c < n]
+    if out or (source is not None and labels != list(range(n))):
+        raise ConfigError(f"{what} scores {len(labels)} classes (labels "
+                          f"{_span(labels)}) but {this} has {n}: it was fitted on another "
+                          f"feature file; {fix}")
+
+
+def _span(labels: list[int]) -> str:
+    return f"{min(labels)}..{max(labels)}" if labels else "none"
+
+
+def _differences(rec: dict, identity: dict) -> str:
+    """What differs between a recorded feature file and this one, for the message."""
+    out = []
+    a, b = rec.get("config_sha256"), identity.get("config_sha256")
+    if a and b and a != b:
+        out.append(f"another configuration: config_sha256 {str(a)[:12]}… vs {str(b)[:12]}…")
+    ca, cb = list(rec.get("classes") or []), list(identity.get("classes") or [])
+    if ca != cb:
+        out.append(f"{len(ca)} classes vs {len(cb)}" if len(ca) != len(cb) else
+                   "other class names: " + ", ".join(
+                       f"{x} vs {y}" for x, y in zip(ca, cb) if x != y)[:120])
+    wa, wb = rec.get("n_features"), identity.get("n_features")
+    if wa is not None and wb is not None and int(wa) != int(wb):
+        out.append(f"features of width {int(wa)} vs {int(wb)}")
+    return "; ".join(out)

@@ -225,7 +225,7 @@ def openvino_runner(path, fmt: str, size: int, precision: str, *, batch: int,
                     ) -> Callable:
     """``run(images) -> probabilities``: (N, size, size, 3) float32 RGB 0-255 -> (N, classes)
     float32 on OpenVINO at ``precision`` (``float32``/``bf16``), compiled for ``batch``
-    images (more are run in chunks, fewer are padded)."""
+    images (more are run in chunks, fewer are padded); ``run.output_width`` is ``classes``."""
     import numpy as np
 
     _import_openvino()
@@ -244,4 +244,5 @@ def openvino_runner(path, fmt: str, size: int, precision: str, *, batch: int,
         out = [step.infer(x[i:i + batch])[0] for i in range(0, len(x), batch)]
         return np.concatenate(out) if out else np.zeros((0, classes), np.float32)
 
+    run.output_width = classes   # the classes the model scores
     return run

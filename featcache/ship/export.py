@@ -253,6 +253,9 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     ``head``: a head name from the comparison (default: its best head) or a fitted estimator
     object. ``head_file``: a saved head file instead (``featcache.heads.load_head``).
     ``tta``: average with the mirrored image (default: as the comparison scored the head).
+    A head fitted on another feature file (its recorded config hash, class names or
+    feature width differ from ``feature_file``'s) is refused before the backbone is built
+    (:func:`featcache.heads.check_fitted_on`).
     """
     from featcache.cache.reader import load_features
 
@@ -278,10 +281,14 @@ def export_model(feature_file, *, head=None, head_file=None, output=None, report
     stem = f"{feature_file.stem}_{name.replace('+', '_')}"
     out = Path(output) if output else report_dir / f"{stem}{SUFFIXES[fmt]}"
     _check_output(out, fmt)
-    if head is None or isinstance(head, str):
-        from featcache.heads import load_head
+    from featcache.cache.reader import file_identity
+    from featcache.heads import check_fitted_on, load_head
 
-        estimator = load_head(path)
+    identity = file_identity(feature_file)
+    if head is None or isinstance(head, str):   # refused when fitted on another file
+        estimator = load_head(path, fitted_on=identity)
+    else:
+        check_fitted_on(estimator, identity)
     head_model = inference_only(keras_head(estimator, name))
     backbone, diff = checked_backbone(estimator, rebuild_backbone(attrs, weights), head_model,
                                       feature_file, name, str(attrs["backbone"]))

@@ -90,6 +90,7 @@ def tflite_runner(**kw) -> Callable[[np.ndarray], np.ndarray]:
             it.invoke()
         return np.array(it.get_tensor(out["index"]))
 
+    run.output_width = int(out["shape"][-1])   # the classes the model scores
     return run
 
 
@@ -154,7 +155,9 @@ def load_classifier(path, *, runtime: str = engines.DEFAULT_RUNTIME,
     metadata, where this CPU runs it: a head trained on bf16 features predicts in bf16;
     else ``bf16`` with OpenVINO on a CPU with native bfloat16, else ``float32``),
     ``float32`` or ``bf16``. OpenVINO compiles for ``batch`` images per call (any number
-    runs). Choices are checked before the model is touched (one-line errors)."""
+    runs). Choices are checked before the model is touched (one-line errors); a sidecar
+    whose class names are more or fewer than the model's outputs is refused
+    (:func:`check_classes`)."""
     path = Path(path)
     rt = engines.choose_runtime(runtime)
     engines.choose_precision(precision, rt)      # a bad choice fails before any reading
@@ -179,6 +182,7 @@ def load_classifier(path, *, runtime: str = engines.DEFAULT_RUNTIME,
             raise
         except Exception as exc:  # noqa: BLE001 - Keras/TF raise many types for bad files
             raise engines.not_loadable(path, fmt, exc) from None
+    check_classes(path, meta["class_names"], getattr(run, "output_width", None))
     log.info("%s runs on %s %s%s", path.name, "OpenVINO" if rt == "openvino" else
              "TFLite" if fmt == "tflite" else "TensorFlow", prec,
              " (--precision float32 for float32)" if prec == "bf16" else "")
@@ -186,8 +190,20 @@ def load_classifier(path, *, runtime: str = engines.DEFAULT_RUNTIME,
                       antialias, meta, run, rt, prec)
 
 
+def check_classes(path: Path, class_names: list[str], width: int | None) -> None:
+    """Refuse a sidecar whose class names do not match the model's output columns (one name
+    per column: more would print names the model never scores, fewer an IndexError)."""
+    if width is not None and int(width) != len(class_names):
+        side = sidecar_path(path)
+        raise DataError(f"{side} names {len(class_names)} classes but {path.name} scores "
+                        f"{int(width)}: it is not the .json exported with this model; copy "
+                        f"the model's own {side.name} beside it, or export the model again "
+                        f"with `featcache export`")
+
+
 def _runner(path: Path, fmt: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """TensorFlow's runner of the model (TFLite's interpreter for ``.tflite``)."""
+    """TensorFlow's runner of the model (TFLite's interpreter for ``.tflite``), with the
+    number of classes the model scores as its ``output_width`` (None: not known)."""
     import tensorflow as tf
 
     spec = [tf.TensorSpec([None, size, size, 3], tf.float32)]
@@ -196,13 +212,27 @@ def _runner(path: Path, fmt: str, size: int) -> Callable[[np.ndarray], np.ndarra
 
         model = keras.saving.load_model(path, compile=False)
         fn = tf.function(lambda x: model(x, training=False), input_signature=spec)
-        return lambda x: fn(x).numpy()
+        run = lambda x: fn(x).numpy()  # noqa: E731
+        run.output_width = _last(model.output_shape)
+        return run
     if fmt == "savedmodel":
         loaded = tf.saved_model.load(str(path))  # the closure keeps its variables alive
-        return lambda x: loaded.serve(tf.constant(x)).numpy()
+        run = lambda x: loaded.serve(tf.constant(x)).numpy()  # noqa: E731
+        outputs = [getattr(f, "structured_outputs", None)
+                   for f in getattr(loaded.serve, "concrete_functions", ())]
+        run.output_width = _last(getattr(outputs[0], "shape", None)) if outputs else None
+        return run
     if fmt == "tflite":
         return tflite_runner(model_path=str(path))
     raise DataError(f"{sidecar_path(path)} names an unknown format {fmt!r}")
+
+
+def _last(shape) -> int | None:
+    """The last dimension of a shape (a tuple or a TensorShape), None when unknown."""
+    try:
+        return int(tuple(shape)[-1])
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def _load_image(clf: Classifier, image) -> tuple[np.ndarray | None, str | None]:

@@ -228,3 +228,25 @@ def test_interrupted_merge_resumes(tmp_path, single, made_parts, monkeypatch):
     monkeypatch.setattr(writer.FeatureWriter, "write", real)
     merge(cfg.merged_path, parts)
     assert_same(cfg.merged_path, single)
+
+
+def test_merged_folder_parts_keep_each_rows_file_hash(tmp_path):
+    """An image folder's parts store each row's path and file sha256; the merged file holds
+    both for every row, in order (what ``mistakes.png`` checks the files against)."""
+    from featcache.cache.writer import FeatureWriter, SplitSpec
+
+    rows, ids = 10, [f"c{i % 2}/{i}.png" for i in range(10)]
+    sha = [f"{i:064x}" for i in range(10)]
+    parts = []
+    for k, (lo, hi) in enumerate(((0, 6), (6, 10))):
+        p = tmp_path / f"f.part{k}of2.h5"
+        attrs = {"config_sha256": "0" * 64, "batch_size": 2, "shard": f"{k}/2",
+                 "total_rows": [rows]}
+        with FeatureWriter.open(p, attrs=attrs, classes=["c0", "c1"], dim=3,
+                                splits={"test": SplitSpec(hi - lo, lo, ids[lo:hi],
+                                                          sha[lo:hi])}) as w:
+            w.write("test", np.ones((hi - lo, 3), np.float32), np.arange(lo, hi) % 2)
+            w.mark_complete()
+        parts.append(p)
+    merged = load_features(merge_parts(parts, tmp_path / "f.h5"))["test"]
+    assert list(merged.ids) == ids and list(merged.sha256) == sha

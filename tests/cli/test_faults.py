@@ -587,6 +587,7 @@ def toy_report(tmp_path_factory):
 
 
 def _count_replaces(cfg) -> int:
+    """The renames one comparison makes (over a copy of an existing report)."""
     from featcache.compare.comparison import compare_heads
 
     calls = []
@@ -601,27 +602,38 @@ def _count_replaces(cfg) -> int:
         compare_heads(cfg)
     finally:
         os.replace = real
-    assert calls[-1] == "results.json", calls
+    assert "results.json" in calls, calls
     return len(calls)
 
 
+def _beside(report: Path) -> list[str]:
+    """What lies beside a report folder besides itself, its lock and the feature file."""
+    return sorted(p.name for p in report.parent.iterdir() if p.name.startswith(f".{report.name}"))
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 def test_interrupted_heads_leaves_the_previous_report_intact(tmp_path, toy_report,
-                                                             monkeypatch):
-    """Kill ``heads`` (simulated at each rename it makes): the previous ``results.json``
-    (the Makefile's target and the report's index) is untouched and every file under a
-    final name is whole; killed before its first rename, nothing at all changed."""
+                                                             monkeypatch, exchange):
+    """Kill ``heads`` (simulated at each rename it makes, the swap of the report folder
+    included; with the atomic exchange of two names, and with the two renames a
+    filesystem without it gets): the previous report, heads and all, is byte-identical
+    and nothing is left beside it; run to the end, the new report replaces it whole."""
     from dataclasses import replace as dc_replace
 
+    from featcache._util import atomic
     from featcache.compare.comparison import compare_heads
 
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     cfg0, before = toy_report
     report = tmp_path / "report"
-    shutil.copytree(cfg0.report_dir, report)
-    cfg = dc_replace(cfg0, out_dir=str(report), seed=1)   # a different new report
-    n = _count_replaces(dc_replace(cfg, out_dir=str(tmp_path / "count")))
+    cfg = dc_replace(cfg0, out_dir=str(report), seed=1, workers=0)   # a different new report
+    counting = tmp_path / "count"
+    shutil.copytree(cfg0.report_dir, counting)
+    n = _count_replaces(dc_replace(cfg, out_dir=str(counting)))
     real = os.replace
     for k in range(1, n + 1):
-        shutil.rmtree(report)
+        shutil.rmtree(report, ignore_errors=True)
         shutil.copytree(cfg0.report_dir, report)
         calls = {"n": 0}
 
@@ -635,15 +647,104 @@ def test_interrupted_heads_leaves_the_previous_report_intact(tmp_path, toy_repor
         with pytest.raises(KeyboardInterrupt):
             compare_heads(cfg)
         monkeypatch.setattr(os, "replace", real)
-        now = _snapshot(report)
-        assert now["results.json"] == before["results.json"], f"killed at rename {k}"
+        assert _snapshot(report) == before, f"killed at rename {k} of {n}"
         _report_files_whole(report)
-        if k == 1:
-            # (hidden: temporaries and the .staging folder the workers save heads into)
-            assert {f: h for f, h in now.items()
-                    if not any(part.startswith(".") for part in Path(f).parts)} == before
+        assert _beside(report) == [], f"killed at rename {k} of {n}"
     # and the same command run to the end replaces it
     compare_heads(cfg)
+    assert json.loads((report / "results.json").read_text())["config"]["seed"] == 1
+    assert _beside(report) == []
+
+
+def _killed_at(cfg, where: str) -> None:
+    """Run ``compare_heads(cfg)`` in a forked child that SIGKILLs itself (no handler, no
+    clean-up runs, as with ``kill -9``) at ``where``: ``results`` (as it renames
+    results.json into the staging folder), ``swapped`` (just after the atomic exchange of
+    the report folders, before the old one is removed), ``between`` (two renames: the old
+    folder moved aside, the new one not yet in place)."""
+    from featcache._util import atomic
+    from featcache.compare.comparison import compare_heads
+
+    pid = os.fork()
+    if pid == 0:                                      # the child
+        try:
+            die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+            real_replace, real_exchange = os.replace, atomic._exchange
+            if where == "swapped":
+                atomic._exchange = lambda a, b: real_exchange(a, b) and die()
+            if where == "between":
+                atomic._exchange = lambda a, b: False
+
+            def replace(a, b):
+                if where == "results" and Path(b).name == "results.json" or \
+                        where == "between" and Path(b) == cfg.report_dir:
+                    die()
+                return real_replace(a, b)
+
+            os.replace = replace
+            compare_heads(cfg)
+        finally:
+            os._exit(3)                                  # not killed: the parent fails
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+@pytest.mark.parametrize("where", ["results", "swapped", "between"])
+def test_heads_killed_while_swapping_its_report_in(tmp_path, toy_report, where):
+    """``kill -9`` at the report phase's critical moments: a reader finds the whole old
+    report or the whole new one (results.json and the heads it names from one run; with
+    two renames, for an instant, none), and the next run cleans up what the kill left (the
+    staging folder, the old folder's remains) or finishes the swap."""
+    from dataclasses import replace as dc_replace
+
+    from featcache.compare.comparison import compare_heads
+
+    cfg0, before = toy_report
+    report = tmp_path / "report"
+    shutil.copytree(cfg0.report_dir, report)
+    cfg = dc_replace(cfg0, out_dir=str(report), seed=1, workers=0)
+    _killed_at(cfg, where)
+    if where == "results":
+        assert _snapshot(report) == before            # the old one, untouched
+        assert _beside(report) == [".report.tmp"]      # the killed run's staging folder
+    elif where == "swapped":                          # the new one, whole
+        new = json.loads((report / "results.json").read_text())
+        assert new["config"]["seed"] == 1 and _snapshot(report) != before
+        for row in new["rows"]:
+            assert (report / row["saved"]).is_file()
+        _report_files_whole(report)
+        assert _beside(report) == [".report.tmp"]      # the old one, not yet removed
+    else:
+        assert not report.exists() and _beside(report) == [".report.old", ".report.tmp"]
+    compare_heads(dc_replace(cfg, seed=2))
+    assert json.loads((report / "results.json").read_text())["config"]["seed"] == 2
+    assert _beside(report) == []
+    _report_files_whole(report)
+
+
+def test_the_new_report_keeps_what_heads_does_not_write(tmp_path, toy_report):
+    """The new report folder replaces the old one whole: what ``heads`` does not write
+    there (exported models, the curve's files, notes) is carried over (hard links), what it
+    writes is not (a stale ``mistakes.png`` the new run did not draw goes)."""
+    from dataclasses import replace as dc_replace
+
+    from featcache.compare.comparison import compare_heads
+
+    cfg0, _ = toy_report
+    report = tmp_path / "report"
+    shutil.copytree(cfg0.report_dir, report)
+    (report / "notes.txt").write_text("mine")
+    (report / "m.savedmodel" / "variables").mkdir(parents=True)
+    (report / "m.savedmodel" / "variables" / "v.data").write_text("weights")
+    (report / "mistakes.png").write_bytes(b"an old run's figure")
+    (report / "heads" / "gone.joblib").write_bytes(b"an old run's head")
+    inode = (report / "notes.txt").stat().st_ino
+    compare_heads(dc_replace(cfg0, out_dir=str(report), seed=1, workers=0))
+    assert (report / "notes.txt").read_text() == "mine"
+    assert (report / "notes.txt").stat().st_ino == inode           # linked, not copied
+    assert (report / "m.savedmodel" / "variables" / "v.data").read_text() == "weights"
+    assert not (report / "mistakes.png").exists()
+    assert not (report / "heads" / "gone.joblib").exists()
     assert json.loads((report / "results.json").read_text())["config"]["seed"] == 1
 
 
@@ -680,8 +781,9 @@ def test_keras_dense_head_and_svms_are_deterministic_too(toy_report):
 def test_heads_killed_while_fitting_leave_report_and_saved_heads_untouched(tmp_path, toy_report,
                                                                            monkeypatch):
     """Killed after the first head is fitted and saved, during the second: the previous
-    report and every fitted head it names are byte-identical (new heads wait in a staging
-    folder until all are done), so results.json never points at heads from another run."""
+    report and every fitted head it names are byte-identical (new heads are saved into the
+    staging folder the new report is built in), so results.json never points at heads from
+    another run."""
     from dataclasses import replace as dc_replace
 
     from featcache import heads as heads_mod
@@ -692,16 +794,23 @@ def test_heads_killed_while_fitting_leave_report_and_saved_heads_untouched(tmp_p
     shutil.copytree(cfg0.report_dir, report)
     # workers=0: the rows run in this process, where the patched fit below can reach them
     cfg = dc_replace(cfg0, out_dir=str(report), seed=1, workers=0)
+    saved = []
+    real_save = heads_mod.LinearHead.save
+
+    def save(self, directory, name):
+        saved.append(Path(directory))
+        return real_save(self, directory, name)
 
     def killed(self, *a, **k):
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(heads_mod.LinearHead, "save", save)
     monkeypatch.setattr(heads_mod.CosineKNNHead, "fit", killed)   # knn runs after logreg
     with pytest.raises(KeyboardInterrupt):
         compare_heads(cfg)
-    visible = {f: h for f, h in _snapshot(report).items() if not f.startswith(".staging")}
-    assert visible == before
+    assert saved == [tmp_path / ".report.tmp" / "heads"]     # beside, not in, the report
+    assert _snapshot(report) == before and _beside(report) == []
     monkeypatch.undo()
-    compare_heads(cfg)   # the next run cleans the staging folder and publishes
-    assert not (report / ".staging").exists()
+    compare_heads(cfg)
+    assert _beside(report) == []
     assert json.loads((report / "results.json").read_text())["config"]["seed"] == 1

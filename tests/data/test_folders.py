@@ -6,6 +6,7 @@ an animated GIF, images nested in sub-folders of a class, one corrupt file, igno
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -257,6 +258,9 @@ def test_extract_folder_end_to_end_and_staleness(folder, tmp_path):
         assert list(ids) == [rel for rel, _ in ds.files(split)]
         assert all((folder / rel).is_file() for rel in ids)
         assert [CLASSES.index(Path(i).parts[0]) for i in ids] == fs[split].labels.tolist()
+        # and the content hash of each row's file as it was read (what mistakes.png checks)
+        assert list(fs[split].sha256) == [hashlib.sha256((folder / rel).read_bytes())
+                                          .hexdigest() for rel in ids]
     assert "dog/broken.jpg" not in set(fs["train"].ids) | set(fs["test"].ids)
     assert fs.attrs["skipped_count"] == 1
     assert list(fs.attrs["skipped_files"])[0].startswith("dog/broken.jpg")

@@ -151,3 +151,45 @@ def test_a_head_saved_under_a_module_path_that_is_gone_is_one_line_naming_make_h
     damaged.write_bytes(b"\x80\x04not a pickle at all")
     with pytest.raises(ConfigError, match=r"not a readable saved head .*make heads"):
         load_head(damaged)
+
+
+def test_heads_saved_without_a_feature_file_load_with_a_warning_and_a_shape_check(
+        tmp_path, caplog):
+    """A head saved before heads recorded their feature file (or saved outside stage two)
+    still loads, with a warning; its width and classes are checked against the file."""
+    import logging
+
+    from featcache.heads import get_head, save_head
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(80, 16)).astype(np.float32), np.arange(80) % 4
+    path = save_head(get_head("logreg").fit(X, y), tmp_path, "logreg")
+    ident = {"feature_file": "f.h5", "config_sha256": "0" * 64,
+             "classes": ["a", "b", "c", "d"], "n_features": 16}
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        head = load_head(path, fitted_on=ident)
+    assert head.predict(X[:3]).shape == (3,)
+    assert any("records no feature file it was fitted on" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ConfigError, match=r"scores 4 classes \(labels 0..3\) but f.h5 has 3"):
+        load_head(path, fitted_on={**ident, "classes": ["a", "b", "c"]})
+    with pytest.raises(ConfigError, match=r"scores 4 classes .* but f.h5 has 5"):
+        load_head(path, fitted_on={**ident, "classes": list("abcde")})
+    with pytest.raises(ConfigError, match="takes features of width 16 but f.h5 has 8"):
+        load_head(path, fitted_on={**ident, "n_features": 8})
+
+
+def test_a_dense_head_carries_its_feature_file_in_its_json(tmp_path):
+    from featcache.heads import HEADS, fitted_on, record_fitted_on, save_head
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 8)).astype(np.float32), np.arange(40) % 2
+    head = HEADS["dense"].make(random_state=0, epochs=1, hidden=4).fit(X, y)
+    ident = {"feature_file": "a.h5", "config_sha256": "1" * 64, "classes": ["x", "y"],
+             "n_features": 8}
+    record_fitted_on(head, ident)
+    path = save_head(head, tmp_path, "dense")
+    assert fitted_on(load_head(path, fitted_on=ident)) == ident
+    with pytest.raises(ConfigError, match=r"dense.keras was fitted on a.h5 \(other class "
+                                          r"names: y vs z\), not on b.h5"):
+        load_head(path, fitted_on={**ident, "feature_file": "b.h5", "classes": ["x", "z"]})

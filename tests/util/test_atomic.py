@@ -111,3 +111,43 @@ def test_check_output_refuses_folders_and_makes_the_parent(tmp_path):
     partial_path(out).mkdir()
     with pytest.raises(CacheError, match="is a folder"):
         check_output(out)
+
+
+def test_a_folder_replacement_killed_between_its_renames_is_repaired(tmp_path, monkeypatch):
+    """Without an atomic exchange a folder is replaced by two renames; a kill between them
+    leaves the target missing: the next writer puts the finished new folder in place (or,
+    without it, the previous one back) before it starts."""
+    out = tmp_path / "report"
+    tmp, old = atomic.temp_name(out), atomic.old_name(out)
+    for new_there in (True, False):
+        old.mkdir()
+        (old / "f").write_text("old")
+        if new_there:
+            tmp.mkdir()
+            (tmp / "f").write_text("new")
+        atomic.recover(tmp, out)
+        assert (out / "f").read_text() == ("new" if new_there else "old")
+        assert sorted(os.listdir(tmp_path)) == ["report"]
+        atomic._remove(out)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)   # the two renames
+    out.mkdir()
+    (out / "f").write_text("old")
+    with atomic.replacing(out) as t:
+        t.mkdir()
+        (t / "f").write_text("new")
+    assert (out / "f").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["report"]
+
+
+def test_carry_links_files_folders_and_links(tmp_path):
+    src = tmp_path / "a"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "x").write_text("x")
+    (src / "f").write_text("f")
+    os.symlink("f", src / "l")
+    dst = tmp_path / "b"
+    dst.mkdir()
+    for name in ("d", "f", "l"):
+        atomic.carry(src / name, dst / name)
+    assert (dst / "f").stat().st_ino == (src / "f").stat().st_ino
+    assert (dst / "d" / "x").stat().st_ino == (src / "d" / "x").stat().st_ino
+    assert os.readlink(dst / "l") == "f"
