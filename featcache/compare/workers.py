@@ -23,6 +23,8 @@ removed when the comparison ends; the jobs themselves write what they are given.
   worker initializer), a thread that ends the worker within ``PARENT_POLL_S`` once its
   parent is gone. Without it a ``kill -9`` of ``featcache heads`` left every worker (about
   0.7 GiB each) running its fit to the end and then idle for loky's 300-s timeout.
+- A full disk while writing the shared arrays is a one-line
+  :class:`~featcache.errors.DiskFullError` naming ``FEATCACHE_TMPDIR``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from featcache._util.atomic import disk_full_is_one_line
 from featcache._util.quiet import quiet_tensorflow_if_asked
 
 log = logging.getLogger(__name__)
@@ -94,10 +97,12 @@ class SharedArrays:
         n = len(array) if rows is None else len(rows)
         shape = (n,) + tuple(array.shape[1:])
         path = self.dir / f"{name}.f32"
-        with open(path, "wb") as f:
-            for i in range(0, n, 8192):
-                src = array[i:i + 8192] if rows is None else array[rows[i:i + 8192]]
-                f.write(np.ascontiguousarray(src, dtype=np.float32).tobytes())
+        with disk_full_is_one_line(path, "free some space there, or set FEATCACHE_TMPDIR to "
+                                         "a folder with room, and run the same command again"):
+            with open(path, "wb") as f:
+                for i in range(0, n, 8192):
+                    src = array[i:i + 8192] if rows is None else array[rows[i:i + 8192]]
+                    f.write(np.ascontiguousarray(src, dtype=np.float32).tobytes())
         if n == 0 or int(np.prod(shape)) == 0:
             return np.zeros(shape, np.float32)
         return np.memmap(path, dtype=np.float32, mode="r", shape=shape)
