@@ -5,7 +5,9 @@ Reads ``<root>/<class>/**/<image>`` (the split drawn per class, seeded and strat
 ``train/`` and ``test/``. Images in sub-folders of a class folder belong to that class
 ("nested classes"); symlinked folders are followed, each real folder read once (loops
 are safe); hidden files and folders (``.name``) and files that are not
-``.jpg .jpeg .png .bmp .gif`` are ignored. A folder needs two classes or more and every
+``.jpg .jpeg .png .bmp .gif`` are ignored, and so are featcache's own output folders inside
+the folder (``exclude``, the run's ``--out-dir``, and any folder holding feature files or a
+report: :func:`featcache.data.imagefiles.featcache_output`), each named in a log line. A folder needs two classes or more and every
 class ``MIN_TRAIN_PER_CLASS`` usable training images (stage two fits on some and
 validates on others). Writes nothing.
 
@@ -89,6 +91,8 @@ class FolderDataset(Dataset):
     input size). ``limit``: at most this many files per split (taken from a class-balanced,
     round-robin order; undecodable ones among them are skipped, not replaced).
     ``test_fraction``/``seed``: the stratified test share when there is no ``train/``+``test/``.
+    ``exclude``: folders never read, as featcache's output (stage one passes where it
+    writes: ``featcache features --dataset .`` inside the folder writes ``./features/``).
     """
 
     root: Path
@@ -99,11 +103,15 @@ class FolderDataset(Dataset):
     workers: int | None = None
     name: str = ""
     extra_attrs: dict = field(default_factory=dict)
+    exclude: tuple = ()
 
     def __post_init__(self):
         self.root = Path(self.root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist or is not a folder")
+        own = os.path.realpath(self.root)
+        #: real paths of the output folders inside the image folder (never the folder itself)
+        self._exclude = frozenset(r for r in map(os.path.realpath, self.exclude) if r != own)
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"--limit must be positive, not {self.limit}")
         if int(self.image_size) < 1:
@@ -169,8 +177,8 @@ class FolderDataset(Dataset):
     # -- listing ------------------------------------------------------------------------
     def _scan(self) -> dict[str, list[tuple[str, int]]]:
         """Candidate (relative path, label) per split, in the dataset's fixed order."""
-        root = self.root
-        dirs = subdirs(root)
+        root, ex = self.root, self._exclude
+        dirs = subdirs(root, ex)
         names = {d.name for d in dirs}
         if not dirs:
             what = "is empty" if not loose_files(root) else "has files but no class sub-folders"
@@ -190,22 +198,24 @@ class FolderDataset(Dataset):
             if others:
                 log.warning("%s: has train/ and test/; ignoring the other folders %s",
                             root, ", ".join(others))
-            self.classes = [d.name for d in subdirs(root / "train")]
+            split_dirs = {split: subdirs(root / split, ex) for split in ("train", "test")}
+            self.classes = [d.name for d in split_dirs["train"]]
             index = {c: i for i, c in enumerate(self.classes)}
-            unknown = [d.name for d in subdirs(root / "test") if d.name not in index]
+            unknown = [d.name for d in split_dirs["test"] if d.name not in index]
             if unknown:
                 raise DataError(f"{root / 'test'} has classes that train/ lacks: "
                                 f"{', '.join(unknown)}; rename them or add them to train/")
             out = {}
-            class_dirs = [d for split in ("train", "test") for d in subdirs(root / split)]
+            class_dirs = [d for split in ("train", "test") for d in split_dirs[split]]
             seen: set[str] = set()
             for split in ("train", "test"):
-                if not subdirs(root / split):
+                if not split_dirs[split]:
                     raise DataError(f"{root / split} has no class sub-folders: put each "
                                     f"class's images in {split}/<class>/")
                 per_class = []
-                for d in subdirs(root / split):
-                    files, _ = images_under(d, others=_others(class_dirs, d), seen=seen)
+                for d in split_dirs[split]:
+                    files, _ = images_under(d, others=_others(class_dirs, d), seen=seen,
+                                            exclude=ex)
                     if not files:
                         raise DataError(f"empty class: {no_images(d)}; add images or remove "
                                         f"the folder")
@@ -227,7 +237,7 @@ class FolderDataset(Dataset):
         train, test = [], []
         seen = set()
         for ci, d in enumerate(dirs):
-            files, _ = images_under(d, others=_others(dirs, d), seen=seen)
+            files, _ = images_under(d, others=_others(dirs, d), seen=seen, exclude=ex)
             if not files:
                 raise DataError(f"empty class: {no_images(d)}; add images or remove the folder")
             mask = stratified_split(len(files), float(self.test_fraction), int(self.seed), ci)

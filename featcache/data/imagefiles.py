@@ -1,5 +1,6 @@
 """Image files: which files of a folder are images (:data:`IMAGE_SUFFIXES`, hidden names
-ignored, regular files only, symlinks followed once and never into another class), and :func:`decode_image` — Pillow's decoding
+ignored, regular files only, symlinks followed once and never into another class, featcache's
+own output folders never: :func:`featcache_output`), and :func:`decode_image` — Pillow's decoding
 for every format (EXIF orientation applied, the first frame of an animated GIF,
 grayscale / RGBA / palette / 16-bit (scaled by bit depth) made 8-bit RGB), used by image-folder datasets
 (:mod:`featcache.data.folders`) and by ``featcache predict`` (:mod:`featcache.ship.predict`).
@@ -23,6 +24,12 @@ from featcache.errors import DataError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+#: a folder holding a file named like these is featcache's output (feature files, their
+#: ``.partial`` and ``.lock`` files), never a class
+OUTPUT_SUFFIXES = (".h5", ".h5.partial", ".h5.lock")
+#: the files that mark a report folder of ``featcache heads``/``curve`` (and the Makefile's)
+REPORT_MARKERS = frozenset({"results.json", "curve.json", ".staging", ".make-folder-listing",
+                            ".make-heads-settings"})
 _BYTESIO_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
@@ -68,16 +75,54 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
-def subdirs(d: Path) -> list[Path]:
-    return sorted((p for p in d.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
+def featcache_output(d: str | os.PathLike, exclude: frozenset[str] = frozenset()) -> str | None:
+    """Why the folder ``d`` is featcache's own output, never data (None: it is not): one of
+    ``exclude`` (real paths: where this run writes, its ``--out-dir``), or a folder holding
+    a feature file (:data:`OUTPUT_SUFFIXES`) or a report (:data:`REPORT_MARKERS`) — run
+    inside the image folder (``--dataset .``), stage one would otherwise read its own
+    ``features/`` as a class."""
+    if os.path.realpath(d) in exclude:
+        return "it is where this run writes (--out-dir)"
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return None
+    for n in sorted(names):
+        if n.endswith(OUTPUT_SUFFIXES):
+            return f"it holds featcache's feature files ({n})"
+        if n in REPORT_MARKERS:
+            return f"it is a featcache report folder ({n})"
+    return None
+
+
+def _log_skipped_output(parent, path, why: str) -> None:
+    # the run's own --out-dir is expected there; anything else is worth a warning
+    level = logging.INFO if why.startswith("it is where this run writes") else logging.WARNING
+    log.log(level, "%s: not reading %s: %s", parent, path, why)
+
+
+def subdirs(d: Path, exclude: frozenset[str] | None = None) -> list[Path]:
+    """The visible sub-folders of ``d``, sorted; with ``exclude`` (see :func:`featcache_output`)
+    without featcache's own output folders, each skipped with a log line naming it."""
+    out = sorted((p for p in d.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
+    if exclude is None:
+        return out
+    keep = []
+    for p in out:
+        why = featcache_output(p, exclude)
+        if why:
+            _log_skipped_output(d, p, why)
+        else:
+            keep.append(p)
+    return keep
 
 
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def images_under(d: Path, *, others: tuple[str, ...] = (),
-                 seen: set[str] | None = None) -> tuple[list[Path], int]:
+def images_under(d: Path, *, others: tuple[str, ...] = (), seen: set[str] | None = None,
+                 exclude: frozenset[str] = frozenset()) -> tuple[list[Path], int]:
     """Image files anywhere under ``d`` (sorted), and how many other files were ignored.
 
     Only regular files are read: a FIFO, socket or device named like an image is skipped
@@ -86,7 +131,9 @@ def images_under(d: Path, *, others: tuple[str, ...] = (),
     of ``others`` (the other class folders' real paths) or contains ``d`` itself (a link
     back up the tree, ``ln -s .. dog/up``) is skipped with a warning, so no image is read
     under a second label. ``seen`` (shared by the whole data set) holds the real paths
-    already read: a folder or file reached a second time is skipped with a warning."""
+    already read: a folder or file reached a second time is skipped with a warning. A
+    sub-folder that is featcache's own output (:func:`featcache_output` with ``exclude``) is
+    not read."""
     found, ignored = [], 0
     seen = set() if seen is None else seen
     own = os.path.realpath(d)
@@ -110,6 +157,10 @@ def images_under(d: Path, *, others: tuple[str, ...] = (),
                 why = f"a folder already read ({real})"
             if why:
                 log.warning("%s: not reading %s: %s", d, link, why)
+                continue
+            output = featcache_output(link, exclude)
+            if output:
+                _log_skipped_output(d, link, output)
                 continue
             seen.add(real)
             keep.append(n)

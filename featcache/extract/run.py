@@ -194,9 +194,11 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     cfg = config.resolved()
     spec = get_backbone(cfg.backbone)
     check_output(cfg.output_path)  # a folder there, or a read-only folder: refused before work
+    # an image folder never reads what this run writes (`--dataset .` writes ./features/)
+    own = (cfg.output_path.parent, cfg.merged_path.with_suffix(""))
     ds = dataset or open_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                                  limit=cfg.limit, test_fraction=cfg.test_fraction, seed=cfg.seed,
-                                 image_size=cfg.size)
+                                 image_size=cfg.size, exclude=own)
     if not ds.splits or not any(ds.splits.values()):
         raise ConfigError(f"dataset {ds.name} has no images")
     log.info("fingerprinting dataset %s (%s)", ds.name,

@@ -288,6 +288,43 @@ def test_cli_features_on_a_folder(folder, tmp_path, capsys):
     assert "featcache: error:" in capsys.readouterr().err
 
 
+def test_features_inside_the_folder_never_read_their_own_output(folder, monkeypatch, caplog,
+                                                               capsys):
+    """``featcache features --dataset .`` run inside the image folder writes ./features/
+    there: stage one used to read it as a class ("empty class: features"), and a report
+    folder's PNGs as images. Its --out-dir is skipped with an info line, any other folder
+    of feature files or a report with a warning; the data set is the same as without them
+    and the next run finds the file up to date."""
+    from featcache.cli.main import main
+
+    before = FolderDataset(folder, image_size=32)
+    monkeypatch.chdir(folder)
+    args = ["features", "--dataset", ".", "--backbone", "mobilenet_025", "--weights", "none",
+            "--size", "32", "--batch", "16", "--no-flip"]
+    with caplog.at_level(logging.INFO, logger="featcache"):
+        assert main(args) == 0, capsys.readouterr().err
+    assert "not reading features: it is where this run writes (--out-dir)" in caplog.text
+    h5 = sorted((folder / "features").glob("*.h5"))
+    assert len(h5) == 1
+    # a report beside it (PNGs included) and a report written elsewhere in the folder
+    report = h5[0].with_suffix("")
+    for d in (report, folder / "reports"):
+        write_image(d / "accuracy.png", "cat", (20, 20), "RGB", "PNG", 1)
+        (d / "results.json").write_text("{}")
+    (folder / "features" / "x.h5.lock").write_text("")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="featcache"):
+        assert main(args) == 0, capsys.readouterr().err
+    assert "up to date" in capsys.readouterr().out + caplog.text
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("not reading reports: it is a featcache report folder (results.json)" in w
+               for w in warned), warned
+    after = FolderDataset(folder, image_size=32)   # no exclude: the markers suffice
+    assert after.classes == list(CLASSES) and after.fingerprint() == before.fingerprint()
+    assert main([*args[:-1], "--flip"]) == 0        # another file into the same features/
+    assert len(list((folder / "features").glob("*.h5"))) == 2
+
+
 # ---------------------------------------------------------------------------- hostile trees
 
 def _simple_folder(root: Path, per_class: int = 4, classes=("cat", "dog")) -> Path:
