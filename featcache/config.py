@@ -113,6 +113,14 @@ def parse_part(path: str | Path) -> tuple[Path, int, int] | None:
     return p.with_name(m["stem"] + ".h5"), int(m["i"]), int(m["n"])
 
 
+def data_dir_setting(help: str):
+    """The ``--data-dir`` setting, one declaration for both stages: stage one reads (or
+    downloads) CIFAR-10 there, stage two's ``mistakes.png`` reads the images of a CIFAR-10
+    file's mistakes there (a feature file stores no paths). Same default, environment
+    variable and Makefile variable (``DATA_DIR``) for both."""
+    return setting("data", env="FEATCACHE_DATA_DIR", make="DATA_DIR", help=help)
+
+
 VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -147,9 +155,7 @@ class ExtractConfig:
         "cifar10", env="FEATCACHE_DATASET", make="DATASET", key=True, to_key=dataset_name,
         companion="dataset_sha256",
         help="cifar10, synthetic, or a folder with one sub-folder per class")
-    data_dir: str = setting(
-        "data", env="FEATCACHE_DATA_DIR", make="DATA_DIR",
-        help="where cifar-10-batches-py is (or is downloaded to)")
+    data_dir: str = data_dir_setting("where cifar-10-batches-py is (or is downloaded to)")
     backbone: str = setting(
         DEFAULT_BACKBONE, choices=lambda: sorted(BACKBONES), metavar="NAME", make="BACKBONE",
         key=True, help="the pretrained network")
@@ -408,6 +414,9 @@ class HeadsConfig:
              "both at test) when the file has them; off, train, tta, both")
     out_dir: str | None = setting(
         None, help="report folder (default: features/<stem>/ beside the feature file)")
+    data_dir: str = data_dir_setting(
+        "where cifar-10-batches-py is, for the images of mistakes.png (as in stage one; image "
+        "folders are found by the file's source_dir)")
     workers: int | None = setting(
         None, type=int, bounds=(0, MAX_THREADS), make="WORKERS",
         help="worker processes, one thread each (default: the cores available to this "

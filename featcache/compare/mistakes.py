@@ -4,9 +4,10 @@ Reads the feature file named in stage two's ``results`` (test labels and per-row
 the test features too when it must predict), the best row's test probabilities as the
 comparison computed them or else its saved head (``<report>/heads/<row>.joblib|.keras``),
 and the images themselves through the ids: registry data sets (CIFAR-10,
-synthetic) by index in the test split (from ``data_dir``, default
-:func:`featcache._util.paths.find_cifar10` else ``data``), image folders by relative path under
-the file's ``source_dir``. Writes ``<report>/mistakes.png`` (atomically). When the images
+synthetic) by index in the test split (from ``data_dir``: the comparison's ``--data-dir``,
+as stage one's, default ``data``; where that lacks CIFAR-10,
+:func:`featcache._util.paths.find_cifar10`), image folders by relative path under the
+file's ``source_dir``. Writes ``<report>/mistakes.png`` (atomically). When the images
 or the head cannot be found it logs why and writes nothing: the report never fails for it.
 A head without ``predict_proba`` is ranked by test-row order and titled without a
 probability.
@@ -49,8 +50,9 @@ def load_images(attrs: dict, split: str, ids, *, data_dir=None) -> list[np.ndarr
     from featcache._util import paths
     from featcache.data.datasets import open_dataset
 
-    data_dir = data_dir or paths.find_cifar10() or "data"
-    ds = open_dataset(str(attrs["dataset"]), data_dir=data_dir, download=False)
+    data_dir = data_dir or "data"
+    ds = open_dataset(str(attrs["dataset"]), data_dir=paths.find_cifar10(data_dir) or data_dir,
+                      download=False)
     out = []
     for i in ids:
         images, _ = next(iter(ds.batches(split, int(i), int(i) + 1, 1)))
@@ -118,7 +120,8 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
         if not len(rows):
             log.info("no wrong test predictions: no mistakes.png")
             return None
-        images = load_images(fs.attrs, "test", test.ids[rows], data_dir=data_dir)
+        images = load_images(fs.attrs, "test", test.ids[rows],
+                             data_dir=data_dir or results.get("config", {}).get("data_dir"))
     except (FeatcacheError, OSError, KeyError, StopIteration, ValueError) as exc:
         log.warning("mistakes.png not written (%s)", str(exc).splitlines()[0] if str(exc)
                     else type(exc).__name__)
