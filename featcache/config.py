@@ -57,6 +57,7 @@ MAX_SIZE = 1024
 MAX_BATCH = 4096
 MAX_THREADS = 1024
 MAX_SEED = 2 ** 32 - 1
+MAX_PIXELS = 10 ** 10
 
 
 def check_size(size, backbone: str) -> int:
@@ -199,6 +200,20 @@ class ExtractConfig:
              "two's validation share)")
     seed: int = setting(0, key=True, bounds=(0, MAX_SEED),
                         help="seed of an image folder's train/test split")
+    # The size policy for large images (featcache.data.imagefiles.decode_scaled). Not in the
+    # cache key: an image it changes is marked in the folder's fingerprint (dataset_sha256).
+    reduce_pixels: int = setting(
+        25_000_000, bounds=(1, MAX_PIXELS), metavar="N",
+        help="image folders: an image of more pixels than this (a 48-megapixel photo, not a "
+             "24-megapixel one) is decoded reduced (JPEG: Pillow's draft mode while decoding; "
+             "other formats: Image.reduce) by the largest whole factor that keeps its "
+             "shorter side a few times --size (REDUCE_TO in featcache/data/imagefiles.py), "
+             "then resized as usual: a fraction of the memory, about the same pixels")
+    max_pixels: int = setting(
+        150_000_000, bounds=(1, MAX_PIXELS), metavar="N",
+        help="image folders: an image of more pixels than this is skipped, with one warning, "
+             "and listed in the feature file's skipped_files (Pillow itself opens at most "
+             "twice its Image.MAX_IMAGE_PIXELS)")
     cut: str | None = setting(
         None, make="CUT", key=True, key_if_set=True, metavar="BLOCK",
         help="also store float16 activations after this block (and mirrored), for the "
