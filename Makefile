@@ -31,7 +31,7 @@ VARIANT    ?=
 CUT        ?=
 OUT_DIR    ?=
 FEATURES_EXTRA ?=
-# stage two (featcache heads/curve)
+# stage two (featcache heads/curve; heads also takes DATA_DIR)
 HEADS      ?=
 WORKERS    ?=
 HEADS_EXTRA ?=
@@ -51,7 +51,8 @@ FEATURE_ARGS = $(call opt,DATASET,--dataset) $(call opt,DATA_DIR,--data-dir) \
   $(call opt,DTYPE,--dtype) $(call yesno,FLIP,--flip) \
   $(call opt,LIMIT,--limit) $(call opt,VARIANT,--variant) $(call opt,CUT,--cut) \
   $(call opt,OUT_DIR,--out-dir)
-HEADS_ARGS = $(call opt,HEADS,--heads) $(call opt,WORKERS,--workers)
+# DATA_DIR too: mistakes.png in the report draws CIFAR-10's images from there
+HEADS_ARGS = $(call opt,HEADS,--heads) $(call opt,WORKERS,--workers) $(call opt,DATA_DIR,--data-dir)
 
 # The feature file is a real target: its name comes from the settings (no TensorFlow needed).
 FEATURE_FILE := $(shell PYTHONPATH=. $(PYTHON) -m featcache path -q $(FEATURE_ARGS) 2>/dev/null)

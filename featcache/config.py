@@ -57,6 +57,7 @@ MAX_SIZE = 1024
 MAX_BATCH = 4096
 MAX_THREADS = 1024
 MAX_SEED = 2 ** 32 - 1
+MAX_PIXELS = 10 ** 10
 
 
 def check_size(size, backbone: str) -> int:
@@ -113,6 +114,14 @@ def parse_part(path: str | Path) -> tuple[Path, int, int] | None:
     return p.with_name(m["stem"] + ".h5"), int(m["i"]), int(m["n"])
 
 
+def data_dir_setting(help: str):
+    """The ``--data-dir`` setting, one declaration for both stages: stage one reads (or
+    downloads) CIFAR-10 there, stage two's ``mistakes.png`` reads the images of a CIFAR-10
+    file's mistakes there (a feature file stores no paths). Same default, environment
+    variable and Makefile variable (``DATA_DIR``) for both."""
+    return setting("data", env="FEATCACHE_DATA_DIR", make="DATA_DIR", help=help)
+
+
 VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -147,9 +156,7 @@ class ExtractConfig:
         "cifar10", env="FEATCACHE_DATASET", make="DATASET", key=True, to_key=dataset_name,
         companion="dataset_sha256",
         help="cifar10, synthetic, or a folder with one sub-folder per class")
-    data_dir: str = setting(
-        "data", env="FEATCACHE_DATA_DIR", make="DATA_DIR",
-        help="where cifar-10-batches-py is (or is downloaded to)")
+    data_dir: str = data_dir_setting("where cifar-10-batches-py is (or is downloaded to)")
     backbone: str = setting(
         DEFAULT_BACKBONE, choices=lambda: sorted(BACKBONES), metavar="NAME", make="BACKBONE",
         key=True, help="the pretrained network")
@@ -200,6 +207,20 @@ class ExtractConfig:
     seed: int = setting(0, key=True, bounds=(0, MAX_SEED),
                         help="seed of an image folder's train/test split (and of the "
                              "int8 calibration sample)")
+    # The size policy for large images (featcache.data.imagefiles.decode_scaled). Not in the
+    # cache key: an image it changes is marked in the folder's fingerprint (dataset_sha256).
+    reduce_pixels: int = setting(
+        25_000_000, bounds=(1, MAX_PIXELS), metavar="N",
+        help="image folders: an image of more pixels than this (a 48-megapixel photo, not a "
+             "24-megapixel one) is decoded reduced (JPEG: Pillow's draft mode while decoding; "
+             "other formats: Image.reduce) by the largest whole factor that keeps its "
+             "shorter side a few times --size (REDUCE_TO in featcache/data/imagefiles.py), "
+             "then resized as usual: a fraction of the memory, about the same pixels")
+    max_pixels: int = setting(
+        150_000_000, bounds=(1, MAX_PIXELS), metavar="N",
+        help="image folders: an image of more pixels than this is skipped, with one warning, "
+             "and listed in the feature file's skipped_files (Pillow itself opens at most "
+             "twice its Image.MAX_IMAGE_PIXELS)")
     cut: str | None = setting(
         None, make="CUT", key=True, key_if_set=True, metavar="BLOCK",
         help="also store float16 activations after this block (and mirrored), for the "
@@ -422,6 +443,9 @@ class HeadsConfig:
              "both at test) when the file has them; off, train, tta, both")
     out_dir: str | None = setting(
         None, help="report folder (default: features/<stem>/ beside the feature file)")
+    data_dir: str = data_dir_setting(
+        "where cifar-10-batches-py is, for the images of mistakes.png (as in stage one; image "
+        "folders are found by the file's source_dir)")
     workers: int | None = setting(
         None, type=int, bounds=(0, MAX_THREADS), make="WORKERS",
         help="worker processes, one thread each (default: the cores available to this "

@@ -12,6 +12,11 @@ Used by stage two's reports and heads (:mod:`featcache.compare.report`, :mod:`fe
 export (:mod:`featcache.ship.export`), and the feature file's writer, merge and upgrade
 (:mod:`featcache.cache.writer`, :mod:`featcache.cache.upgrade`). Reads nothing but what
 :func:`carry` copies where it cannot link.
+
+A full disk is one line everywhere: :func:`is_disk_full` recognises it (``ENOSPC``, ``EFBIG``
+— a file-size limit —, ``EDQUOT``, also when a library wraps it), :func:`replacing` turns it
+into a :class:`~featcache.errors.DiskFullError` naming the file (whose previous version is
+still there, untouched), and :func:`disk_full_is_one_line` does the same around any block.
 """
 
 from __future__ import annotations
@@ -22,6 +27,49 @@ import os
 import shutil
 from pathlib import Path
 from typing import Iterator
+
+from featcache.errors import DiskFullError
+
+#: what the message of a full disk tells the user to do, unless a caller knows better
+RETRY = "free some space and run the same command again"
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception along its chain) is a full disk or a file-size limit.
+
+    h5py reports a failed write as OSError, ValueError or (from close) RuntimeError, and
+    TensorFlow as its own errors, with the errno only in the text: the text counts too."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, DiskFullError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        text = str(exc).lower()
+        if "no space" in text or "file too large" in text or "quota" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full(path, advice: str = RETRY) -> DiskFullError:
+    """The one-line error of a full disk while writing ``path``."""
+    return DiskFullError(f"disk full while writing {path}; {advice}")
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(path, advice: str = RETRY) -> Iterator[None]:
+    """A full disk inside the block (see :func:`is_disk_full`) becomes :func:`disk_full`'s
+    one-line error about ``path``; a :class:`DiskFullError` from below passes as it is."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full(path, advice) from None
+        raise
 
 
 def temp_name(path: str | os.PathLike, suffix: str = "") -> Path:
@@ -131,8 +179,9 @@ def recover(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """``with replacing(out, ".keras") as tmp: save(tmp)``: ``out`` appears only once the
-    block succeeded (via :func:`replace`); on an error the temporary file or folder goes.
-    What a killed earlier replacement left (its temporary, a folder's previous version) is
+    block succeeded (via :func:`replace`); on an error the temporary file or folder goes,
+    and a full disk is a one-line :class:`DiskFullError` (``out`` is as it was). What a
+    killed earlier replacement left (its temporary, a folder's previous version) is
     cleaned up first (:func:`recover`)."""
     path = Path(path)
     tmp = temp_name(path, suffix)
@@ -141,9 +190,12 @@ def replacing(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp
         replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
         recover(tmp, path)               # interrupted between the renames: the old one back
+        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) \
+                and is_disk_full(exc):
+            raise disk_full(path, f"the file there, if any, is unchanged: {RETRY}") from None
         raise
 
 

@@ -19,7 +19,6 @@ The names other modules import from here (``load_features``, ``read_attrs``,
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -85,7 +84,7 @@ def building(tmp: Path, path: Path):
         atomic.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if _is_disk_full(exc):
+        if not isinstance(exc, DiskFullError) and atomic.is_disk_full(exc):
             raise DiskFullError(f"disk full while creating {path}; free some space or "
                                 f"write elsewhere (--out-dir)") from None
         raise
@@ -98,25 +97,10 @@ def writing(path: Path, safe: Callable[[], str]):
     try:
         yield
     except (OSError, ValueError, RuntimeError) as exc:
-        if _is_disk_full(exc):
-            raise DiskFullError(f"disk full while writing {path}; {safe()} are safe: free "
-                                f"some space and run the same command again to resume") from None
+        if atomic.is_disk_full(exc):
+            raise atomic.disk_full(path, f"{safe()} are safe: free some space and run the "
+                                         f"same command again to resume") from None
         raise
-
-
-def _is_disk_full(exc: BaseException | None) -> bool:
-    # h5py reports a failed write as OSError, ValueError or (from close) RuntimeError,
-    # with the errno only in the text; look along the chain of exceptions too.
-    for _ in range(8):
-        if exc is None:
-            return False
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            return True
-        text = str(exc).lower()
-        if "no space" in text or "file too large" in text or "quota" in text:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 # --------------------------------------------------------------------------- writing

@@ -160,7 +160,8 @@ def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
     from featcache._util.settings import add_options
     from featcache.config import HeadsConfig
 
-    add_options(p, HeadsConfig, exclude=("flip", "workers") if curve else ())
+    # (the curve draws no images: no --data-dir)
+    add_options(p, HeadsConfig, exclude=("flip", "workers", "data_dir") if curve else ())
     p.add_argument("--wait", action="store_true",
                    help="wait for another run writing the same report instead of refusing")
     if curve:

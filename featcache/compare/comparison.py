@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache._util.atomic import recover, replacing, temp_name
+from featcache._util.atomic import disk_full_is_one_line, recover, replacing, temp_name
 from featcache.cache.lock import FileLock
 from featcache.cache.reader import file_identity
 from featcache.compare.jobs import job_cost, make_jobs, run_job
@@ -115,7 +115,7 @@ def compare_heads(features, /, *, write: bool = True, progress=None, wait: bool 
     ``results.json`` dict, with ``table``, ``best``, ``head()``).
     """
     cfg = heads_config(features, **settings)
-    with _report_lock(cfg, write=write, wait=wait):
+    with _report_lock(cfg, write=write, wait=wait), _disk_full(cfg):
         return Comparison(_compare(cfg, write=write, progress=progress),
                           cfg.report_dir if write else None)
 
@@ -123,6 +123,15 @@ def compare_heads(features, /, *, write: bool = True, progress=None, wait: bool 
 def _report_lock(cfg: HeadsConfig, *, write: bool, wait: bool):
     """The report folder's lock while a comparison or curve writes it; nothing otherwise."""
     return FileLock(cfg.report_dir, wait=wait) if write else contextlib.nullcontext()
+
+
+def _disk_full(cfg: HeadsConfig, last: str = "results.json"):
+    """A full disk anywhere in a comparison (or curve) is one line: each report file and
+    saved head is written atomically (:mod:`featcache._util.atomic`, which names the file);
+    whatever else meets a full disk is named as the report folder. ``last``: the file
+    written last, so still the previous run's."""
+    return disk_full_is_one_line(cfg.report_dir, f"its {last} is unchanged: free some space "
+                                                 f"and run the same command again")
 
 
 def _compare(cfg: HeadsConfig, *, write: bool, progress) -> dict:
@@ -280,7 +289,7 @@ def label_curve(features, sizes=CURVE_SIZES, *, write: bool = True, wait: bool =
     Plain rows only (no mirrored features).
     """
     cfg = heads_config(features, **settings)
-    with _report_lock(cfg, write=write, wait=wait):
+    with _report_lock(cfg, write=write, wait=wait), _disk_full(cfg, "curve.json"):
         return _curve(cfg, sizes, write=write)
 
 

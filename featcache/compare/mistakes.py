@@ -4,9 +4,10 @@ Reads the feature file named in stage two's ``results`` (test labels and per-row
 the test features too when it must predict), the best row's test probabilities as the
 comparison computed them or else its saved head (``<report>/heads/<row>.joblib|.keras``),
 and the images themselves through the ids: registry data sets (CIFAR-10,
-synthetic) by index in the test split (from ``data_dir``, default
-:func:`featcache._util.paths.find_cifar10` else ``data``), image folders by relative path under
-the file's ``source_dir`` — only files still the ones stage one read (their sha256 against
+synthetic) by index in the test split (from ``data_dir``: the comparison's ``--data-dir``,
+as stage one's, default ``data``; where that lacks CIFAR-10,
+:func:`featcache._util.paths.find_cifar10`), image folders by relative path under the
+file's ``source_dir`` — only files still the ones stage one read (their sha256 against
 the file's ``/test/sha256``; in a file without those, not modified since ``created_utc``): a
 changed or missing file is left out of the figure with one warning that counts them, and
 when none is left the figure is not drawn. Writes ``<report>/mistakes.png`` (atomically).
@@ -59,8 +60,9 @@ def load_images(attrs: dict, split: str, ids, *, data_dir=None) -> list[np.ndarr
     from featcache._util import paths
     from featcache.data.datasets import open_dataset
 
-    data_dir = data_dir or paths.find_cifar10() or "data"
-    ds = open_dataset(str(attrs["dataset"]), data_dir=data_dir, download=False)
+    data_dir = data_dir or "data"
+    ds = open_dataset(str(attrs["dataset"]), data_dir=paths.find_cifar10(data_dir) or data_dir,
+                      download=False)
     out = []
     for i in ids:
         images, _ = next(iter(ds.batches(split, int(i), int(i) + 1, 1)))
@@ -183,7 +185,8 @@ def write_mistakes(results: dict, report_dir, *, n: int = N_SHOWN,
             return None
         images, left_out = checked_images(
             fs.attrs, "test", test.ids[rows],
-            None if test.sha256 is None else test.sha256[rows], data_dir=data_dir)
+            None if test.sha256 is None else test.sha256[rows],
+            data_dir=data_dir or results.get("config", {}).get("data_dir"))
     except (FeatcacheError, OSError, KeyError, StopIteration, ValueError) as exc:
         log.warning("mistakes.png not written (%s)", str(exc).splitlines()[0] if str(exc)
                     else type(exc).__name__)

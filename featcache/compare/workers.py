@@ -19,6 +19,12 @@ removed when the comparison ends; the jobs themselves write what they are given.
   numbers do not depend on how many workers run beside it (same seed, same answer).
 - A worker started by a quiet CLI (``FEATCACHE_QUIET_TF=1``, :mod:`featcache._util.quiet`) hides
   TensorFlow's C++ start-up lines as the CLI does.
+- Workers die with the process that started them: each runs :func:`watch_parent` (loky's
+  worker initializer), a thread that ends the worker within ``PARENT_POLL_S`` once its
+  parent is gone. Without it a ``kill -9`` of ``featcache heads`` left every worker (about
+  0.7 GiB each) running its fit to the end and then idle for loky's 300-s timeout.
+- A full disk while writing the shared arrays is a one-line
+  :class:`~featcache.errors.DiskFullError` naming ``FEATCACHE_TMPDIR``.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from featcache._util.atomic import disk_full_is_one_line
 from featcache._util.quiet import quiet_tensorflow_if_asked
 
 log = logging.getLogger(__name__)
@@ -89,10 +97,12 @@ class SharedArrays:
         n = len(array) if rows is None else len(rows)
         shape = (n,) + tuple(array.shape[1:])
         path = self.dir / f"{name}.f32"
-        with open(path, "wb") as f:
-            for i in range(0, n, 8192):
-                src = array[i:i + 8192] if rows is None else array[rows[i:i + 8192]]
-                f.write(np.ascontiguousarray(src, dtype=np.float32).tobytes())
+        with disk_full_is_one_line(path, "free some space there, or set FEATCACHE_TMPDIR to "
+                                         "a folder with room, and run the same command again"):
+            with open(path, "wb") as f:
+                for i in range(0, n, 8192):
+                    src = array[i:i + 8192] if rows is None else array[rows[i:i + 8192]]
+                    f.write(np.ascontiguousarray(src, dtype=np.float32).tobytes())
         if n == 0 or int(np.prod(shape)) == 0:
             return np.zeros(shape, np.float32)
         return np.memmap(path, dtype=np.float32, mode="r", shape=shape)
@@ -126,7 +136,9 @@ def run_jobs(fn: Callable, jobs: Sequence, args: tuple = (), *, workers: int,
     from joblib import Parallel, delayed, parallel_config
 
     order = sorted(range(n), key=lambda i: (-(costs[i] if costs else 0.0), i))
-    with parallel_config(backend="loky", inner_max_num_threads=1):
+    # the same initializer and pid on every call: loky keeps reusing its workers
+    with parallel_config(backend="loky", inner_max_num_threads=1, initializer=watch_parent,
+                         initargs=(os.getpid(),)):
         par = Parallel(n_jobs=workers, return_as="generator_unordered",
                        batch_size=1, pre_dispatch="all")
         for i, result in par(delayed(_indexed)(i, fn, jobs[i], args) for i in order):
@@ -139,6 +151,26 @@ def run_jobs(fn: Callable, jobs: Sequence, args: tuple = (), *, workers: int,
 def _indexed(i: int, fn: Callable, job, args: tuple):
     with single_threaded():
         return i, fn(job, *args)
+
+
+#: seconds between a worker's checks that its parent is still there
+PARENT_POLL_S = 0.25
+
+
+def watch_parent(parent: int) -> None:
+    """In a worker (loky's initializer): end this process as soon as ``parent``, the
+    process that started it, is gone. A process whose parent dies is handed to another
+    (init, or a subreaper), so ``os.getppid()`` stops being ``parent``; a daemon thread
+    checks every ``PARENT_POLL_S`` seconds and then exits at once (``os._exit``: in the
+    middle of a fit, no clean-up is owed to a parent that is not there). Polling, not
+    ``PR_SET_PDEATHSIG``: that signal follows the *thread* that started the worker, and
+    loky may start workers from a thread that ends while the pool lives on."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="featcache-parent-watch", daemon=True).start()
 
 
 # --------------------------------------------------------------------------- progress

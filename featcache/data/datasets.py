@@ -36,6 +36,8 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+#: how to say where CIFAR-10 is, in featcache features/heads and in make
+WHERE = "name the folder that holds it with --data-dir PATH (make: DATA_DIR=PATH)"
 
 # ---------------------------------------------------------------------------- registry
 
@@ -181,8 +183,7 @@ def download_cifar10(data_dir: Path, url: str = CIFAR10_URL, sha256: str = CIFAR
             tmp_path.unlink(missing_ok=True)
             raise DataError(
                 f"CIFAR-10 is not in {data_dir} and could not be downloaded ({exc}); offline, "
-                f"put the official cifar-10-batches-py folder in {data_dir}/ or pass "
-                f"DATA_DIR=/path/to/folder-containing-it") from None
+                f"put the official cifar-10-batches-py folder in {data_dir}/ or {WHERE}") from None
     if h.hexdigest() != sha256:
         tmp_path.unlink(missing_ok=True)
         raise DataError(f"downloaded CIFAR-10 archive has sha256 {h.hexdigest()}, expected "
@@ -201,7 +202,7 @@ def _cifar10(data_dir: Path, *, download: bool = True, limit: int | None = None)
     if root is None:
         if not download:
             raise DataError(f"CIFAR-10 not found in {data_dir}; put the cifar-10-batches-py "
-                            f"folder there, pass DATA_DIR=/path/to/it, or allow the download")
+                            f"folder there or {WHERE}")
         root = download_cifar10(data_dir)
     return Cifar10(root, limit=limit)
 

@@ -5,9 +5,14 @@ Reads ``<root>/<class>/**/<image>`` (the split drawn per class, seeded and strat
 ``train/`` and ``test/``. Images in sub-folders of a class folder belong to that class
 ("nested classes"); symlinked folders are followed, each real folder read once (loops
 are safe); hidden files and folders (``.name``) and files that are not
-``.jpg .jpeg .png .bmp .gif`` are ignored. A folder needs two classes or more and every
-class ``MIN_TRAIN_PER_CLASS`` usable training images (stage two fits on some and
-validates on others). Writes nothing.
+``.jpg .jpeg .png .bmp .gif`` are ignored, and so are featcache's own output folders inside
+the folder (``exclude``, the run's ``--out-dir``, and any folder holding feature files or a
+report: :func:`featcache.data.imagefiles.featcache_output`), each named in a log line. A
+folder needs two classes or more and every class ``MIN_TRAIN_PER_CLASS`` usable training
+images (stage two fits on some and validates on others). Large images follow the size
+policy of :func:`featcache.data.imagefiles.decode_scaled` (``reduce_pixels``, ``max_pixels``:
+stage one's ``--reduce-pixels``, ``--max-pixels``): decoded reduced, or skipped like an
+undecodable file. Writes nothing.
 
 Decoding is Pillow's, for every format: EXIF orientation applied, the first frame of an
 animated GIF, grayscale / RGBA (alpha dropped) / palette / 16-bit images made 8-bit RGB.
@@ -38,8 +43,9 @@ import numpy as np
 
 from featcache.data.base import Batch, Dataset
 from featcache.errors import ConfigError, DataError
-from featcache.data.imagefiles import (IMAGE_SUFFIXES, images_under, loose_files,
-                         no_images, subdirs, decode_image)
+from featcache.data.imagefiles import (IMAGE_SUFFIXES, ImageTooLarge, decode_image,
+                                       decode_scaled, images_under, loose_files, no_images,
+                                       subdirs)
 from featcache.data.resize import FOLDER_ANTIALIAS, describe, resize_images
 
 log = logging.getLogger(__name__)
@@ -89,6 +95,12 @@ class FolderDataset(Dataset):
     input size). ``limit``: at most this many files per split (taken from a class-balanced,
     round-robin order; undecodable ones among them are skipped, not replaced).
     ``test_fraction``/``seed``: the stratified test share when there is no ``train/``+``test/``.
+    ``exclude``: folders never read, as featcache's output (stage one passes where it
+    writes: ``featcache features --dataset .`` inside the folder writes ``./features/``).
+    ``reduce_pixels``/``max_pixels``: the size policy (see the module docstring; None: off,
+    every image at full size). An image decoded reduced, or skipped for its size, is
+    marked so in the fingerprint: another policy that changes its pixels makes a feature
+    file of it stale, and a folder without such images keeps its fingerprint.
     """
 
     root: Path
@@ -99,15 +111,23 @@ class FolderDataset(Dataset):
     workers: int | None = None
     name: str = ""
     extra_attrs: dict = field(default_factory=dict)
+    exclude: tuple = ()
+    reduce_pixels: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self):
         self.root = Path(self.root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist or is not a folder")
+        own = os.path.realpath(self.root)
+        #: real paths of the output folders inside the image folder (never the folder itself)
+        self._exclude = frozenset(r for r in map(os.path.realpath, self.exclude) if r != own)
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"--limit must be positive, not {self.limit}")
         if int(self.image_size) < 1:
             raise ConfigError(f"image size must be positive, not {self.image_size}")
+        self._policy = dict(size=int(self.image_size), reduce_pixels=self.reduce_pixels,
+                            max_pixels=self.max_pixels)
         self.name = self.name or (self.root.resolve().name.replace(" ", "_") or "folder")
         candidates = self._scan()
         if self.limit is not None:
@@ -128,7 +148,8 @@ class FolderDataset(Dataset):
         if skipped:
             shown = "; ".join(f"{p} ({why})" for p, why in skipped[:10])
             more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-            log.warning("%s: skipped %d file(s) that cannot be decoded: %s%s",
+            log.warning("%s: skipped %d file(s) that cannot be decoded or are too large: "
+                        "%s%s",
                         self.root, len(skipped), shown, more)
         listed = [f"{p}: {why}" for p, why in skipped[:MAX_LISTED_SKIPS]]
         if len(skipped) > MAX_LISTED_SKIPS:
@@ -169,8 +190,8 @@ class FolderDataset(Dataset):
     # -- listing ------------------------------------------------------------------------
     def _scan(self) -> dict[str, list[tuple[str, int]]]:
         """Candidate (relative path, label) per split, in the dataset's fixed order."""
-        root = self.root
-        dirs = subdirs(root)
+        root, ex = self.root, self._exclude
+        dirs = subdirs(root, ex)
         names = {d.name for d in dirs}
         if not dirs:
             what = "is empty" if not loose_files(root) else "has files but no class sub-folders"
@@ -190,22 +211,24 @@ class FolderDataset(Dataset):
             if others:
                 log.warning("%s: has train/ and test/; ignoring the other folders %s",
                             root, ", ".join(others))
-            self.classes = [d.name for d in subdirs(root / "train")]
+            split_dirs = {split: subdirs(root / split, ex) for split in ("train", "test")}
+            self.classes = [d.name for d in split_dirs["train"]]
             index = {c: i for i, c in enumerate(self.classes)}
-            unknown = [d.name for d in subdirs(root / "test") if d.name not in index]
+            unknown = [d.name for d in split_dirs["test"] if d.name not in index]
             if unknown:
                 raise DataError(f"{root / 'test'} has classes that train/ lacks: "
                                 f"{', '.join(unknown)}; rename them or add them to train/")
             out = {}
-            class_dirs = [d for split in ("train", "test") for d in subdirs(root / split)]
+            class_dirs = [d for split in ("train", "test") for d in split_dirs[split]]
             seen: set[str] = set()
             for split in ("train", "test"):
-                if not subdirs(root / split):
+                if not split_dirs[split]:
                     raise DataError(f"{root / split} has no class sub-folders: put each "
                                     f"class's images in {split}/<class>/")
                 per_class = []
-                for d in subdirs(root / split):
-                    files, _ = images_under(d, others=_others(class_dirs, d), seen=seen)
+                for d in split_dirs[split]:
+                    files, _ = images_under(d, others=_others(class_dirs, d), seen=seen,
+                                            exclude=ex)
                     if not files:
                         raise DataError(f"empty class: {no_images(d)}; add images or remove "
                                         f"the folder")
@@ -227,7 +250,7 @@ class FolderDataset(Dataset):
         train, test = [], []
         seen = set()
         for ci, d in enumerate(dirs):
-            files, _ = images_under(d, others=_others(dirs, d), seen=seen)
+            files, _ = images_under(d, others=_others(dirs, d), seen=seen, exclude=ex)
             if not files:
                 raise DataError(f"empty class: {no_images(d)}; add images or remove the folder")
             mask = stratified_split(len(files), float(self.test_fraction), int(self.seed), ci)
@@ -241,18 +264,21 @@ class FolderDataset(Dataset):
         """Read, hash and decode every candidate once: (kept files, skipped, fingerprint)."""
         order = [(s, rel, lab) for s, files in candidates.items() for rel, lab in files]
 
-        def check(rel: str) -> tuple[str, str | None]:
+        def check(rel: str) -> tuple[str, str | None, str]:
+            """(content hash, why it is skipped or None, what the fingerprint adds)."""
             path = self.root / rel
             try:
                 data = path.read_bytes()
             except OSError as exc:
-                return "", f"unreadable: {exc.strerror or exc}"
+                return "", f"unreadable: {exc.strerror or exc}", ""
             digest = hashlib.sha256(data).hexdigest()
             try:
-                decode_image(data, name=rel)
+                rgb, reduced = decode_scaled(data, name=rel, **self._policy)
+            except ImageTooLarge as exc:
+                return digest, str(exc).removeprefix(f"{rel} "), "\0too large"
             except DataError as exc:
-                return digest, str(exc).removeprefix(f"{rel} ")
-            return digest, None
+                return digest, str(exc).removeprefix(f"{rel} "), ""
+            return digest, None, f"\0reduced to {rgb.shape[1]}x{rgb.shape[0]}" if reduced else ""
 
         workers = self.workers or min(8, (os.cpu_count() or 1) + 2)
         h = hashlib.sha256(FINGERPRINT_VERSION)
@@ -261,8 +287,8 @@ class FolderDataset(Dataset):
         skipped: list[tuple[str, str]] = []
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = pool.map(check, (rel for _, rel, _ in order))
-            for (split, rel, lab), (digest, problem) in zip(order, results):
-                h.update(f"{split}\0{rel}\0{lab}\0{digest}\n".encode())
+            for (split, rel, lab), (digest, problem, note) in zip(order, results):
+                h.update(f"{split}\0{rel}\0{lab}\0{digest}{note}\n".encode())
                 if problem is None:
                     kept[split].append((rel, lab))
                     self._sha256[split].append(digest)
@@ -305,8 +331,10 @@ class FolderDataset(Dataset):
         paths = [str(self.root / rel) for rel, _ in rows]
         labels = np.array([lab for _, lab in rows], dtype=np.int64)
 
+        policy = self._policy
+
         def load(path: bytes) -> np.ndarray:
-            return decode_image(path.decode())  # a DataError here names the file
+            return decode_image(path.decode(), **policy)  # a DataError here names the file
 
         @tf.autograph.experimental.do_not_convert  # plain TF ops; nothing to convert
         def one(path):

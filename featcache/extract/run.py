@@ -215,9 +215,12 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     if cfg.precision == "int8":
         runtimes.require_int8()
     check_output(cfg.output_path)  # a folder there, or a read-only folder: refused before work
+    # an image folder never reads what this run writes (`--dataset .` writes ./features/)
+    own = (cfg.output_path.parent, cfg.merged_path.with_suffix(""))
     ds = dataset or open_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                                  limit=cfg.limit, test_fraction=cfg.test_fraction, seed=cfg.seed,
-                                 image_size=cfg.size)
+                                 image_size=cfg.size, exclude=own,
+                                 reduce_pixels=cfg.reduce_pixels, max_pixels=cfg.max_pixels)
     if not ds.splits or not any(ds.splits.values()):
         raise ConfigError(f"dataset {ds.name} has no images")
     log.info("fingerprinting dataset %s (%s)", ds.name,

@@ -814,3 +814,111 @@ def test_heads_killed_while_fitting_leave_report_and_saved_heads_untouched(tmp_p
     compare_heads(cfg)
     assert _beside(report) == []
     assert json.loads((report / "results.json").read_text())["config"]["seed"] == 1
+
+
+def _no_temporaries(d: Path) -> None:
+    left = [str(f.relative_to(d)) for f in d.rglob(".*.tmp*")
+            if ".staging" not in f.relative_to(d).parts]
+    assert not left, left
+
+
+@pytest.mark.parametrize("where", ["saving a head", "writing the report"])
+def test_disk_full_in_heads_is_one_line_and_keeps_the_report(tmp_path, toy_report, monkeypatch,
+                                                             where):
+    """ENOSPC where a real disk reports it (the fsync of a finished temporary file): while a
+    fitted head is saved (staged: the previous report is byte-identical) or a report file
+    is written (its results.json, written last, is the previous run's): a one-line
+    DiskFullError naming the file, no temporary left; with room again the command works."""
+    from dataclasses import replace as dc_replace
+
+    from featcache._util import atomic
+    from featcache.compare.comparison import compare_heads
+
+    cfg0, before = toy_report
+    report = tmp_path / "report"
+    shutil.copytree(cfg0.report_dir, report)
+    cfg = dc_replace(cfg0, out_dir=str(report), seed=1, workers=0)
+    real = atomic._fsync_path
+    victim = ".knn.joblib.tmp.joblib" if where == "saving a head" else ".accuracy.png.tmp"
+
+    def full(path, directory=False):
+        if Path(path).name == victim:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, directory)
+
+    monkeypatch.setattr(atomic, "_fsync_path", full)
+    with pytest.raises(DiskFullError) as info:
+        compare_heads(cfg)
+    msg = str(info.value)
+    assert msg.startswith("disk full while writing ") and victim[1:].split(".tmp")[0] in msg
+    assert "free some space and run the same command again" in msg and "\n" not in msg
+    now = _snapshot(report)
+    assert now["results.json"] == before["results.json"]
+    if where == "saving a head":
+        assert {f: h for f, h in now.items() if not f.startswith(".staging")} == before
+    _no_temporaries(report)
+    _report_files_whole(report)
+    monkeypatch.undo()
+    compare_heads(cfg)
+    assert json.loads((report / "results.json").read_text())["config"]["seed"] == 1
+
+
+@pytest.mark.parametrize("workers, kib, named", [
+    (0, 20, "knn.joblib"), (2, 20, "knn.joblib"), (2, 8, "FEATCACHE_TMPDIR")])
+def test_disk_full_in_heads_from_the_kernel_is_one_line(tmp_path, toy_report, workers, kib,
+                                                         named):
+    """A real EFBIG from RLIMIT_FSIZE: at 20 KiB the shared arrays (19 KiB) and the small
+    heads fit and the kNN head's 23 KiB do not (saved in this process, or in a worker); at
+    8 KiB the shared arrays do not. One line naming the file (the shared arrays' folder:
+    FEATCACHE_TMPDIR), exit 2, the previous report byte-identical (fitted heads are staged
+    until all are done)."""
+    cfg0, before = toy_report
+    report = tmp_path / "report"
+    shutil.copytree(cfg0.report_dir, report)
+    limit = kib * 1024
+    assert (cfg0.report_dir / "heads" / "knn.joblib").stat().st_size > 20 * 1024
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "from featcache.cli.main import main; sys.exit(main(sys.argv[1:]))")
+    args = ["heads", cfg0.feature_file, "--heads", "logreg,knn", "--flip", "off", "--seed",
+            "1", "--out-dir", str(report), "--workers", str(workers)]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env=env(FEATCACHE_TMPDIR=tmp_path))   # not the system's /tmp
+    last = assert_one_line_error(proc, "disk full while writing", named, "free some space")
+    assert proc.returncode == 2, last
+    now = _snapshot(report)
+    assert {f: h for f, h in now.items() if not f.startswith(".staging")} == before
+    _no_temporaries(report)
+
+
+def test_disk_full_in_export_keeps_the_previous_model(tmp_path, reference, monkeypatch):
+    """ENOSPC while the exported model is made durable: a one-line DiskFullError naming
+    it; the previous model and its sidecar are byte-identical, no temporary is left."""
+    from featcache._util import atomic
+    from featcache.compare.comparison import compare_heads
+    from featcache.config import HeadsConfig
+    from featcache.ship.export import export_model
+
+    report = tmp_path / "report"
+    compare_heads(HeadsConfig(str(reference), heads=("logreg",), flip="off", workers=0,
+                              out_dir=str(report)))
+    out = tmp_path / "m.keras"
+    kw = dict(head="logreg", report_dir=report, output=out)
+    export_model(reference, **kw)
+    side = out.with_name(out.name + ".json")
+    old = sha256(out), sha256(side)
+    real = atomic._fsync_path
+
+    def full(path, directory=False):
+        if Path(path).name.startswith(".m.keras.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, directory)
+
+    monkeypatch.setattr(atomic, "_fsync_path", full)
+    with pytest.raises(DiskFullError) as info:
+        export_model(reference, **kw)
+    msg = str(info.value)
+    assert msg.startswith(f"disk full while writing {out}") and "free some space" in msg
+    assert (sha256(out), sha256(side)) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "m.keras.json", "report"]

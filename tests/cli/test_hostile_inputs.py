@@ -189,3 +189,57 @@ def test_the_check_accepts_the_head_on_its_own_file(tmp_path):
     head = load_head(path, fitted_on=file_identity(a))            # no error
     assert fitted_on(head) == file_identity(a)
     assert fitted_on(head)["classes"] == ["class0", "class1", "class2", "class3"]
+
+
+def _fake_cifar(root, n: int = 40):
+    """A miniature cifar-10-batches-py (n images per batch file) under ``root``."""
+    import pickle
+
+    import numpy as np
+
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (d / name).write_bytes(pickle.dumps({
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}))
+    (d / "batches.meta").write_bytes(pickle.dumps(
+        {b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    return root
+
+
+def test_heads_takes_data_dir_for_the_images_of_mistakes_png(tmp_path, capsys, caplog,
+                                                             monkeypatch):
+    """mistakes.png draws a CIFAR-10 file's wrong test rows from CIFAR-10 itself. When it
+    is not in the default folder, heads used to say "pass DATA_DIR=", a make variable,
+    while featcache heads had no such option: now --data-dir (stage one's setting, the
+    Makefile passes DATA_DIR to both) and the message names both."""
+    import h5py
+
+    from featcache._util import paths
+
+    path = make_feature_file(tmp_path / "f.h5", n_train=80, n_test=40)
+    with h5py.File(path, "r+") as f:
+        f.attrs["dataset"] = "cifar10"             # rows 0..39 of CIFAR-10's test split
+    data = _fake_cifar(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path)                    # no data/ here
+    monkeypatch.setattr(paths, "CHECKOUT", tmp_path)   # nor a development checkout's
+    for var in (paths.REAL_DATA_ENV, "FEATCACHE_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    args = ["heads", str(path), "--heads", "logreg", "--workers", "0", "--flip", "off", "-q"]
+    assert main(args) == 0
+    said = [r.getMessage() for r in caplog.records if "mistakes.png" in r.getMessage()]
+    assert len(said) == 1 and "CIFAR-10 not found in data" in said[0], said
+    assert "--data-dir PATH (make: DATA_DIR=PATH)" in said[0] and "pass DATA_DIR" not in said[0]
+    assert not (tmp_path / "f" / "mistakes.png").exists()
+    capsys.readouterr()
+    assert main([*args, "--data-dir", str(data)]) == 0
+    assert (tmp_path / "f" / "mistakes.png").is_file()
+    import json
+
+    assert json.loads((tmp_path / "f" / "results.json").read_text())["plots"]["mistakes"]
+    for cmd, has in (("heads", True), ("curve", False)):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert ("--data-dir" in capsys.readouterr().out) is has, cmd

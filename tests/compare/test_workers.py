@@ -5,6 +5,13 @@ validation curve has turned, the kNN search and the scipy solver agree with refe
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +22,8 @@ from featcache.compare.workers import SharedArrays, run_jobs
 from featcache.config import HeadsConfig, default_workers
 from featcache.heads import HEADS, inv_norms, top_k
 from featcache.heads.registry import is_path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(path, out, workers, heads=("logreg", "linear_svm", "knn"), **kw):
@@ -183,3 +192,70 @@ def test_more_workers_than_rows_or_cores_are_capped_with_a_warning(tmp_path, cap
                           write=False)
     assert r["config"]["workers"] == 1                 # one row: one worker is all it uses
     assert "--workers 64: running 1 (1 rows" in caplog.text
+
+
+SLOW_HEAD = textwrap.dedent("""
+    import os, time
+    from sklearn.linear_model import LogisticRegression
+
+    class Slow(LogisticRegression):
+        # a fit that takes a minute, after writing its worker's pid into SLOW_MARKERS
+        def fit(self, X, y, *args, **kwargs):
+            open(os.path.join(os.environ["SLOW_MARKERS"], str(os.getpid())), "w").close()
+            time.sleep(60)
+            return super().fit(X, y)
+""")
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.skipif(default_workers() < 2, reason="needs two cores for two worker processes")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """``kill -9`` of a running ``featcache heads --workers 2``: its worker processes, the
+    one busy in a minute-long fit and the idle one, are gone within seconds (they used to
+    run the fit to its end, then wait out loky's 300-s idle timeout)."""
+    import psutil
+
+    path = make_feature_file(tmp_path / "f.h5", n_train=80, n_test=20, flip=False)
+    (tmp_path / "slowhead.py").write_text(SLOW_HEAD)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featcache", "heads", str(path), "--heads",
+         f"{tmp_path / 'slowhead.py'}:Slow,logreg", "--workers", "2", "--flip", "off", "-q"],
+        cwd=ROOT, env=dict(os.environ, SLOW_MARKERS=str(markers)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kids: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list(markers.iterdir()):          # the slow fit has started in a worker
+            assert proc.poll() is None and time.monotonic() < deadline, "no worker started"
+            time.sleep(0.1)
+        busy = int(next(markers.iterdir()).name)
+        while True:                                 # and the logreg row is done: one idle
+            kids = psutil.Process(proc.pid).children(recursive=True)
+            if len(kids) >= 2 and busy in {k.pid for k in kids}:
+                break
+            assert time.monotonic() < deadline, f"workers of {proc.pid}: {kids}"
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_alive(k.pid) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [k.pid for k in kids if _alive(k.pid)]
+        assert not left, f"worker processes {left} outlived their killed parent {proc.pid}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for k in kids:
+            if _alive(k.pid):
+                os.kill(k.pid, signal.SIGKILL)

@@ -292,6 +292,153 @@ def test_cli_features_on_a_folder(folder, tmp_path, capsys):
     assert "featcache: error:" in capsys.readouterr().err
 
 
+def test_features_inside_the_folder_never_read_their_own_output(folder, monkeypatch, caplog,
+                                                               capsys):
+    """``featcache features --dataset .`` run inside the image folder writes ./features/
+    there: stage one used to read it as a class ("empty class: features"), and a report
+    folder's PNGs as images. Its --out-dir is skipped with an info line, any other folder
+    of feature files or a report with a warning; the data set is the same as without them
+    and the next run finds the file up to date."""
+    from featcache.cli.main import main
+
+    before = FolderDataset(folder, image_size=32)
+    monkeypatch.chdir(folder)
+    args = ["features", "--dataset", ".", "--backbone", "mobilenet_025", "--weights", "none",
+            "--size", "32", "--batch", "16", "--no-flip"]
+    with caplog.at_level(logging.INFO, logger="featcache"):
+        assert main(args) == 0, capsys.readouterr().err
+    assert "not reading features: it is where this run writes (--out-dir)" in caplog.text
+    h5 = sorted((folder / "features").glob("*.h5"))
+    assert len(h5) == 1
+    # a report beside it (PNGs included) and a report written elsewhere in the folder
+    report = h5[0].with_suffix("")
+    for d in (report, folder / "reports"):
+        write_image(d / "accuracy.png", "cat", (20, 20), "RGB", "PNG", 1)
+        (d / "results.json").write_text("{}")
+    (folder / "features" / "x.h5.lock").write_text("")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="featcache"):
+        assert main(args) == 0, capsys.readouterr().err
+    assert "up to date" in capsys.readouterr().out + caplog.text
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("not reading reports: it is a featcache report folder (results.json)" in w
+               for w in warned), warned
+    after = FolderDataset(folder, image_size=32)   # no exclude: the markers suffice
+    assert after.classes == list(CLASSES) and after.fingerprint() == before.fingerprint()
+    assert main([*args[:-1], "--flip"]) == 0        # another file into the same features/
+    assert len(list((folder / "features").glob("*.h5"))) == 2
+
+
+# ---------------------------------------------------------------------------- large images
+
+BIG = (1200, 900)   # "large" here: the tests lower the limits through the settings
+
+
+def _big(path: Path, fmt: str) -> Path:
+    write_image(path, "cat", BIG, "RGB", fmt, seed=5)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_large_image_is_decoded_reduced_to_a_few_times_the_input_size(tmp_path, fmt):
+    """Above --reduce-pixels an image is decoded reduced (JPEG: Pillow's draft mode, PNG:
+    Image.reduce) by a whole factor that keeps its shorter side >= REDUCE_TO x the input
+    size; resized to that size it is the full decode's image to a few grey levels."""
+    from featcache.data.imagefiles import REDUCE_TO, decode_scaled
+    from featcache.data.resize import resize_images
+
+    path = _big(tmp_path / f"big.{fmt.lower()}", fmt)
+    full, was = decode_scaled(path, size=32, reduce_pixels=10 ** 7)   # under the limit
+    assert not was and full.shape == (BIG[1], BIG[0], 3)
+    np.testing.assert_array_equal(full, decode_image(path))
+    small, was = decode_scaled(path, size=32, reduce_pixels=100_000)
+    assert was and REDUCE_TO * 32 <= min(small.shape[:2]) < min(full.shape[:2]) // 2
+    a = np.asarray(resize_images(full.astype(np.float32), 32))
+    b = np.asarray(resize_images(small.astype(np.float32), 32))
+    assert np.abs(a - b).mean() < 3.0, np.abs(a - b).mean()
+
+
+def test_pillows_own_size_warning_is_never_shown(tmp_path, monkeypatch):
+    """Pillow warns above Image.MAX_IMAGE_PIXELS (twice: once when the folder is checked,
+    once when it is read) and refuses twice that; featcache's size policy decides instead:
+    no warning, and Pillow's refusal is an ImageTooLarge naming the file."""
+    import warnings
+
+    from PIL import Image
+
+    from featcache.data.imagefiles import ImageTooLarge
+
+    path = _big(tmp_path / "big.png", "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", BIG[0] * BIG[1] * 2 // 3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert decode_image(path, size=32, reduce_pixels=100_000).shape[0] < BIG[1]
+        assert decode_image(path).shape == (BIG[1], BIG[0], 3)
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", BIG[0] * BIG[1] // 3)
+    with pytest.raises(ImageTooLarge, match="big.png is too large for Pillow to open"):
+        decode_image(path)
+
+
+def test_an_image_above_max_pixels_is_skipped_and_listed(tmp_path, caplog):
+    """Above --max-pixels an image is skipped before it is decoded: one warning, listed in
+    skipped_files; an image the policy changes (skipped or reduced) is marked in the
+    fingerprint, so another policy makes the feature file stale, while a folder without
+    such images keeps the fingerprint it had before the policy existed."""
+    root = _simple_folder(tmp_path / "f", per_class=4)
+    plain = FolderDataset(root, image_size=32).fingerprint()
+    assert FolderDataset(root, image_size=32, reduce_pixels=100_000,
+                         max_pixels=500_000).fingerprint() == plain
+    _big(root / "cat" / "huge.png", "PNG")
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        ds = FolderDataset(root, image_size=32, reduce_pixels=100_000, max_pixels=500_000)
+    assert ds.extra_attrs["skipped_count"] == 1
+    listed = ds.extra_attrs["skipped_files"][0]
+    assert listed.startswith("cat/huge.png: is too large (1200x900 = 1,080,000 pixels, more "
+                             "than --max-pixels 500,000); raise --max-pixels"), listed
+    warned = [r.getMessage() for r in caplog.records if "huge.png" in r.getMessage()]
+    assert len(warned) == 1 and "too large" in warned[0], warned
+    assert "cat/huge.png" not in {rel for s in ds.splits for rel, _ in ds.files(s)}
+    read = FolderDataset(root, image_size=32, reduce_pixels=100_000, max_pixels=2_000_000)
+    assert "cat/huge.png" in {rel for s in read.splits for rel, _ in read.files(s)}
+    full = FolderDataset(root, image_size=32)
+    assert len({ds.fingerprint(), read.fingerprint(), full.fingerprint()}) == 3
+
+
+def test_stage_one_applies_the_size_policy_from_its_settings(tmp_path, caplog, monkeypatch):
+    """Through the CLI: --max-pixels skips the large image (one warning, never Pillow's,
+    even above Pillow's own limit), --reduce-pixels reads it reduced (also in the tf.data
+    pipeline) as a row of the feature file."""
+    import warnings
+
+    from PIL import Image
+
+    from featcache.cache.reader import load_features
+    from featcache.cli.main import main
+
+    root = _simple_folder(tmp_path / "f", per_class=4)
+    _big(root / "cat" / "huge.jpg", "JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", BIG[0] * BIG[1] * 2 // 3)
+    args = ["features", "-q", "--dataset", str(root), "--backbone", "mobilenet_025",
+            "--weights", "none", "--size", "32", "--batch", "8", "--no-flip"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with caplog.at_level(logging.WARNING, logger="featcache"):
+            assert main([*args, "--max-pixels", "500000", "--out-dir", str(tmp_path / "a")]) == 0
+        said = [r.getMessage() for r in caplog.records if "huge.jpg" in r.getMessage()]
+        assert len(said) == 1 and "too large" in said[0], said
+        assert main([*args, "--reduce-pixels", "100000", "--out-dir", str(tmp_path / "b")]) == 0
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    skipped = load_features(next((tmp_path / "a").glob("*.h5")))
+    assert list(skipped.attrs["skipped_files"])[0].startswith("cat/huge.jpg: is too large")
+    read = load_features(next((tmp_path / "b").glob("*.h5")))
+    assert read.attrs["skipped_count"] == 0
+    ids = set(read["train"].ids) | set(read["test"].ids)
+    assert "cat/huge.jpg" in ids and len(ids) == len(set(skipped["train"].ids)
+                                                     | set(skipped["test"].ids)) + 1
+    assert read.attrs["dataset_sha256"] != skipped.attrs["dataset_sha256"]
+
+
 # ---------------------------------------------------------------------------- hostile trees
 
 def _simple_folder(root: Path, per_class: int = 4, classes=("cat", "dog")) -> Path:
