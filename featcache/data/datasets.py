@@ -130,7 +130,8 @@ class Cifar10(Dataset):
             lo, hi = max(start, offset), min(stop, offset + len(images))
             for i in range(lo, hi, batch_size):
                 j = min(i + batch_size, hi)
-                yield np.ascontiguousarray(images[i - offset:j - offset]), labels[i - offset:j - offset]
+                a, b = i - offset, j - offset
+                yield np.ascontiguousarray(images[a:b]), labels[a:b]
             offset += len(images)
             if offset >= stop:
                 break

@@ -24,9 +24,9 @@ relative paths, labels, splits and file contents) and decoded once to find the f
 cannot be decoded: those are skipped, counted, named in a warning and in ``extra_attrs``
 (which stage one writes into the feature file), so each split's row count is known before
 anything is written. ``batches`` then streams: a tf.data pipeline decodes in parallel and
-resizes each image with :func:`featcache.data.resize.resize_images` (bilinear, antialiased) to ``image_size``,
-yielding float32 batches (not rounded to uint8), so an exported model that resizes raw
-uint8 pixels in-graph with the same function reproduces the features.
+resizes each image with :func:`featcache.data.resize.resize_images` (bilinear, antialiased)
+to ``image_size``, yielding float32 batches (not rounded to uint8), so an exported model
+that resizes raw uint8 pixels in-graph with the same function reproduces the features.
 """
 
 from __future__ import annotations
@@ -42,11 +42,18 @@ from typing import Iterator
 import numpy as np
 
 from featcache.data.base import Batch, Dataset
-from featcache.errors import ConfigError, DataError
-from featcache.data.imagefiles import (IMAGE_SUFFIXES, ImageTooLarge, decode_image,
-                                       decode_scaled, images_under, loose_files, no_images,
-                                       subdirs)
+from featcache.data.imagefiles import (
+    IMAGE_SUFFIXES,
+    ImageTooLarge,
+    decode_image,
+    decode_scaled,
+    images_under,
+    loose_files,
+    no_images,
+    subdirs,
+)
 from featcache.data.resize import FOLDER_ANTIALIAS, describe, resize_images
+from featcache.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Image-folder datasets (featcache.data.folders): layout, decoding, skipping, fingerprint, stage one.
+"""Image-folder datasets (featcache.data.folders): layout, decoding, skipping, fingerprint,
+stage one.
 
 All offline on a small generated folder: varied sizes, JPEG/PNG/BMP/GIF, gray/RGBA/palette,
 an animated GIF, images nested in sub-folders of a class, one corrupt file, ignored files.
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from image_folders import CLASSES, KINDS, make_image_folder, picture, write_image
 from PIL import Image
 
-from featcache.errors import ConfigError, DataError, StaleCacheError
 from featcache.data.folders import FolderDataset
 from featcache.data.imagefiles import decode_image
-from image_folders import CLASSES, KINDS, make_image_folder, picture, write_image
+from featcache.errors import ConfigError, DataError, StaleCacheError
 
 
 @pytest.fixture
