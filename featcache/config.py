@@ -184,9 +184,10 @@ class ExtractConfig:
              "visible")
     precision: str = setting(
         DEFAULT_PRECISION, choices=PRECISIONS, make="PRECISION", key=True,
-        help="auto = bf16 with openvino on a CPU with AVX512-BF16/AMX, else float32; bf16, "
-             "int8 (openvino; int8 = the graph quantized by NNCF, calibrated on training "
-             "images), mixed_bfloat16 / mixed_float16 (tensorflow Keras policies)")
+        help="auto = with openvino, int8 on a CPU with VNNI/AMX (float with --cut), else "
+             "bf16 on a CPU with AVX512-BF16/AMX, else float32; bf16, int8 (openvino; int8 = "
+             "the graph quantized by NNCF, calibrated on training images), mixed_bfloat16 / "
+             "mixed_float16 (tensorflow Keras policies)")
     calibration: int = setting(
         300, make="CALIBRATION", key=True, key_when=lambda c: c.precision == "int8",
         bounds=(1, 100_000),
@@ -259,7 +260,7 @@ class ExtractConfig:
             raise ConfigError(f"unknown preprocessing {pre!r}; choose one of "
                               f"{', '.join(PREPROCESS_MODES)}")
         runtime = resolve_runtime(self.runtime)
-        precision = resolve_precision(self.precision, runtime)
+        precision = resolve_precision(self.precision, runtime, cut=bool(self.cut))
         if self.xla and runtime != "tensorflow":
             raise ConfigError("--xla compiles TensorFlow's graph; it needs --runtime tensorflow")
         if self.pooling not in POOLINGS:

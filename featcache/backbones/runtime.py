@@ -9,11 +9,11 @@ what runs them. Two halves:
   ``openvino`` on a CPU and ``tensorflow`` when an NVIDIA GPU is visible
   (:func:`visible_gpus`: the devices the kernel shows, honouring ``CUDA_VISIBLE_DEVICES``);
   :func:`resolve_precision` turns ``auto`` into the measured rule of
-  :func:`auto_precision`: ``bf16`` for OpenVINO on a CPU whose ``/proc/cpuinfo`` lists
-  ``avx512_bf16`` or ``amx_bf16`` (:func:`cpu_has_bf16`; never assumed), else ``float32``.
-  ``int8`` (NNCF's post-training quantization of the converted graph,
-  :mod:`featcache.extract.quantize`) is chosen by name; :func:`cpu_has_fast_int8` tells
-  whether the CPU has the VNNI/AMX instructions that make it pay.
+  :func:`auto_precision`: ``int8`` (NNCF's post-training quantization of the converted
+  graph, :mod:`featcache.extract.quantize`) for OpenVINO on a CPU whose ``/proc/cpuinfo``
+  lists VNNI or AMX int8 instructions (:func:`cpu_has_fast_int8`), else ``bf16`` on a CPU
+  that lists ``avx512_bf16`` or ``amx_bf16`` (:func:`cpu_has_bf16`), else ``float32``;
+  flags are read, never assumed. With activations at a cut ``auto`` stays float.
 - **Running** (:func:`openvino_step`): the whole step — uint8 batch -> resize -> the
   backbone's preprocessing -> backbone -> pooling (-> mirrored copy) — as one TensorFlow
   graph (the same one the TensorFlow runtime runs), converted by ``ov.convert_model`` once
@@ -108,9 +108,21 @@ def float_precision(runtime: str) -> str:
     return OPENVINO_BF16_AUTO if runtime == "openvino" and cpu_has_bf16() else "float32"
 
 
-def auto_precision(runtime: str) -> str:
-    """What ``--precision auto`` is for ``runtime`` on this CPU (the measured rule; see
-    docs/stage-one.md): :func:`float_precision`."""
+#: What ``--precision auto`` picks for OpenVINO on a CPU with VNNI/AMX (the one place to
+#: change it): int8 measured 2.87x float32 and 1.33x bf16 there, at 0.00 / -0.31 points of the
+#: best row on all of CIFAR-10 (docs/stage-one.md, "int8").
+OPENVINO_INT8_AUTO = "int8"
+
+
+def auto_precision(runtime: str, *, cut: bool = False) -> str:
+    """What ``--precision auto`` is for ``runtime`` on this CPU, the measured rule
+    (docs/stage-one.md): for OpenVINO on a CPU with VNNI or AMX int8 instructions
+    (:func:`cpu_has_fast_int8`) ``int8``; otherwise, and with activations at a ``cut``
+    (fine-tuning from int8 activations is not measured), :func:`float_precision`. Without
+    VNNI/AMX int8 is not measured here either (published figures: 1.3-1.8x on AVX2, and a
+    slowdown on some CPUs), so it stays float."""
+    if runtime == "openvino" and not cut and cpu_has_fast_int8():
+        return OPENVINO_INT8_AUTO
     return float_precision(runtime)
 
 
@@ -133,13 +145,14 @@ def resolve_runtime(runtime: str) -> str:
     return "tensorflow" if visible_gpus() else "openvino"
 
 
-def resolve_precision(precision: str, runtime: str) -> str:
-    """``auto`` -> the default of ``runtime`` on this machine; refuse what it cannot run."""
+def resolve_precision(precision: str, runtime: str, *, cut: bool = False) -> str:
+    """``auto`` -> the default of ``runtime`` on this machine (:func:`auto_precision`; ``cut``:
+    activations at a cut are stored); refuse what it cannot run."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of "
                           f"{', '.join(PRECISIONS)}")
     if precision == "auto":
-        return auto_precision(runtime)
+        return auto_precision(runtime, cut=cut)
     if precision not in RUNTIME_PRECISIONS[runtime]:
         other = {"bf16": "mixed_bfloat16 with --runtime tensorflow, or --runtime openvino",
                  "int8": "--runtime openvino (NNCF quantizes OpenVINO's graph)",

@@ -162,3 +162,22 @@ def test_the_cli_refuses_a_bad_precision_in_one_line(capsys):
         main(["path", "--precision", "int4"])
     err = capsys.readouterr().err.strip()
     assert e.value.code != 0 and len(err.splitlines()) == 1 and "int4" in err
+
+
+@pytest.mark.parametrize("flags, want", [
+    ({"avx2", "avx512f", "avx512_vnni"}, "int8"),                 # AVX-512 VNNI
+    ({"avx2", "avx_vnni"}, "int8"),                               # AVX-VNNI
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}, "int8"),   # AMX
+    ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),                 # bf16 without VNNI
+    ({"avx2", "fma"}, "float32"),                                 # AVX2 only: not measured
+])
+def test_auto_is_the_measured_rule_read_from_the_cpu_flags(monkeypatch, flags, want):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    cfg = ExtractConfig(runtime="openvino")
+    assert cfg.resolved().precision == want
+    assert cfg.output_path.name == "cifar10_mobilenet_v2_224_ov" + \
+        {"int8": "_int8", "bf16": "_bf16", "float32": ""}[want] + "_flip.h5"
+    assert ExtractConfig(runtime="tensorflow").resolved().precision == "float32"
+    # activations at a cut (fine-tuning from int8 maps is not measured): auto stays float
+    cut = ExtractConfig(runtime="openvino", cut="block_13").resolved().precision
+    assert cut == ("bf16" if "avx512_bf16" in flags else "float32")
