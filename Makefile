@@ -35,6 +35,8 @@ FEATURES_EXTRA ?=
 HEADS      ?=
 WORKERS    ?=
 HEADS_EXTRA ?=
+# fine-tuning (featcache finetune): a time budget per fit, e.g. BUDGET=30m
+BUDGET     ?=
 
 # $(call opt,VAR,--flag): "--flag 'value'" when VAR is set (quoted for the shell, so a
 # value may hold spaces: DATASET="My Pictures"); $(call yesno,VAR,--flag): --flag for
@@ -52,7 +54,10 @@ FEATURE_ARGS = $(call opt,DATASET,--dataset) $(call opt,DATA_DIR,--data-dir) \
   $(call opt,LIMIT,--limit) $(call opt,VARIANT,--variant) $(call opt,CUT,--cut) \
   $(call opt,OUT_DIR,--out-dir)
 # DATA_DIR too: mistakes.png in the report draws CIFAR-10's images from there
-HEADS_ARGS = $(call opt,HEADS,--heads) $(call opt,WORKERS,--workers) $(call opt,DATA_DIR,--data-dir)
+HEADS_ARGS = $(call opt,HEADS,--heads) $(call opt,WORKERS,--workers) $(call opt,DATA_DIR,--data-dir) \
+  $(call opt,BUDGET,--budget)
+# make finetune: HEADS are the frozen heads beside finetune; it runs in one process itself
+FINETUNE_ARGS = $(call opt,HEADS,--heads) $(call opt,BUDGET,--budget) $(call opt,DATA_DIR,--data-dir)
 
 # The feature file is a real target: its name comes from the settings (no TensorFlow needed).
 FEATURE_FILE := $(shell PYTHONPATH=. $(PYTHON) -m featcache path -q $(FEATURE_ARGS) 2>/dev/null)
@@ -65,13 +70,29 @@ REPORT_DIR   := $(basename $(FEATURE_FILE))
 # The folder feature files go to (OUT_DIR, or featcache's default); empty if settings are invalid.
 FEATURES_DIR := $(if $(filter .featcache-invalid-settings,$(FEATURE_FILE)),,$(patsubst %/,%,$(dir $(FEATURE_FILE))))
 
+# make finetune's feature file: these settings with CUT, else the backbone's recommended cut
+# (`featcache cuts BACKBONE` names it; --cut recommended resolves it).
+FINETUNE_FEATURE_ARGS = $(FEATURE_ARGS) $(if $(strip $(CUT)),,--cut recommended)
+FINETUNE_FILE := $(shell PYTHONPATH=. $(PYTHON) -m featcache path -q $(FINETUNE_FEATURE_ARGS) 2>/dev/null)
+ifeq ($(strip $(FINETUNE_FILE)),)
+FINETUNE_FILE := .featcache-invalid-finetune-settings
+.PHONY: .featcache-invalid-finetune-settings
+endif
+FINETUNE_DIR := $(basename $(FINETUNE_FILE))
+# Its stamps lie beside the report folder (hidden; the report folder is swapped whole, and
+# what is hidden in it stays behind): the finetune settings, and "make finetune ran".
+FINETUNE_STAMP := $(dir $(FINETUNE_FILE)).$(notdir $(FINETUNE_DIR)).make-finetune
+# make export: the best row of make finetune's report when it ran after make heads' (or in
+# the same make), else of make heads' report.
+EXPORT_FINETUNED := $(or $(filter finetune,$(MAKECMDGOALS)),$(shell test -f $(call quote,$(FINETUNE_STAMP)-done) && { test ! -f $(call quote,$(REPORT_DIR)/results.json) || test $(call quote,$(FINETUNE_STAMP)-done) -nt $(call quote,$(REPORT_DIR)/results.json); } && echo y))
+
 # KERAS_HOME goes to featcache when it is set; unset, it must stay unset (an empty one makes
 # Keras write keras.json and download weights into the current folder)
 ifneq ($(strip $(KERAS_HOME)),)
 export KERAS_HOME
 endif
 
-.PHONY: FORCE help install install-dev settings args path features heads curve export test test-fast lint bench bench-quick clean distclean clean-features
+.PHONY: FORCE help install install-dev settings args path features heads finetune curve export test test-fast lint bench bench-quick clean distclean clean-features
 
 help: ## this list
 	@echo "featcache — run a pretrained backbone once, cache features, compare heads"
@@ -82,7 +103,7 @@ help: ## this list
 	@echo "  DATASET=$(DATASET) DATA_DIR=$(DATA_DIR) BACKBONE=$(BACKBONE) SIZE=$(SIZE) BATCH=$(BATCH)"
 	@echo "  WEIGHTS=$(WEIGHTS) PREPROCESS=$(PREPROCESS) POOLING=$(POOLING) RUNTIME=$(RUNTIME)"
 	@echo "  PRECISION=$(PRECISION) DTYPE=$(DTYPE) FLIP=$(FLIP) LIMIT=$(LIMIT) VARIANT=$(VARIANT) CUT=$(CUT) OUT_DIR=$(OUT_DIR)"
-	@echo "  HEADS=$(HEADS) WORKERS=$(WORKERS)  KERAS_HOME=$(KERAS_HOME)"
+	@echo "  HEADS=$(HEADS) WORKERS=$(WORKERS) BUDGET=$(BUDGET)  KERAS_HOME=$(KERAS_HOME)"
 	@echo "  -> $(FEATURE_FILE)"
 
 settings: ## the settings table: every flag, its default, cache key and make variable
@@ -137,16 +158,32 @@ heads: $(REPORT_DIR)/results.json ## stage two: train and compare heads, write t
 HEADS_SETTINGS := $(REPORT_DIR)/.make-heads-settings
 # (WORKERS is not a setting of the results: any count gives the same report.)
 $(HEADS_SETTINGS): FORCE
-	@mkdir -p $(@D); echo '$(HEADS) $(HEADS_EXTRA)' | cmp -s - $@ || echo '$(HEADS) $(HEADS_EXTRA)' > $@
+	@mkdir -p $(@D); echo '$(HEADS) $(HEADS_EXTRA)$(if $(BUDGET), budget=$(BUDGET))' | cmp -s - $@ || echo '$(HEADS) $(HEADS_EXTRA)$(if $(BUDGET), budget=$(BUDGET))' > $@
 
 $(REPORT_DIR)/results.json: $(FEATURE_FILE) $(HEADS_SETTINGS) | $(STAMP)
 	$(FEATCACHE) heads $(FEATURE_FILE) $(HEADS_ARGS) $(HEADS_EXTRA)
 
+finetune: $(FINETUNE_STAMP)-done ## fine-tune the top blocks at the recommended cut (or CUT=) beside the frozen heads; BUDGET=30m
+
+# (CUT given: the same file as `make features`, whose rule makes it)
+ifneq ($(FINETUNE_FILE),$(FEATURE_FILE))
+$(FINETUNE_FILE): $(DATASET_LISTING) | $(STAMP)
+	$(FEATCACHE) features $(FINETUNE_FEATURE_ARGS) $(FEATURES_EXTRA)
+	@test ! -f '$@' || touch '$@'
+endif
+
+$(FINETUNE_STAMP)-settings: FORCE
+	@mkdir -p $(@D); echo '$(HEADS) $(BUDGET) $(HEADS_EXTRA)' | cmp -s - $@ || echo '$(HEADS) $(BUDGET) $(HEADS_EXTRA)' > $@
+
+$(FINETUNE_STAMP)-done: $(FINETUNE_FILE) $(FINETUNE_STAMP)-settings | $(STAMP)
+	$(FEATCACHE) finetune $(FINETUNE_FILE) $(FINETUNE_ARGS) $(HEADS_EXTRA)
+	@touch '$@'
+
 curve: $(FEATURE_FILE) | $(STAMP) ## label-efficiency curve: accuracy vs labelled examples per class
 	$(FEATCACHE) curve $(FEATURE_FILE) $(call opt,HEADS,--heads)
 
-export: $(REPORT_DIR)/results.json | $(STAMP) ## one model: raw images -> classes (best head; FORMAT=keras|savedmodel|tflite)
-	$(FEATCACHE) export $(FEATURE_FILE) $(if $(HEAD),--head $(HEAD)) $(if $(FORMAT),--format $(FORMAT))
+export: $(if $(EXPORT_FINETUNED),$(if $(filter finetune,$(MAKECMDGOALS)),$(FINETUNE_STAMP)-done),$(REPORT_DIR)/results.json) | $(STAMP) ## one model: raw images -> classes (best head of make heads', or of a later make finetune's report; FORMAT=keras|savedmodel|tflite)
+	$(FEATCACHE) export $(if $(EXPORT_FINETUNED),$(FINETUNE_FILE),$(FEATURE_FILE)) $(if $(HEAD),--head $(HEAD)) $(if $(FORMAT),--format $(FORMAT))
 
 # test: one pytest worker per core (pytest-xdist), each test file on one worker (module
 # fixtures run once); TEST_WORKERS=0 runs the suite in one process.
@@ -172,7 +209,7 @@ clean: ## remove caches and build leftovers (keeps features/ and .venv)
 
 clean-features: ## delete every cached feature file and report in the features folder (hours of work!)
 	@test -n '$(FEATURES_DIR)' || { echo "make: the settings are invalid, so the features folder is unknown" >&2; exit 2; }
-	rm -rf $(FEATURES_DIR)/*.h5 $(FEATURES_DIR)/*.h5.partial $(FEATURES_DIR)/*.lock $(filter-out $(FEATURES_DIR)/README.md,$(wildcard $(FEATURES_DIR)/*/))
+	rm -rf $(FEATURES_DIR)/*.h5 $(FEATURES_DIR)/*.h5.partial $(FEATURES_DIR)/*.lock $(FEATURES_DIR)/.*.make-finetune-* $(filter-out $(FEATURES_DIR)/README.md,$(wildcard $(FEATURES_DIR)/*/))
 
 distclean: clean ## also remove .venv
 	rm -rf $(VENV)

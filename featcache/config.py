@@ -31,7 +31,9 @@ from featcache.backbones.registry import (
     BACKBONES,
     POOLINGS,
     PREPROCESS_MODES,
+    RECOMMENDED,
     get_backbone,
+    recommended_cut,
     weights_tag,
 )
 from featcache.backbones.runtime import (
@@ -225,7 +227,8 @@ class ExtractConfig:
     cut: str | None = setting(
         None, make="CUT", key=True, key_if_set=True, metavar="BLOCK",
         help="also store float16 activations after this block (and mirrored), for the "
-             "finetune head (`featcache cuts BACKBONE` lists the blocks)")
+             "finetune head (`featcache cuts BACKBONE` lists the blocks; `recommended`: the "
+             "backbone's recommended cut, which `make finetune` uses)")
     out_dir: str = setting("features", make="OUT_DIR", help="where feature files go")
     variant: str | None = setting(
         None, make="VARIANT", help="file name suffix (default: derived from the non-default "
@@ -274,9 +277,11 @@ class ExtractConfig:
                               f"{self.engine!r}")
         if self.shards < 1:
             raise ConfigError(f"--shards must be at least 1, not {self.shards}")
-        check_cut_name(self.cut, self.backbone, self.shard)
+        cut = recommended_cut(self.backbone) if self.cut == RECOMMENDED else self.cut
+        check_cut_name(cut, self.backbone, self.shard)
         values = {**{f.name: getattr(self, f.name) for f in fields(self)},
-                  "size": size, "preprocess": pre, "runtime": runtime, "precision": precision}
+                  "size": size, "preprocess": pre, "runtime": runtime, "precision": precision,
+                  "cut": cut}
         return ResolvedExtractConfig(**values)
 
     @property
@@ -408,12 +413,45 @@ def parse_heads(text) -> tuple[str, ...]:
 
 FLIP_MODES = ("auto", "off", "train", "tta", "both")
 
+#: the longest time budget (``--budget``) taken: a week, in seconds
+MAX_BUDGET_S = 7 * 24 * 3600
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text) -> float | None:
+    """``"90s"``, ``"30m"``, ``"1h"``, ``"1h30m"`` (or a number of seconds) -> seconds;
+    ``None``/empty -> ``None`` (no budget). Anything else is a one-line error with an
+    example; the range is the setting's ``bounds``."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    t = str(text).strip().lower().replace(" ", "")
+    m = _DURATION_RE.match(t)
+    if re.fullmatch(r"\d+(?:\.\d+)?", t):
+        return float(t)
+    if not t or m is None or not any(m.groups()):
+        raise ConfigError(f"--budget takes a duration such as 30m, 90s, 1h or 1h30m (BUDGET=30m "
+                          f"for make), not {text!r}")
+    h, mins, sec = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mins * 60 + sec
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as ``1h30m``, ``30m``, ``1m30s``, ``90s``-style text (the report's budget)."""
+    total = int(round(float(seconds)))
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v) or "0s"
+
 
 @dataclass(frozen=True)
 class HeadsConfig:
     """Stage two's settings: the settings table's second half (:mod:`featcache._util.settings`)."""
 
     def __post_init__(self):
+        if isinstance(self.budget, str):          # the notebook's budget="30m"
+            object.__setattr__(self, "budget", parse_duration(self.budget))
         settings.check_bounds(self, ConfigError)   # every numeric setting, wherever set
 
     feature_file: str = setting(positional=True, help="a complete feature file (.h5)")
@@ -452,6 +490,13 @@ class HeadsConfig:
         help="worker processes, one thread each (default: the cores available to this "
              "process; 0: everything in this process, one row after another); any count "
              "gives the same results")
+    budget: float | None = setting(
+        None, type=str, parse=parse_duration, make="BUDGET", metavar="DURATION",
+        bounds=(1, MAX_BUDGET_S),
+        help="time budget of each fit of a head that takes one (finetune): 90s, 30m, 1h, "
+             "1h30m; its phase-2 epochs are planned from the first steps' throughput so "
+             "the fit, learning-rate schedule and all, ends within it (default: none, the "
+             "head's own epochs)")
     search: str = setting(
         "fast", choices=SEARCH_MODES,
         help="fast: stop a C path once validation accuracy falls, keep the early-stopped "

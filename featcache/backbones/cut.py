@@ -221,8 +221,10 @@ def describe_cuts(backbone: str, size: int, *, images: int = CIFAR10_IMAGES,
     return rows
 
 
-def format_cuts(backbone: str, size: int, rows: list[CutInfo], *, flip: bool = True) -> str:
-    """A markdown table of :func:`describe_cuts`'s rows."""
+def format_cuts(backbone: str, size: int, rows: list[CutInfo], *, flip: bool = True,
+                recommended: str | None = None) -> str:
+    """A markdown table of :func:`describe_cuts`'s rows, and a last line naming the
+    ``recommended`` cut (the registry's ``BackboneSpec.cut``) when there is one."""
     lines = [f"Cut points of {backbone} at {size} px (cache: CIFAR-10's {CIFAR10_IMAGES:,} "
              f"images{', x2 with mirrors' if flip else ''}, float16; FLOPs per image, forward, "
              f"2 per multiply-add)", "",
@@ -233,4 +235,7 @@ def format_cuts(backbone: str, size: int, rows: list[CutInfo], *, flip: bool = T
         lines.append(f"| {r.name} | {r.layer} | {'x'.join(map(str, r.shape))} | "
                      f"{r.cache_bytes / 2**30:.2f} GiB | {r.flops_above / 1e6:.1f} | "
                      f"{100 * r.flops_above / max(1, r.flops_total):.1f}% | {r.units_above} |")
+    if recommended:
+        lines += ["", f"recommended: {recommended} (`--cut recommended`, what `make finetune` "
+                      f"extracts)"]
     return "\n".join(lines)

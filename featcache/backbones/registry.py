@@ -104,6 +104,9 @@ class BackboneSpec:
     keras_module: str = ""  # keras.applications.<module>.preprocess_input (tests compare)
     weights_file: str = ""  # the Keras cache file name of its ImageNet no-top weights
     family: str = ""
+    #: the cut ``make finetune`` (``--cut recommended``) uses: a name ``featcache cuts`` lists,
+    #: or None where no cut is sensible (see :data:`RECOMMENDED_CUT_RULE`)
+    cut: str | None = None
 
     @property
     def offline_weights(self) -> Path | None:
@@ -115,19 +118,42 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {}
 
+#: How each backbone's recommended cut (``BackboneSpec.cut``) was chosen: the first cut at
+#: the backbone's last feature-map resolution, i.e. right after the block that downsamples
+#: to it. That is MobileNetV2's ``block_13``, the best cut measured so far
+#: (docs/fine-tuning.md); for the others it is the same rule, not a measurement.
+RECOMMENDED_CUT_RULE = ("the first cut at the last feature-map resolution (after the block "
+                        "that downsamples to it): the smallest cache with the most blocks "
+                        "above it")
+
 
 def register_backbone(name: str, *, preprocess: str, dim: int, default_size: int = 224,
                       min_size: int = 32, keras_module: str = "", weights_file: str = "",
-                      family: str = ""):
-    """Decorator: register ``fn(**kwargs) -> keras.Model`` under ``name``."""
+                      family: str = "", cut: str | None = None):
+    """Decorator: register ``fn(**kwargs) -> keras.Model`` under ``name``; ``cut``: its
+    recommended cut (:data:`RECOMMENDED_CUT_RULE`), None where it has no sensible one."""
     if preprocess not in PREPROCESS_MODES:
         raise ValueError(f"{name}: unknown preprocess {preprocess!r}")
 
     def deco(fn):
         BACKBONES[name] = BackboneSpec(name, fn, preprocess, dim, default_size, min_size,
-                                       keras_module, weights_file, family or name)
+                                       keras_module, weights_file, family or name, cut)
         return fn
     return deco
+
+
+#: the ``--cut`` value that means "this backbone's recommended cut" (``make finetune``)
+RECOMMENDED = "recommended"
+
+
+def recommended_cut(backbone: str) -> str:
+    """``backbone``'s recommended cut (``--cut recommended``), or a one-line error."""
+    spec = get_backbone(backbone)
+    if spec.cut is None:
+        with_cut = ", ".join(n for n, s in sorted(BACKBONES.items()) if s.cut)
+        raise ConfigError(f"{backbone} has no recommended cut (featcache knows no sensible "
+                          f"cut point of it); fine-tune one of: {with_cut}")
+    return spec.cut
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
@@ -150,19 +176,22 @@ def _apps():
 
 
 @register_backbone("resnet50", preprocess="caffe", dim=2048, keras_module="resnet50",
-                   weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+                   weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   cut="conv5_block1")
 def _resnet50(**kw):
     return _apps().ResNet50(**kw)
 
 
 @register_backbone("resnet50v2", preprocess="tf", dim=2048, keras_module="resnet_v2",
-                   weights_file="resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5")
+                   weights_file="resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   cut="conv4_block6")
 def _resnet50v2(**kw):
     return _apps().ResNet50V2(**kw)
 
 
 @register_backbone("vgg16", preprocess="caffe", dim=512, keras_module="vgg16",
-                   weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+                   weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   cut="block4")
 def _vgg16(**kw):
     return _apps().VGG16(**kw)
 
@@ -180,7 +209,8 @@ def _mobilenet_025(**kw):
 
 
 @register_backbone("mobilenet_v2", preprocess="tf", dim=1280, keras_module="mobilenet_v2",
-                   weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
+                   weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+                   cut="block_13")
 def _mobilenet_v2(**kw):
     return _apps().MobileNetV2(alpha=1.0, **kw)
 
@@ -200,7 +230,8 @@ def _mobilenet_v3_large(**kw):
 def _efficientnet(variant: str, dim: int, size: int):
     @register_backbone(f"efficientnet_{variant}", preprocess="none", dim=dim,
                        default_size=size, keras_module="efficientnet",
-                       weights_file=f"efficientnet{variant}_notop.h5", family="efficientnet")
+                       weights_file=f"efficientnet{variant}_notop.h5", family="efficientnet",
+                       cut="block6a")
     def build(**kw):
         return getattr(_apps(), f"EfficientNet{variant.upper()}")(**kw)
     return build
@@ -212,14 +243,16 @@ for _v, _d, _s in (("b0", 1280, 224), ("b1", 1280, 240), ("b2", 1408, 260), ("b3
 
 @register_backbone("efficientnetv2_b0", preprocess="none", dim=1280,
                    keras_module="efficientnet_v2", weights_file="efficientnetv2-b0_notop.h5",
-                   family="efficientnetv2")
+                   family="efficientnetv2",
+                   cut="block6a")
 def _efficientnetv2_b0(**kw):
     return _apps().EfficientNetV2B0(**kw)
 
 
 @register_backbone("efficientnetv2_s", preprocess="none", dim=1280, default_size=384,
                    keras_module="efficientnet_v2", weights_file="efficientnetv2-s_notop.h5",
-                   family="efficientnetv2")
+                   family="efficientnetv2",
+                   cut="block6a")
 def _efficientnetv2_s(**kw):
     return _apps().EfficientNetV2S(**kw)
 
@@ -231,7 +264,8 @@ def _convnext_tiny(**kw):
 
 
 @register_backbone("densenet121", preprocess="torch", dim=1024, keras_module="densenet",
-                   weights_file="densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5")
+                   weights_file="densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   cut="conv5_block1")
 def _densenet121(**kw):
     return _apps().DenseNet121(**kw)
 

@@ -1,5 +1,6 @@
 """The stage commands: ``features``, ``path``, ``info``, ``settings``, ``backbones``, ``cuts``,
-``heads``, ``curve``. Registered with :mod:`featcache.cli.main` when it builds its parser.
+``heads``, ``finetune``, ``curve``. Registered with :mod:`featcache.cli.main` when it builds its
+parser.
 
 Their options come from the settings table (:func:`featcache._util.settings.add_options` over
 :class:`~featcache.config.ExtractConfig` and :class:`~featcache.config.HeadsConfig`), and the
@@ -150,7 +151,7 @@ def cmd_cuts(args) -> int:
 
     spec = get_backbone(args.backbone)
     size = spec.default_size if args.size is None else check_size(args.size, spec.name)
-    print(format_cuts(spec.name, size, describe_cuts(spec.name, size)))
+    print(format_cuts(spec.name, size, describe_cuts(spec.name, size), recommended=spec.cut))
     return 0
 
 
@@ -161,7 +162,8 @@ def _heads_options(p: argparse.ArgumentParser, *, curve: bool = False) -> None:
     from featcache.config import HeadsConfig
 
     # (the curve draws no images: no --data-dir)
-    add_options(p, HeadsConfig, exclude=("flip", "workers", "data_dir") if curve else ())
+    add_options(p, HeadsConfig,
+                exclude=("flip", "workers", "data_dir", "budget") if curve else ())
     p.add_argument("--wait", action="store_true",
                    help="wait for another run writing the same report instead of refusing")
     if curve:
@@ -229,18 +231,27 @@ def cmd_heads(args) -> int:
     cfg = _heads_config(args)
     resolve_heads(cfg.heads)  # unknown names fail before anything is read
     from featcache.compare.comparison import compare_heads
-    from featcache.compare.report import format_table
 
     t0 = time.perf_counter()
     # compare_heads locks the report folder (<report dir>.lock): a second run on the same
     # report refuses in one line naming the holder's pid, or with --wait queues behind it
     results = compare_heads(cfg, progress=None if args.quiet else ProgressBar(),
                             wait=args.wait)
+    return _print_comparison(results, cfg, args, t0)
+
+
+def _print_comparison(results, cfg, args, t0: float) -> int:
+    """What ``heads`` and ``finetune`` print: the table, the significant pairs, the time
+    budgets' notes and the best row (or, with ``--json``, the summary)."""
+    from featcache.compare.report import format_budgets, format_table
+
     if args.json:
         _json(heads_summary(results, cfg.report_dir))
         return 0
     print(format_table(results))
     print()
+    if format_budgets(results):
+        print(format_budgets(results))
     sig = [p for p in results["mcnemar"] if p["significant"]]
     print(f"significant differences (exact McNemar, Holm, p<0.05): {len(sig)} of "
           f"{len(results['mcnemar'])} pairs; see report.md")
@@ -249,6 +260,57 @@ def cmd_heads(args) -> int:
           f"{time.perf_counter() - t0:.1f} s; report: {cfg.report_dir}/report.md, "
           f"plots: {plots}")
     return 0
+
+
+def _finetune_options(p: argparse.ArgumentParser) -> None:
+    from featcache._util.settings import add_options
+    from featcache.config import HeadsConfig
+
+    # no --workers: the finetune head runs in this process on every core (HeadSpec.in_process)
+    add_options(p, HeadsConfig, exclude=("workers",))
+    p.add_argument("--wait", action="store_true",
+                   help="wait for another run writing the same report instead of refusing")
+    p.add_argument("--json", action="store_true",
+                   help="print the results summary as JSON on stdout")
+
+
+def no_cut_error(feature_file, backbone: str | None):
+    """The one-line error for ``featcache finetune`` on a file made without ``--cut``."""
+    from featcache.backbones.registry import BACKBONES
+    from featcache.errors import ConfigError
+
+    spec = BACKBONES.get(str(backbone))
+    cut = spec.cut if spec is not None and spec.cut else "recommended"
+    return ConfigError(f"{feature_file} was made without --cut (no activations to fine-tune "
+                       f"on): run `make finetune`, or `featcache features --cut {cut}` with "
+                       f"the same settings and `featcache finetune` on the file it names")
+
+
+@command("finetune", help="stage two with fine-tuning: the default frozen heads and the "
+                          "finetune head (the backbone's blocks above the file's cut) on a "
+                          "file made with --cut, in one comparison and report")
+@options(_finetune_options)
+def cmd_finetune(args) -> int:
+    from dataclasses import replace
+
+    from featcache.cache.reader import read_attrs
+    from featcache.heads import default_heads, resolve_heads
+
+    cfg = _heads_config(args)
+    attrs = read_attrs(cfg.feature_file)
+    if not attrs.get("cut"):
+        raise no_cut_error(cfg.feature_file, attrs.get("backbone"))
+    # the frozen rows train on the same file's pooled features (the uncut file's, bit for
+    # bit), so one comparison has them all: one table, intervals, McNemar
+    frozen = [h for h in (cfg.heads or default_heads()) if h != "finetune"]
+    cfg = replace(cfg, heads=(*frozen, "finetune"))
+    resolve_heads(cfg.heads)
+    from featcache.compare.comparison import compare_heads
+
+    t0 = time.perf_counter()
+    results = compare_heads(cfg, progress=None if args.quiet else ProgressBar(),
+                            wait=args.wait)
+    return _print_comparison(results, cfg, args, t0)
 
 
 @command("curve", help="label-efficiency curve: test accuracy vs labelled examples per class")

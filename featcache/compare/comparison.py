@@ -169,6 +169,14 @@ def _run(cfg: HeadsConfig, staging: Path | None, progress):
         raise ConfigError(f"--search must be one of {', '.join(SEARCH_MODES)}, not "
                           f"{cfg.search!r}")
     n_workers = cfg.n_workers
+    own_cores = [n for n in names if HEADS[n].in_process]
+    if own_cores and cfg.workers is None:   # such a head wants every core itself
+        log.info("%s runs its own threads on every core: the comparison runs in this "
+                 "process (--workers N overrides)", ", ".join(own_cores))
+        n_workers = 0
+    if cfg.budget is not None and not any(HEADS[n].budget for n in names):
+        log.warning("--budget %.0f s: none of %s takes a time budget; it is ignored",
+                    cfg.budget, ", ".join(names))
     fs = load_data(cfg)
     identity = file_identity(fs)   # what the saved heads record of the file they fit
     extra = flip_rows(cfg.flip, fs.has_flip)
@@ -201,7 +209,7 @@ def _run(cfg: HeadsConfig, staging: Path | None, progress):
                      out_dir=str(staging.resolve()) if staging is not None else None,
                      search=cfg.search, in_worker=n_workers > 0,
                      log_level=logging.getLogger("featcache").getEffectiveLevel(),
-                     user_heads=user_heads, fitted_on=identity)
+                     user_heads=user_heads, fitted_on=identity, budget_s=cfg.budget)
         costs = [sum(job_cost(r, data) for r in job.rows) for job in jobs]
         state = {"rows": 0, "cost": 0.0, "eta": float("inf"), "at": time.monotonic()}
         start = time.monotonic()

@@ -33,6 +33,7 @@ class Job:
     log_level: int
     user_heads: tuple[str, ...] = ()             # module:attr entries a worker imports
     fitted_on: dict | None = None                # the feature file's identity, saved heads carry
+    budget_s: float | None = None                # --budget: seconds per fit of a budget head
 
 
 def make_jobs(rows, **ctx) -> list[Job]:
@@ -66,7 +67,7 @@ def run_job(job: Job, data: SplitData) -> list[tuple[dict, np.ndarray, np.ndarra
         row, pred, proba, _ = run_row(
             name, data, train_flip=train_flip, tta=tta, seed=job.seed, n_classes=job.n_classes,
             search=job.search, report_dir=Path(job.out_dir) if job.out_dir else None,
-            fitted_on=job.fitted_on)
+            fitted_on=job.fitted_on, budget_s=job.budget_s)
         row["worker_pid"] = os.getpid()
         out.append((row, pred, proba))
     return out

@@ -143,8 +143,14 @@ class Selection:
     note: str = ""
 
 
+def budget_params(spec, budget_s: float | None) -> dict:
+    """``{"budget_s": budget_s}`` for a head that takes a time budget (``HeadSpec.budget``)
+    when one is given (``--budget``), else nothing."""
+    return {"budget_s": float(budget_s)} if spec.budget and budget_s is not None else {}
+
+
 def select(spec, data: SplitData, *, train_flip: bool, tta: bool, seed: int, label: str,
-           search: str = "exhaustive") -> Selection:
+           search: str = "exhaustive", budget_s: float | None = None) -> Selection:
     """Score the head's grid on the plan's splits (:meth:`featcache.heads.Head.score_grid`
     per split, pooled), extending a path past its edge while that improves
     (:func:`featcache.compare.selection.extension`).
@@ -159,7 +165,7 @@ def select(spec, data: SplitData, *, train_flip: bool, tta: bool, seed: int, lab
     splits = splits_for(data.splits, data.plan.folds, spec.cost)
     kfold = len(splits) > 1
     fast = search == "fast" and not kfold
-    over = spec.fast_select if fast else {}
+    over = {**(spec.fast_select if fast else {}), **budget_params(spec, budget_s)}
     grid = [dict(g) for g in (spec.grid or ({},))]
 
     def score(points):
@@ -219,13 +225,15 @@ def row_label(name: str, train_flip: bool, tta: bool) -> str:
 
 def run_row(name: str, data: SplitData, *, train_flip: bool, tta: bool, seed: int,
             n_classes: int, report_dir=None, search: str = "exhaustive",
-            fitted_on: dict | None = None
+            fitted_on: dict | None = None, budget_s: float | None = None
             ) -> tuple[dict, np.ndarray, np.ndarray | None, object]:
     """Select (:func:`select`), refit on all training rows (``search="exhaustive"``, and
     always under k-fold; under ``"fast"`` on the single split the model selected on the fit
     rows is the final one), test once. Returns (row, test predictions, test probabilities
     or None, head). ``fitted_on``: the feature file's identity
-    (:func:`featcache.cache.reader.file_identity`), recorded on the head it saves."""
+    (:func:`featcache.cache.reader.file_identity`), recorded on the head it saves.
+    ``budget_s``: the time budget of each fit of a head that takes one; what it bought
+    (the head's ``budget_``) is the row's ``budget``."""
     if name not in HEADS:      # a worker process that was not told how to import it
         raise ConfigError(f"head {name!r} is not registered in this process; register it "
                           f"in an importable module and pass --heads module:{name}, or run "
@@ -235,16 +243,18 @@ def run_row(name: str, data: SplitData, *, train_flip: bool, tta: bool, seed: in
     label = row_label(name, train_flip, tta)
     t0 = time.perf_counter()
     sel = select(spec, data, train_flip=train_flip, tta=tta, seed=seed, label=label,
-                 search=search)
+                 search=search, budget_s=budget_s)
+    budget = budget_params(spec, budget_s)
     params = sel.params
     select_s = time.perf_counter() - t0
     t = time.perf_counter()
     refit = search != "fast" or sel.est is None
     Xf_train = data.Xf if train_flip else None
     if sel.est is None:        # k-fold: no single fitted model to start from
-        head = as_head(spec.make(random_state=seed, **params)).fit(data.X, data.y, Xf_train)
+        head = as_head(spec.make(random_state=seed, **params, **budget)).fit(
+            data.X, data.y, Xf_train)
     elif refit:                # from the best validation solution (fit rows) where it can
-        head = as_head(spec.make(random_state=seed, **params)).refit_from(
+        head = as_head(spec.make(random_state=seed, **params, **budget)).refit_from(
             sel.est, data.X, data.y, Xf_train)
     else:                      # the model selected on the fit rows is the final one
         head = sel.est.set_grid_point(params)
@@ -274,6 +284,9 @@ def run_row(name: str, data: SplitData, *, train_flip: bool, tta: bool, seed: in
         "n_train": (len(data.y) if refit else data.n_fit) * (2 if train_flip else 1),
         "n_test": len(y),
     }
+    if getattr(head, "budget_", None) is not None:   # what a time budget bought
+        row["budget"] = {k: float(v) if isinstance(v, (int, float, np.number))
+                         and not isinstance(v, bool) else v for k, v in head.budget_.items()}
     if report_dir is not None:
         if fitted_on is not None:
             record_fitted_on(head, fitted_on)

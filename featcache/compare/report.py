@@ -80,6 +80,28 @@ def format_notes(results: dict) -> str:
                      if r.get("search_note"))
 
 
+def format_budgets(results: dict) -> str:
+    """One line per row fitted under a time budget (:func:`budget_note`); empty: none."""
+    return "\n".join(f"- {r['name']}: {budget_note(r['budget'])}" for r in results["rows"]
+                     if r.get("budget"))
+
+
+def budget_note(b: dict) -> str:
+    """What a row's time budget bought (``featcache finetune --budget``), as one line."""
+    from featcache.config import format_duration
+
+    parts = [f"time budget {format_duration(b['budget_s'])} per fit"]
+    if b.get("epochs_planned") is not None:
+        parts.append(f"{int(b['epochs_planned'])} phase-2 epochs planned "
+                     f"({int(b['steps_per_epoch'])} steps each) at "
+                     f"{b['rows_per_s']:.0f} training rows/s measured on the first steps")
+    elif b.get("note"):
+        parts.append(b["note"])
+    if b.get("epochs_run") is not None:
+        parts.append(f"{int(b['epochs_run'])} run, fit {b['fit_s']:.0f} s")
+    return "; ".join(parts)
+
+
 def format_mcnemar(results: dict) -> str:
     pairs = results.get("mcnemar", [])
     if not pairs:
@@ -133,6 +155,8 @@ def report_markdown(results: dict) -> str:
         f"{_split_counts(results)}, {rows[0]['n_test']} test rows. Intervals: Wilson 95%.",
         "", format_table(results), "",
         *(["Grid search notes:", "", format_notes(results), ""] if format_notes(results)
+          else []),
+        *(["Time budget:", "", format_budgets(results), ""] if format_budgets(results)
           else []),
         f"Best row: **{results['best_row']}** — {results['protocol']['best']}; it is "
         f"the one marked in the table, the CLI's summary and `featcache export`'s default. "

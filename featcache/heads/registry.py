@@ -32,6 +32,9 @@ class HeadSpec:
     fast_select: dict = field(default_factory=dict)  # --search fast: params while selecting
     file_rows: Callable | None = None   # reads the file itself: data -> its own (finetune)
     mirror_rows_only: bool = False      # with mirrors in the file: only its +flip row
+    budget: bool = False           # takes budget_s, the time budget of one fit (--budget)
+    in_process: bool = False       # wants every core: unless --workers is given, a
+    #                                comparison with it runs in this process (workers 0)
 
     def make(self, random_state: int = 0, **params) -> BaseEstimator:
         return self.factory(random_state=random_state, **{**self.fixed, **params})
@@ -52,7 +55,8 @@ HEADS: dict[str, HeadSpec] = {}
 def register_head(name: str, *, default: bool = True, grid=(), summary: str = "",
                   keras: bool = True, cost: float = 1.0, tensorflow: bool = False,
                   fast_select: dict | None = None, file_rows: Callable | None = None,
-                  mirror_rows_only: bool = False, **fixed):
+                  mirror_rows_only: bool = False, budget: bool = False,
+                  in_process: bool = False, **fixed):
     """Register ``factory(random_state=..., **params) -> estimator`` under ``name``.
 
     The estimator is a :class:`Head` or any scikit-learn classifier (stage two wraps a
@@ -67,12 +71,16 @@ def register_head(name: str, *, default: bool = True, grid=(), summary: str = ""
     refits the chosen point on all training rows with the head's own parameters.
     ``file_rows(data)``: the head reads the feature file itself and takes the comparison's
     data through this function (``finetune``: :class:`featcache.heads.finetune.data.ActRows`);
-    ``mirror_rows_only``: only its ``+flip`` row when the file has mirrors."""
+    ``mirror_rows_only``: only its ``+flip`` row when the file has mirrors; ``budget``: its
+    factory takes ``budget_s`` (``--budget``, the seconds one fit may take); ``in_process``:
+    it runs its own threads on every core, so a comparison with it runs everything in the
+    calling process unless ``--workers`` says otherwise."""
     def deco(factory):
         doc = summary or ((factory.__doc__ or "").strip().splitlines() or [""])[0]
         HEADS[name] = HeadSpec(name, factory, default, tuple(dict(g) for g in grid), doc,
                                keras, dict(fixed), float(cost), bool(tensorflow),
-                               dict(fast_select or {}), file_rows, bool(mirror_rows_only))
+                               dict(fast_select or {}), file_rows, bool(mirror_rows_only),
+                               bool(budget), bool(in_process))
         return factory
     return deco
 

@@ -22,11 +22,21 @@ epoch; ``shift`` (off by default) also translates each activation map at random 
 to that many cells (:func:`featcache.heads.finetune.data.shift_maps`). ``time_budget_s`` stops
 before an epoch that would not finish in time. Memory: the model, the optimizer state and
 a few row blocks — flat in the number of rows.
+
+``budget_s`` (``featcache finetune --budget``) replaces ``epochs`` and ``time_budget_s`` by a
+plan (:mod:`featcache.heads.finetune.budget`): phase 1 stops before an epoch that would end
+past ``PHASE1_SHARE`` of the budget; phase 2 times its first steps, plans how many epochs fit
+into what is left (:func:`~featcache.heads.finetune.budget.plan_epochs`, validation passes
+included) and stretches the cosine over exactly those epochs; no step starts that would end
+past the budget. ``budget_`` records what the budget bought (the comparison's row shows it).
+With ``decay_epochs`` given (a refit of a chosen schedule) nothing is planned, the budget
+only stops the fit.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -36,12 +46,19 @@ import numpy as np
 
 from featcache.errors import ConfigError
 from featcache.heads.base import Head
+from featcache.heads.finetune.budget import Deadline, plan_epochs
 from featcache.heads.registry import register_head
 
 log = logging.getLogger(__name__)
 
 
 SCHEDULES = ("constant", "cosine")
+#: under a budget, phase 1 (the head alone, cheap) stops before an epoch that would end past
+#: this share of it, so that phase 2 gets the rest
+PHASE1_SHARE = 0.25
+#: under a budget, phase 2's step time is measured on this many steps after the first one
+#: (which traces the step function and is not counted)
+MEASURE_STEPS = 5
 
 
 def check_schedule(schedule: str) -> None:
@@ -60,6 +77,28 @@ def learning_rate(lr: float, decay_steps: int = 0):
     return keras.optimizers.schedules.CosineDecay(float(lr), int(decay_steps))
 
 
+def planned_cosine(lr: float, decay_steps: int):
+    """:func:`learning_rate`'s cosine, with a length that can be set after the optimizer is
+    built (``schedule.decay_steps.assign(n)``): the budget plans it on the first steps."""
+    import keras
+    from keras import ops
+
+    class PlannedCosine(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self):
+            self.lr = float(lr)
+            self.decay_steps = keras.Variable(float(max(1, decay_steps)), dtype="float32",
+                                              trainable=False, name="decay_steps")
+
+        def __call__(self, step):
+            t = ops.minimum(ops.cast(step, "float32"), self.decay_steps)
+            return self.lr * 0.5 * (1.0 + ops.cos(math.pi * t / self.decay_steps))
+
+        def get_config(self):
+            return {"lr": self.lr, "decay_steps": float(self.decay_steps.numpy())}
+
+    return PlannedCosine()
+
+
 class FinetuneHead(Head):
     """Fine-tunes the backbone above the cut plus a dense head on cached activations
     (``X``: :class:`featcache.heads.finetune.data.ActRows`, see the module docstring)."""
@@ -69,8 +108,8 @@ class FinetuneHead(Head):
     def __init__(self, trainable_blocks=None, hidden=1024, dropout=0.5, learning_rate=1e-3,
                  warmup_epochs=30, warmup_batch_size=512, warmup_patience=3, backbone_lr=1e-4,
                  finetune_lr=2e-4, batch_size=256, epochs=3, patience=2, shift=0,
-                 schedule="cosine", decay_epochs=None, time_budget_s=1500.0, threads=None,
-                 random_state=0):
+                 schedule="cosine", decay_epochs=None, time_budget_s=1500.0, budget_s=None,
+                 threads=None, random_state=0):
         self.trainable_blocks, self.hidden, self.dropout = trainable_blocks, hidden, dropout
         self.learning_rate, self.backbone_lr = learning_rate, backbone_lr
         self.warmup_epochs, self.finetune_lr = warmup_epochs, finetune_lr
@@ -78,6 +117,7 @@ class FinetuneHead(Head):
         self.batch_size, self.epochs, self.patience = batch_size, epochs, patience
         self.shift, self.schedule, self.decay_epochs = shift, schedule, decay_epochs
         self.time_budget_s, self.threads = time_budget_s, threads
+        self.budget_s = budget_s
         self.random_state = random_state
 
     def _set_threads(self) -> None:
@@ -93,8 +133,16 @@ class FinetuneHead(Head):
             pass
 
     def _decay_epochs(self) -> int:
-        """The cosine's length in epochs: ``decay_epochs``, or ``epochs`` when unset."""
-        return int(self.epochs if self.decay_epochs is None else self.decay_epochs)
+        """The cosine's length in epochs: ``decay_epochs``, or the epochs the budget planned,
+        or ``epochs``."""
+        if self.decay_epochs is not None:
+            return int(self.decay_epochs)
+        planned = (getattr(self, "budget_", None) or {}).get("epochs_planned")
+        return int(self.epochs if planned is None else planned)
+
+    def _planning(self) -> bool:
+        """Whether phase 2's epochs come from the budget (a budget, no fixed schedule)."""
+        return self.budget_s is not None and self.decay_epochs is None
 
     def fit(self, X, y, X_flip=None, validation_data=None):
         """Both phases (see the module docstring); ``validation_data``: ``(X_val, y_val[,
@@ -124,8 +172,16 @@ class FinetuneHead(Head):
         log.info("finetune: %d trainable tensors above the cut (%d values), %d in the head",
                  len(bb_vars), sum(int(np.prod(v.shape)) for v in bb_vars), len(head_vars))
 
+        schedules: list = []   # phase 2's cosines whose length the budget plans
+
+        def rate(lr, decay_steps):
+            if not (decay_steps and self._planning()):
+                return learning_rate(lr, decay_steps)
+            schedules.append(planned_cosine(lr, decay_steps))
+            return schedules[-1]
+
         def make_step(net, groups, decay_steps=0):
-            opts = [(keras.optimizers.Adam(learning_rate(lr, decay_steps)), vs)
+            opts = [(keras.optimizers.Adam(rate(lr, decay_steps)), vs)
                     for lr, vs in groups if vs and lr]
             for opt, vs in opts:
                 opt.build(vs)
@@ -149,9 +205,11 @@ class FinetuneHead(Head):
                    validation_data[2] if len(validation_data) > 2 else None)
         history: list[dict] = []
         rng = np.random.default_rng(int(self.random_state))
+        self.budget_ = None
+        clock = Deadline(None if self.budget_s is None else float(self.budget_s), t0)
         with ActivationReader(X.path) as reader:
             run = dict(reader=reader, X=X, X_flip=X_flip, labels=labels, rng=rng, val=val,
-                       history=history, t0=t0)
+                       history=history, t0=t0, clock=clock)
             # phase 1: the head on the pooled features
             best1 = self._run_phase(1, make_step(b.head, [(self.learning_rate, head_vars)]),
                                     int(self.warmup_epochs), "features",
@@ -168,52 +226,146 @@ class FinetuneHead(Head):
                 best2 = self._run_phase(2, make_step(b.model, groups, steps), int(self.epochs),
                                         "acts",
                                         start=best2, batch=int(self.batch_size),
-                                        patience=int(self.patience), **run)
+                                        patience=int(self.patience), schedules=schedules,
+                                        **run)
         if best2[1] is not None:
             self.model_.set_weights(best2[1])
         self.warmup_epochs_, self.best_epochs_ = best1[2], best2[2]
         self.history_ = history
         self.fit_s_ = time.perf_counter() - t0
+        if self.budget_s is not None:
+            self.budget_ = {**(self.budget_ or {"epochs_planned": None}),
+                            "budget_s": float(self.budget_s),
+                            "epochs_run": sum(1 for h in history if h["phase"] == 2),
+                            "fit_s": self.fit_s_}
         return self
 
     def _run_phase(self, phase, step, epochs, what, *, reader, X, X_flip, labels, rng, val,
-                   history, t0, start=(-1.0, None, 0), batch: int, patience: int):
+                   history, t0, clock, start=(-1.0, None, 0), batch: int, patience: int,
+                   schedules=()):
         """Epochs of ``step`` on ``what`` ("features" or "acts") with early stopping on
-        ``val``; returns (best validation accuracy, the whole model's weights, epoch)."""
+        ``val``; returns (best validation accuracy, the whole model's weights, epoch).
+        Under a budget (``clock``) no step starts that would end past it, phase 1 stops at
+        its share, and phase 2 plans its epochs (and the cosine ``schedules``) on its first
+        steps (:meth:`_plan`)."""
         import tensorflow as tf
 
         from featcache.heads.finetune.data import train_batches
 
         net = self.head_ if what == "features" else self.model_
+        budget = clock.budget_s
+        steps_per_epoch = -(-len(X) // batch)
+        step_times: list[float] = []        # this phase's steps, the first (tracing) left out
+        val_s = 0.0                          # the last validation pass's seconds
         best = start
-        for epoch in range(1, epochs + 1):
+        epoch = 0
+        while epoch < epochs:
+            epoch += 1
             te = time.perf_counter()
-            losses = [float(step(tf.constant(xb), tf.constant(yb)))
-                      for xb, yb in train_batches(reader, X, labels, batch, rng,
-                                                  mirror=X_flip is not None, what=what,
-                                                  shift=int(self.shift or 0))]
+            losses, stopped = [], ""
+            batches = train_batches(reader, X, labels, batch, rng, mirror=X_flip is not None,
+                                    what=what, shift=int(self.shift or 0))
+            try:
+                for xb, yb in batches:
+                    if budget is not None and step_times and not clock.step_fits(
+                            float(np.mean(step_times[-20:])), val_s if val is not None else 0):
+                        stopped = "budget"
+                        break
+                    ts = time.perf_counter()
+                    losses.append(float(step(tf.constant(xb), tf.constant(yb))))
+                    if epoch == 1 and len(losses) == 1:
+                        first = time.perf_counter() - ts   # traced: not a step's time
+                        continue
+                    step_times.append(time.perf_counter() - ts)
+                    if budget is not None and phase == 2 and epoch == 1 and \
+                            len(step_times) == min(MEASURE_STEPS, steps_per_epoch - 1):
+                        val_s = self._validation_estimate(val, xb, batch)
+                        epochs = self._plan(clock, step_times, steps_per_epoch, len(losses),
+                                            val_s, batch, schedules, epochs)
+                        if epochs == 0:
+                            stopped = "planned 0 epochs"
+                            break
+            finally:
+                batches.close()
+            if phase == 2 and epoch == 1 and budget is not None and self.budget_ is None \
+                    and losses:
+                # an epoch too short to measure on: plan on what its steps took
+                step_times = step_times or [first]
+                val_s = self._validation_estimate(val, xb, batch)
+                epochs = self._plan(clock, step_times, steps_per_epoch, len(losses), val_s,
+                                    batch, schedules, epochs)
+                stopped = "planned 0 epochs" if epochs == 0 else stopped
+            if not losses or stopped == "planned 0 epochs":
+                break
             entry = {"phase": phase, "epoch": epoch, "loss": float(np.mean(losses)),
-                     "train_s": time.perf_counter() - te}
+                     "train_s": time.perf_counter() - te, "steps": len(losses)}
             if val is not None:
+                tv = time.perf_counter()
                 acc = float(np.mean(self.predict(val[0], val[2], net=net, what=what) == val[1]))
+                val_s = time.perf_counter() - tv
                 entry["val_accuracy"] = acc
                 if acc > best[0]:
                     best = (acc, self.model_.get_weights(), epoch)
             entry["epoch_s"] = time.perf_counter() - te
             history.append(entry)
-            log.info("finetune phase %d epoch %d: loss %.4f%s (%.0f s)", phase, epoch,
+            log.info("finetune phase %d epoch %d: loss %.4f%s (%.0f s)%s", phase, epoch,
                      entry["loss"], f", validation {entry['val_accuracy']:.4f}"
-                     if "val_accuracy" in entry else "", entry["epoch_s"])
-            if val is not None and epoch - best[2] >= patience:
+                     if "val_accuracy" in entry else "", entry["epoch_s"],
+                     f"; stopped by the time budget after {len(losses)} of "
+                     f"{steps_per_epoch} steps" if stopped else "")
+            if stopped or (val is not None and epoch - best[2] >= patience):
                 break
             spent = time.perf_counter() - t0
-            if self.time_budget_s and spent + entry["epoch_s"] > float(self.time_budget_s):
+            if budget is not None:
+                if phase == 1 and spent + entry["epoch_s"] > PHASE1_SHARE * budget:
+                    log.info("finetune: phase 1 stops after epoch %d (its share of the "
+                             "budget, %.0f s)", epoch, PHASE1_SHARE * budget)
+                    break
+            elif self.time_budget_s and spent + entry["epoch_s"] > float(self.time_budget_s):
                 log.info("finetune: stopping after epoch %d (time budget %.0f s)", epoch,
                          float(self.time_budget_s))
                 break
         if val is None:
-            best = (-1.0, self.model_.get_weights(), epochs)
+            best = (-1.0, self.model_.get_weights(), epoch)
         return best
+
+    def _validation_estimate(self, val, xb, batch: int) -> float:
+        """Seconds a validation pass will take: one batch's forward pass (timed on the
+        second call, the first traces), times the validation batches, twice with TTA."""
+        if val is None:
+            return 0.0
+        import tensorflow as tf
+
+        forward = self._forward(self.model_)
+        x = tf.constant(xb)
+        forward(x)
+        tf_ = time.perf_counter()
+        forward(x)
+        per_row = (time.perf_counter() - tf_) / max(1, len(xb))
+        return per_row * len(val[0]) * (2 if val[2] is not None else 1)
+
+    def _plan(self, clock, step_times, steps_per_epoch, done, val_s, batch, schedules,
+              epochs) -> int:
+        """Phase 2's epochs under the budget (:func:`plan_epochs`), from the measured step
+        time; sets the cosine ``schedules`` to that many epochs and records ``budget_``.
+        ``done``: steps of epoch 1 already run (their time counts as spent)."""
+        if not self._planning():
+            self.budget_ = {"epochs_planned": None, "note": "schedule fixed by decay_epochs"}
+            return epochs
+        step_s = float(np.mean(step_times))
+        fixed = clock.spent() - done * step_s
+        planned = plan_epochs(clock.budget_s, step_s, steps_per_epoch, fixed, val_s)
+        for sched in schedules:
+            sched.decay_steps.assign(float(max(1, planned * steps_per_epoch)))
+        self.budget_ = {"epochs_planned": planned, "step_s": step_s,
+                        "rows_per_s": batch / step_s if step_s > 0 else None,
+                        "steps_per_epoch": steps_per_epoch, "validation_s": val_s,
+                        "spent_before_s": fixed}
+        log.info("finetune: budget %.0f s: %d epoch%s of %d steps planned (%.3f s a step, "
+                 "%.0f rows/s; %.0f s spent before, %.0f s a validation pass)",
+                 clock.budget_s, planned, "" if planned == 1 else "s", steps_per_epoch,
+                 step_s, batch / step_s if step_s > 0 else float("inf"), fixed, val_s)
+        return planned
 
     # -- prediction ---------------------------------------------------------------------
     def _forward(self, net):
@@ -302,7 +454,7 @@ def _file_rows(data):
 
 
 @register_head("finetune", default=False, grid=[{}], cost=60.0,
-               file_rows=_file_rows, mirror_rows_only=True)
+               file_rows=_file_rows, mirror_rows_only=True, budget=True, in_process=True)
 def finetune(random_state=0, **params):
     """The backbone's blocks above the cut (--cut) fine-tuned with a dense head, on cached
     activations."""

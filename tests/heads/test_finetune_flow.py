@@ -1,0 +1,168 @@
+"""The one-command fine-tuning flow: the registry's recommended cut, ``featcache finetune
+FILE`` (the frozen rows and the finetune row in one comparison, then export of the best
+row), the time budget (``--budget``: its planner, its parser, what the row records).
+
+Tiny on purpose: the synthetic set at 32 px, MobileNetV2 with random weights whose
+BatchNorm statistics are calibrated (the ``calibrated_weights`` fixture), one comparison.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from featcache.heads.finetune.budget import MAX_PLANNED_EPOCHS, Deadline, plan_epochs
+
+# ---------------------------------------------------------------------------- the planner
+
+
+@pytest.mark.parametrize("budget, step_s, steps, fixed, extra", [
+    (1800, 2.2, 176, 60, 35),      # the study's scale: about 2.2 s a step, 176 steps
+    (90, 0.5, 40, 10, 2),
+    (10, 0.1, 7, 9.5, 0),          # not even one epoch left
+    (5, 3.0, 1, 0, 0),
+    (3600, 0.01, 10, 1, 0.1),      # a huge budget: capped
+])
+def test_planned_epochs_never_exceed_the_budget(budget, step_s, steps, fixed, extra):
+    n = plan_epochs(budget, step_s, steps, fixed, extra)
+    assert 0 <= n <= MAX_PLANNED_EPOCHS
+    assert fixed + n * (steps * step_s + extra) <= budget
+    if n < MAX_PLANNED_EPOCHS:    # one more epoch would not have fitted
+        assert fixed + (n + 1) * (steps * step_s + extra) > budget
+
+
+def test_a_tiny_budget_plans_fewer_epochs_and_a_large_one_is_capped():
+    plans = [plan_epochs(b, 1.0, 100, 20, 5) for b in (60, 200, 500, 1000, 10 ** 6)]
+    assert plans == sorted(plans) and plans[0] == 0 and plans[1] == 1 and plans[2] == 4
+    assert plans[-1] == MAX_PLANNED_EPOCHS
+    assert plan_epochs(1000, 1.0, 100, 0, 0, cap=3) == 3
+    assert plan_epochs(0, 1.0, 100) == 0 and plan_epochs(100, 1.0, 0) == 0
+
+
+def test_the_deadline_refuses_a_step_that_would_end_past_the_budget():
+    import time
+
+    clock = Deadline(10.0, t0=time.perf_counter() - 8.0)      # 2 s left
+    assert clock.step_fits(1.0) and not clock.step_fits(1.0, reserve_s=1.5)
+    assert not clock.step_fits(2.5)
+    assert Deadline(None).step_fits(10 ** 9)
+
+
+# ---------------------------------------------------------------------------- budget values
+
+@pytest.mark.parametrize("value", ["3x", "30 minutes", "1h30", "-5m", "m", "0s", "8d"])
+def test_a_bad_budget_is_a_one_line_error_with_an_example(value, capsys):
+    from featcache.cli.main import main
+
+    rc = main(["finetune", "no-such-file.h5", f"--budget={value}"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "--budget" in err and ("30m" in err or "between 1 and" in err), err
+
+
+def test_budget_forms_are_seconds():
+    from featcache.config import HeadsConfig, format_duration, parse_duration
+
+    assert [parse_duration(t) for t in ("90s", "30m", "1h", "1h30m", "2h5m10s", "45")] == \
+        [90, 1800, 3600, 5400, 7510, 45]
+    assert parse_duration(None) is None and HeadsConfig("f.h5", budget="30m").budget == 1800
+    assert format_duration(5400) == "1h30m" and format_duration(90) == "1m30s"
+
+
+# ---------------------------------------------------------------------------- recommended cut
+
+def _with_cut():
+    from featcache.backbones.registry import BACKBONES
+
+    return sorted(n for n, s in BACKBONES.items() if s.cut)
+
+
+def test_mobilenet_v2_recommends_the_measured_cut():
+    from featcache.backbones.registry import get_backbone
+    from featcache.config import ExtractConfig
+
+    assert get_backbone("mobilenet_v2").cut == "block_13"
+    assert {"resnet50", "efficientnet_b0"} <= set(_with_cut())
+    cfg = ExtractConfig(cut="recommended", runtime="tensorflow").resolved()
+    assert cfg.cut == "block_13" and cfg.output_path.name.endswith("_cut-block_13.h5")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", _with_cut())
+def test_the_recommended_cut_is_one_of_the_backbones_cut_points(backbone):
+    from featcache.backbones.cut import cut_points
+    from featcache.backbones.registry import build_backbone, get_backbone
+
+    spec = get_backbone(backbone)
+    assert spec.cut in [p.name for p in cut_points(build_backbone(spec, weights="none"))]
+
+
+def test_a_backbone_without_cut_points_has_no_recommended_cut(capsys):
+    from featcache.cli.main import main
+
+    assert main(["path", "--backbone", "mobilenet", "--cut", "recommended"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mobilenet has no recommended cut" in err
+
+
+# ---------------------------------------------------------------------------- the flow
+
+@pytest.fixture(scope="module")
+def cut_file(tmp_path_factory, calibrated_weights):
+    from featcache.config import ExtractConfig
+    from featcache.extract.run import extract_features
+
+    cfg = ExtractConfig(dataset="synthetic", backbone="mobilenet_v2", size=32, batch=32,
+                        weights=calibrated_weights("mobilenet_v2"), flip=True,
+                        cut="block_15", runtime="tensorflow",
+                        out_dir=str(tmp_path_factory.mktemp("flow")))
+    return extract_features(cfg).path
+
+
+def test_a_file_without_a_cut_is_one_line_naming_the_fix(synthetic_features, capsys):
+    from featcache.cli.main import main
+
+    assert main(["finetune", str(synthetic_features)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "made without --cut" in err and "make finetune" in err
+    assert "featcache features --cut recommended" in err   # mobilenet_025: none of its own
+
+
+def test_finetune_command_puts_frozen_and_finetune_rows_in_one_report(cut_file, tmp_path,
+                                                                      capsys):
+    import keras
+    import numpy as np
+
+    from featcache.cli.main import main
+    from featcache.data.datasets import Synthetic
+
+    report = tmp_path / "report"
+    budget = 20
+    assert main(["finetune", str(cut_file), "-q", "--heads", "logreg", "--cv-below", "0",
+                 "--budget", f"{budget}s", "--out-dir", str(report)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((report / "results.json").read_text())
+    names = [r["name"] for r in results["rows"]]
+    assert names == ["logreg", "logreg+flip", "finetune+flip"]
+    assert results["config"]["workers"] == 0                   # no WORKERS=0 needed
+    pairs = {frozenset((p["a"], p["b"])) for p in results["mcnemar"]}
+    assert frozenset(("finetune+flip", "logreg+flip")) in pairs   # one comparison
+    assert "| finetune+flip" in out and "| logreg+flip" in out    # one table
+    row = results["rows"][2]
+    b = row["budget"]
+    assert b["budget_s"] == budget and 0 <= b["epochs_planned"] <= MAX_PLANNED_EPOCHS
+    assert b["rows_per_s"] > 0 and b["epochs_run"] <= max(1, b["epochs_planned"])
+    assert b["fit_s"] <= budget + 3          # within the budget, give or take a step
+    assert "time budget 20s per fit" in (report / "report.md").read_text()
+    assert "phase-2 epochs planned" in out
+
+    model_path = tmp_path / "best.keras"
+    assert main(["export", str(cut_file), "--report-dir", str(report),
+                 "--output", str(model_path)]) == 0
+    model = keras.models.load_model(model_path)
+    images, _ = next(Synthetic().batches("test", 0, 4, 4))
+    probs = np.asarray(model(images.astype(np.float32)))
+    assert probs.shape == (4, len(results["classes"]))
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
