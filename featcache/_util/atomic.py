@@ -72,6 +72,12 @@ def disk_full_is_one_line(path, advice: str = RETRY) -> Iterator[None]:
         raise
 
 
+def is_temporary(name: str) -> bool:
+    """True for the names this module's writers use while they work (``.<name>.tmp…``,
+    ``.<name>.old``) and export's ``.<name>.write-test``: what a killed writer leaves."""
+    return name.startswith(".") and (".tmp" in name or name.endswith((".old", ".write-test")))
+
+
 def temp_name(path: str | os.PathLike, suffix: str = "") -> Path:
     """The temporary name :func:`replacing` builds ``path`` under (same folder, hidden)."""
     path = Path(path)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache._util.atomic import carry, write_bytes, write_text
+from featcache._util.atomic import carry, is_temporary, write_bytes, write_text
 from featcache.compare import plots
 from featcache.compare.mistakes import write_mistakes
 from featcache.compare.stats import json_floats, per_class_accuracy
@@ -222,8 +222,9 @@ def write_report(results: dict, predictions: dict, y_test, report_dir, *,
 def carry_over(old_dir, new_dir) -> list[str]:
     """Link into ``new_dir`` (a report being built) every entry of the report folder
     ``old_dir`` that ``featcache heads`` does not write (:data:`REPORT_FILES`,
-    ``heads/``): the curve's files, exported models, anything a user put there; hidden
-    entries (temporaries) stay behind. Returns the names carried."""
+    ``heads/``): the curve's files, exported models, anything a user or make put there
+    (make's hidden stamps, ``.make-heads-settings``); temporaries a killed writer left
+    (:func:`featcache._util.atomic.is_temporary`) stay behind. Returns the names carried."""
     old_dir, new_dir = Path(old_dir), Path(new_dir)
     if not old_dir.is_dir():
         return []
@@ -231,7 +232,7 @@ def carry_over(old_dir, new_dir) -> list[str]:
     carried = []
     for entry in sorted(old_dir.iterdir()):
         name = entry.name
-        if name.startswith(".") or name in owned or os.path.lexists(new_dir / name):
+        if is_temporary(name) or name in owned or os.path.lexists(new_dir / name):
             continue
         carry(entry, new_dir / name)
         carried.append(name)

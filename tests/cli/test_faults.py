@@ -738,8 +738,12 @@ def test_the_new_report_keeps_what_heads_does_not_write(tmp_path, toy_report):
     (report / "m.savedmodel" / "variables" / "v.data").write_text("weights")
     (report / "mistakes.png").write_bytes(b"an old run's figure")
     (report / "heads" / "gone.joblib").write_bytes(b"an old run's head")
+    (report / ".make-heads-settings").write_text("logreg\n")    # make's stamp: kept
+    (report / ".results.json.tmp").write_text("{")                # a killed writer's: not
     inode = (report / "notes.txt").stat().st_ino
     compare_heads(dc_replace(cfg0, out_dir=str(report), seed=1, workers=0))
+    assert (report / ".make-heads-settings").read_text() == "logreg\n"
+    assert not (report / ".results.json.tmp").exists()
     assert (report / "notes.txt").read_text() == "mine"
     assert (report / "notes.txt").stat().st_ino == inode           # linked, not copied
     assert (report / "m.savedmodel" / "variables" / "v.data").read_text() == "weights"

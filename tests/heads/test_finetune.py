@@ -98,8 +98,8 @@ def test_bad_cut_is_one_line_error(argv, want, tmp_path, capsys):
 def test_cut_is_in_the_file_name_and_cache_key(weights, tmp_path):
     plain = _cfg(tmp_path, weights, cut=None)
     cut = _cfg(tmp_path, weights)
-    assert cut.output_path.name == "synthetic_mobilenet_v2_32_mnv2_calibrated.weights_flip_" \
-                                   "cut-block_15.h5"
+    assert cut.output_path.name == "synthetic_mobilenet_v2_32_mobilenet_v2_calibrated.weights" \
+                                   "_flip_cut-block_15.h5"
     assert plain.output_path != cut.output_path
     key = dict(dataset_sha256="d", weights_sha256="w", runtime_version="v")
     assert cut.cache_key(**key)["cut"] == "block_15" and "cut" not in plain.cache_key(**key)
