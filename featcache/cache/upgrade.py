@@ -34,7 +34,7 @@ from featcache._util import atomic
 from featcache.cache.lock import FileLock
 from featcache.cache.reader import SCHEMA_VERSION, attrs_dict, open_h5
 from featcache.cache.writer import open_owned, write_ids
-from featcache.config import ExtractConfig, config_sha256
+from featcache.config import cache_key_fields, config_sha256
 from featcache.errors import CacheError, DataError, DiskFullError
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,10 @@ ATTR_RENAMES = {"val_fraction": "test_fraction"}
 
 
 def cache_key_names() -> list[str]:
-    """The attribute names this featcache's cache key is made of (runtime ones included;
-    ``cut`` too: it is in a file's key when the file has one)."""
-    cfg = ExtractConfig(dataset="synthetic", weights="none", runtime="tensorflow", cut="any")
-    return list(cfg.cache_key(dataset_sha256="", weights_sha256="", runtime_version="-"))
+    """The attribute names this featcache's cache key can be made of (runtime ones
+    included; ``cut`` and ``calibration`` too: they are in a file's key when the file has
+    them)."""
+    return list(cache_key_fields())
 
 
 def _renames(attrs: dict, key_names: list[str]) -> dict[str, str]:
