@@ -34,6 +34,11 @@ NNCF_SETTINGS = {"preset": "performance", "fast_bias_correction": False,
                  "ignored_types": ("Interpolate", "ReduceMean")}
 
 
+def calibration_size(ds, count: int) -> int:
+    """How many images calibrate on ``ds``: ``count``, at most its training rows."""
+    return min(count, ds.splits.get(CALIBRATION_SPLIT, 0))
+
+
 def calibration_rows(n_rows: int, count: int, seed: int) -> np.ndarray:
     """Sorted indices of ``min(count, n_rows)`` distinct training rows drawn with ``seed``."""
     if n_rows < 1:

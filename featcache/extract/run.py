@@ -164,8 +164,7 @@ def make_runtime_step(cfg: ExtractConfig, model, ds: Dataset, *, batch: int,
         return runtimes.openvino_step(graph, key, batch=batch, threads=cfg.threads)
     from featcache.extract import quantize
 
-    rows = len(quantize.calibration_rows(ds.splits.get(quantize.CALIBRATION_SPLIT, 0),
-                                         cfg.calibration, cfg.seed))
+    rows = quantize.calibration_size(ds, cfg.calibration)
     key["calibration"] = quantize.calibration_key(dataset_sha256=dataset_sha, rows=rows,
                                                   seed=cfg.seed)
 
@@ -257,9 +256,9 @@ def extract_features(config: ExtractConfig, *, dataset: Dataset | None = None,
     if cfg.precision == "int8":
         import nncf
 
-        from featcache.extract.quantize import CALIBRATION_SPLIT
+        from featcache.extract.quantize import CALIBRATION_SPLIT, calibration_size
         attrs.update(calibration_split=CALIBRATION_SPLIT, nncf_version=nncf.__version__,
-                     calibration_images=min(cfg.calibration, ds.splits.get(CALIBRATION_SPLIT, 0)))
+                     calibration_images=calibration_size(ds, cfg.calibration))
     attrs.update(ds.extra_attrs)
     ranges = {s: shard_range(n, cfg.batch, cfg.shard) for s, n in ds.splits.items()}
     if cfg.shard:
