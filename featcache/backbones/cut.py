@@ -61,9 +61,22 @@ class CutPoint:
     index: int        # position of ``layer`` in ``model.layers``
 
 
+def _top_connects(model, layer) -> bool:
+    """Whether ``model``'s output is a function of ``layer``'s output alone: what the graph
+    walk cannot see (ConvNeXt's blocks also read tensors made outside its layers) shows
+    when Keras builds the top model."""
+    import keras
+
+    try:
+        keras.Model(layer.output, model.output)
+    except ValueError:
+        return False
+    return True
+
+
 def cut_points(model) -> list[CutPoint]:
     """The sensible cuts of ``model``: ends of numbered blocks that a single tensor crosses,
-    with at least one weighted layer above them."""
+    with at least one weighted layer above them, from which Keras can build the top."""
     layers = model.layers
     pos = {l.name: i for i, l in enumerate(layers)}
     last_use = list(range(len(layers)))
@@ -81,7 +94,7 @@ def cut_points(model) -> list[CutPoint]:
         reach = max(reach, last_use[i])
         if block is None or crosses or block_of(layers[i + 1].name) == block:
             continue  # not the end of a block, or another tensor crosses
-        if weighted_after[i + 1]:
+        if weighted_after[i + 1] and _top_connects(model, layer):
             cuts.append(CutPoint(block, layer.name, i))
     return cuts
 
