@@ -71,8 +71,9 @@ REPORT_DIR   := $(basename $(FEATURE_FILE))
 FEATURES_DIR := $(if $(filter .featcache-invalid-settings,$(FEATURE_FILE)),,$(patsubst %/,%,$(dir $(FEATURE_FILE))))
 
 # make finetune's feature file: these settings with CUT, else the backbone's recommended cut
-# (`featcache cuts BACKBONE` names it; --cut recommended resolves it).
-FINETUNE_FEATURE_ARGS = $(FEATURE_ARGS) $(if $(strip $(CUT)),,--cut recommended)
+# (`featcache cuts BACKBONE` names it; --cut recommended resolves it). Where the default
+# --cut auto already stores it (mobilenet_v2), that is make features' file: no second run.
+FINETUNE_FEATURE_ARGS = $(FEATURE_ARGS) $(if $(filter-out none,$(strip $(CUT))),,--cut recommended)
 FINETUNE_FILE := $(shell PYTHONPATH=. $(PYTHON) -m featcache path -q $(FINETUNE_FEATURE_ARGS) 2>/dev/null)
 ifeq ($(strip $(FINETUNE_FILE)),)
 FINETUNE_FILE := .featcache-invalid-finetune-settings

@@ -31,9 +31,9 @@ from featcache.backbones.registry import (
     BACKBONES,
     POOLINGS,
     PREPROCESS_MODES,
-    RECOMMENDED,
+    AUTO_CUT,
     get_backbone,
-    recommended_cut,
+    resolve_cut,
     weights_tag,
 )
 from featcache.backbones.runtime import (
@@ -225,10 +225,12 @@ class ExtractConfig:
              "and listed in the feature file's skipped_files (Pillow itself opens at most "
              "twice its Image.MAX_IMAGE_PIXELS)")
     cut: str | None = setting(
-        None, make="CUT", key=True, key_if_set=True, metavar="BLOCK",
-        help="also store float16 activations after this block (and mirrored), for the "
-             "finetune head (`featcache cuts BACKBONE` lists the blocks; `recommended`: the "
-             "backbone's recommended cut, which `make finetune` uses)")
+        AUTO_CUT, make="CUT", key=True, key_if_set=True, metavar="BLOCK",
+        help="also store float16 activations after this block (and mirrored), so the "
+             "finetune head trains from the same file as the frozen heads (`featcache cuts "
+             "BACKBONE` lists the blocks); auto: the backbone's recommended cut where its "
+             "activations are small (mobilenet_v2: block_13), else none; recommended: the "
+             "recommended cut whatever its size; none: pooled features only")
     out_dir: str = setting("features", make="OUT_DIR", help="where feature files go")
     variant: str | None = setting(
         None, make="VARIANT", help="file name suffix (default: derived from the non-default "
@@ -263,7 +265,9 @@ class ExtractConfig:
             raise ConfigError(f"unknown preprocessing {pre!r}; choose one of "
                               f"{', '.join(PREPROCESS_MODES)}")
         runtime = resolve_runtime(self.runtime)
-        precision = resolve_precision(self.precision, runtime, cut=bool(self.cut))
+        cut = resolve_cut(self.cut, self.backbone,
+                          sharded=self.shard is not None or self.engine == "ray")
+        precision = resolve_precision(self.precision, runtime, cut=bool(cut))
         if self.xla and runtime != "tensorflow":
             raise ConfigError("--xla compiles TensorFlow's graph; it needs --runtime tensorflow")
         if self.pooling not in POOLINGS:
@@ -277,7 +281,6 @@ class ExtractConfig:
                               f"{self.engine!r}")
         if self.shards < 1:
             raise ConfigError(f"--shards must be at least 1, not {self.shards}")
-        cut = recommended_cut(self.backbone) if self.cut == RECOMMENDED else self.cut
         check_cut_name(cut, self.backbone, self.shard)
         values = {**{f.name: getattr(self, f.name) for f in fields(self)},
                   "size": size, "preprocess": pre, "runtime": runtime, "precision": precision,

@@ -107,6 +107,9 @@ class BackboneSpec:
     #: the cut ``make finetune`` (``--cut recommended``) uses: a name ``featcache cuts`` lists,
     #: or None where no cut is sensible (see :data:`RECOMMENDED_CUT_RULE`)
     cut: str | None = None
+    #: whether the default ``--cut auto`` stores that cut: only where its activations are
+    #: small (:data:`DEFAULT_CUT_RULE`), so the quick path's file stays small
+    cut_by_default: bool = False
 
     @property
     def offline_weights(self) -> Path | None:
@@ -129,21 +132,40 @@ RECOMMENDED_CUT_RULE = ("the first cut at the last feature-map resolution (after
 
 def register_backbone(name: str, *, preprocess: str, dim: int, default_size: int = 224,
                       min_size: int = 32, keras_module: str = "", weights_file: str = "",
-                      family: str = "", cut: str | None = None):
+                      family: str = "", cut: str | None = None,
+                      cut_by_default: bool = False):
     """Decorator: register ``fn(**kwargs) -> keras.Model`` under ``name``; ``cut``: its
-    recommended cut (:data:`RECOMMENDED_CUT_RULE`), None where it has no sensible one."""
+    recommended cut (:data:`RECOMMENDED_CUT_RULE`), None where it has no sensible one;
+    ``cut_by_default``: stage one stores it unless ``--cut none`` (:data:`DEFAULT_CUT_RULE`)."""
+    if cut_by_default and not cut:
+        raise ValueError(f"{name}: cut_by_default needs a recommended cut")
     if preprocess not in PREPROCESS_MODES:
         raise ValueError(f"{name}: unknown preprocess {preprocess!r}")
 
     def deco(fn):
         BACKBONES[name] = BackboneSpec(name, fn, preprocess, dim, default_size, min_size,
-                                       keras_module, weights_file, family or name, cut)
+                                       keras_module, weights_file, family or name, cut,
+                                       cut_by_default)
         return fn
     return deco
 
 
+#: When the default ``--cut auto`` stores a backbone's recommended cut: its float16
+#: activations (plain and mirrored) take at most :data:`DEFAULT_CUT_MAX_RATIO` times the
+#: pooled float32 features at the default size, so one extraction serves the frozen heads
+#: and ``finetune`` at a few times the quick path's file (mobilenet_v2 ``block_13``:
+#: 7x7x160 float16 = 3.1x; resnet50 ``conv5_block1``, 7x7x2048, would be 25x and is left
+#: to ``--cut recommended``). A test checks every flagged backbone against it.
+DEFAULT_CUT_MAX_RATIO = 4.0
+DEFAULT_CUT_RULE = (f"the recommended cut, where its float16 activations are at most "
+                    f"{DEFAULT_CUT_MAX_RATIO:g}x the pooled features")
+
 #: the ``--cut`` value that means "this backbone's recommended cut" (``make finetune``)
 RECOMMENDED = "recommended"
+#: the default ``--cut``: the recommended cut where ``cut_by_default``, else none
+AUTO_CUT = "auto"
+#: the ``--cut`` value that stores no activations
+NO_CUT = "none"
 
 
 def recommended_cut(backbone: str) -> str:
@@ -154,6 +176,20 @@ def recommended_cut(backbone: str) -> str:
         raise ConfigError(f"{backbone} has no recommended cut (featcache knows no sensible "
                           f"cut point of it); fine-tune one of: {with_cut}")
     return spec.cut
+
+
+def resolve_cut(cut: str | None, backbone: str, *, sharded: bool = False) -> str | None:
+    """The block ``--cut`` names: ``auto`` (the default) the recommended cut of a backbone
+    registered ``cut_by_default`` (none for a sharded run: shards do not carry activations
+    yet), ``none``/None none, ``recommended`` :func:`recommended_cut`, else ``cut`` itself."""
+    if cut in (None, NO_CUT):
+        return None
+    if cut == AUTO_CUT:
+        spec = get_backbone(backbone)
+        return spec.cut if spec.cut_by_default and not sharded else None
+    if cut == RECOMMENDED:
+        return recommended_cut(backbone)
+    return cut
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
@@ -210,7 +246,7 @@ def _mobilenet_025(**kw):
 
 @register_backbone("mobilenet_v2", preprocess="tf", dim=1280, keras_module="mobilenet_v2",
                    weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-                   cut="block_13")
+                   cut="block_13", cut_by_default=True)
 def _mobilenet_v2(**kw):
     return _apps().MobileNetV2(alpha=1.0, **kw)
 
@@ -231,7 +267,7 @@ def _efficientnet(variant: str, dim: int, size: int):
     @register_backbone(f"efficientnet_{variant}", preprocess="none", dim=dim,
                        default_size=size, keras_module="efficientnet",
                        weights_file=f"efficientnet{variant}_notop.h5", family="efficientnet",
-                       cut="block6a")
+                       cut="block6a", cut_by_default=variant == "b0")
     def build(**kw):
         return getattr(_apps(), f"EfficientNet{variant.upper()}")(**kw)
     return build
@@ -244,7 +280,7 @@ for _v, _d, _s in (("b0", 1280, 224), ("b1", 1280, 240), ("b2", 1408, 260), ("b3
 @register_backbone("efficientnetv2_b0", preprocess="none", dim=1280,
                    keras_module="efficientnet_v2", weights_file="efficientnetv2-b0_notop.h5",
                    family="efficientnetv2",
-                   cut="block6a")
+                   cut="block6a", cut_by_default=True)
 def _efficientnetv2_b0(**kw):
     return _apps().EfficientNetV2B0(**kw)
 
@@ -258,7 +294,8 @@ def _efficientnetv2_s(**kw):
 
 
 @register_backbone("convnext_tiny", preprocess="none", dim=768, keras_module="convnext",
-                   weights_file="convnext_tiny_notop.h5")
+                   weights_file="convnext_tiny_notop.h5",
+                   cut="convnext_tiny_downsampling_block_2")
 def _convnext_tiny(**kw):
     return _apps().ConvNeXtTiny(**kw)
 

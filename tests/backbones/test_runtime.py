@@ -44,13 +44,13 @@ def no_gpu(monkeypatch):
 def test_auto_picks_openvino_on_a_cpu_and_tensorflow_when_a_gpu_is_visible(monkeypatch):
     monkeypatch.setattr(runtime, "visible_gpus", lambda: [])
     assert runtime.resolve_runtime("auto") == "openvino"
-    cpu = ExtractConfig(runtime="auto", precision="float32", flip=True)
+    cpu = ExtractConfig(runtime="auto", precision="float32", flip=True, cut="none")
     assert cpu.resolved().runtime == "openvino"
     assert cpu.output_path.name == "cifar10_mobilenet_v2_224_ov_flip.h5"
 
     monkeypatch.setattr(runtime, "visible_gpus", lambda: ["/proc/driver/nvidia/gpus/0000:01:00.0"])
     assert runtime.resolve_runtime("auto") == "tensorflow"
-    gpu = ExtractConfig(runtime="auto", flip=True)
+    gpu = ExtractConfig(runtime="auto", flip=True, cut="none")
     assert gpu.resolved().runtime == "tensorflow" and gpu.resolved().precision == "float32"
     assert gpu.output_path.name == "cifar10_mobilenet_v2_224_flip.h5"
     # an explicit choice is never second-guessed
@@ -78,7 +78,7 @@ def test_precision_auto_is_bf16_only_for_openvino_on_a_cpu_that_has_it(monkeypat
     monkeypatch.setattr(runtime, "cpu_flags", lambda: BF16_FLAGS)
     assert runtime.resolve_precision("auto", "openvino") == "bf16"
     assert runtime.resolve_precision("auto", "tensorflow") == "float32"
-    assert ExtractConfig(runtime="openvino", flip=True).output_path.name == \
+    assert ExtractConfig(runtime="openvino", flip=True, cut="none").output_path.name == \
         "cifar10_mobilenet_v2_224_ov_bf16_flip.h5"
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     assert runtime.resolve_precision("auto", "openvino") == "float32"

@@ -90,11 +90,13 @@ def test_changed_dataset_is_stale(tmp_path):
 
 def test_file_names_spell_out_non_default_settings():
     tf = dict(runtime="tensorflow")
-    c = ExtractConfig(**tf)  # mirrored features are stored by default: _flip
-    assert str(c.output_path) == "features/cifar10_mobilenet_v2_224_flip.h5"
-    assert ExtractConfig(flip=False, **tf).output_path.name == "cifar10_mobilenet_v2_224.h5"
+    c = ExtractConfig(**tf)  # mirrored features and the default cut are stored by default
+    assert str(c.output_path) == "features/cifar10_mobilenet_v2_224_flip_cut-block_13.h5"
+    assert ExtractConfig(cut="none", **tf).output_path.name == "cifar10_mobilenet_v2_224_flip.h5"
+    assert ExtractConfig(flip=False, **tf).output_path.name == \
+        "cifar10_mobilenet_v2_224_cut-block_13.h5"
     c = ExtractConfig(size=32, preprocess="scale01", flip=True, dtype="float16", limit=500, **tf)
-    assert c.output_path.name == "cifar10_mobilenet_v2_32_scale01_f16_flip_n500.h5"
+    assert c.output_path.name == "cifar10_mobilenet_v2_32_scale01_f16_flip_n500_cut-block_13.h5"
     assert ExtractConfig(backbone="inception_v3", flip=False, **tf).output_path.name == \
         "cifar10_inception_v3_299.h5"
     assert ExtractConfig(variant="x", shard=(1, 4)).output_path.name == \
@@ -103,9 +105,9 @@ def test_file_names_spell_out_non_default_settings():
     # TensorFlow's, a bf16 file is never a float32 one
     ov = dict(runtime="openvino", flip=True)
     assert ExtractConfig(precision="float32", **ov).output_path.name == \
-        "cifar10_mobilenet_v2_224_ov_flip.h5"
+        "cifar10_mobilenet_v2_224_ov_flip_cut-block_13.h5"
     assert ExtractConfig(precision="mixed_bfloat16", flip=True, **tf).output_path.name == \
-        "cifar10_mobilenet_v2_224_bf16_flip.h5"
+        "cifar10_mobilenet_v2_224_bf16_flip_cut-block_13.h5"
     assert ExtractConfig(output="/tmp/o.h5").output_path.as_posix() == "/tmp/o.h5"
 
 

@@ -98,6 +98,37 @@ def test_the_recommended_cut_is_one_of_the_backbones_cut_points(backbone):
     assert spec.cut in [p.name for p in cut_points(build_backbone(spec, weights="none"))]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", _with_cut())
+def test_the_default_cut_is_stored_exactly_where_its_activations_are_small(backbone):
+    """``cut_by_default`` is the rule, not a list: flagged iff the recommended cut's float16
+    activations are at most DEFAULT_CUT_MAX_RATIO x the pooled float32 features."""
+    from featcache.backbones.cut import describe_cuts
+    from featcache.backbones.registry import DEFAULT_CUT_MAX_RATIO, get_backbone
+
+    spec = get_backbone(backbone)
+    info = next(r for r in describe_cuts(backbone, spec.default_size, images=1, flip=False)
+                if r.name == spec.cut)
+    ratio = info.cache_bytes / (4 * spec.dim)
+    assert spec.cut_by_default == (ratio <= DEFAULT_CUT_MAX_RATIO), (backbone, ratio)
+
+
+def test_the_default_cut_resolves_per_backbone_and_engine():
+    from featcache.config import ExtractConfig
+
+    def cut(**kw):
+        return ExtractConfig(runtime="tensorflow", **kw).resolved().cut
+
+    assert cut() == "block_13"                           # mobilenet_v2: stored by default
+    assert cut(cut="none") is None and cut(cut=None) is None
+    assert cut(backbone="resnet50") is None              # 25x the pooled features: opt-in
+    assert cut(backbone="resnet50", cut="recommended") == "conv5_block1"
+    assert cut(backbone="mobilenet_025") is None         # no cut points at all, no error
+    assert cut(engine="ray") is None                     # shards carry no activations yet
+    assert ExtractConfig(cut="none", precision="float32").stem + "_cut-block_13" == \
+        ExtractConfig(precision="float32").stem
+
+
 def test_a_backbone_without_cut_points_has_no_recommended_cut(capsys):
     from featcache.cli.main import main
 
@@ -166,3 +197,4 @@ def test_finetune_command_puts_frozen_and_finetune_rows_in_one_report(cut_file, 
     probs = np.asarray(model(images.astype(np.float32)))
     assert probs.shape == (4, len(results["classes"]))
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
+
