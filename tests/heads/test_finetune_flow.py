@@ -198,3 +198,33 @@ def test_finetune_command_puts_frozen_and_finetune_rows_in_one_report(cut_file, 
     assert probs.shape == (4, len(results["classes"]))
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
 
+
+
+def test_a_planned_cosine_runs_to_its_end_whatever_the_patience(cut_file):
+    """Under a budget the cosine is planned over phase 2's epochs, and every planned epoch
+    runs (patience 0 would stop an unplanned phase after its first epoch); the best epoch is
+    kept. Without a budget patience still stops it."""
+    import h5py
+
+    from featcache.compare.protocol import stratified_split
+    from featcache.heads.finetune.data import ActRows
+    from featcache.heads.finetune.head import FinetuneHead
+
+    with h5py.File(cut_file, "r") as f:
+        y = f["train/labels"][:]
+    fit, val = stratified_split(y, 0.2, 0)
+
+    def rows(r, flip=False):
+        return ActRows(str(cut_file), "train", r, flip)
+
+    def phase2(**kw):
+        head = FinetuneHead(trainable_blocks=1, warmup_epochs=1, patience=0, epochs=3, **kw)
+        head.fit(rows(fit), y[fit], rows(fit, True), (rows(val), y[val], rows(val, True)))
+        return head, [h for h in head.history_ if h["phase"] == 2]
+
+    head, runs = phase2(budget_s=600)
+    planned = head.budget_["epochs_planned"]
+    assert planned >= 2 and len(runs) == planned, (planned, len(runs))
+    assert 0 <= head.best_epochs_ <= planned          # the best epoch kept (0: phase 1's)
+    _, unplanned = phase2()
+    assert len(unplanned) == 1

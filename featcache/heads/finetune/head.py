@@ -313,7 +313,11 @@ class FinetuneHead(Head):
                      if "val_accuracy" in entry else "", entry["epoch_s"],
                      f"; stopped by the time budget after {len(losses)} of "
                      f"{steps_per_epoch} steps" if stopped else "")
-            if stopped or (val is not None and epoch - best[2] >= patience):
+            # a cosine the budget planned runs to its end (its low-rate tail is where phase
+            # 2 settles; the best epoch is kept): patience stops only unplanned phases
+            planned = phase == 2 and self._planning() and \
+                bool((self.budget_ or {}).get("epochs_planned"))
+            if stopped or (val is not None and not planned and epoch - best[2] >= patience):
                 break
             spent = time.perf_counter() - t0
             if budget is not None:
