@@ -51,6 +51,8 @@ class Settings:
     rt_reps: int = 2               # section 6: alternating rounds over the runtimes (and 8)
     pr_images: int = 1000          # section 8: image files `featcache predict` classifies
     pr_train: int = 1000           # section 8: training images the exported head is fitted on
+    ft_head_epochs: int = 1        # section 9: phase 1 (the head alone), both ways
+    ft_top_epochs: int = 2         # section 9: phase 2 (the top blocks and the head), both ways
     #: section 3: (input size, --limit per split) runs, consecutive pairs compared
     rss_runs: tuple = ((224, 500), (224, 2500), (32, 2500), (32, None))
     stage2_feature_file: str | None = None  # None: section 1's own feature file

@@ -128,6 +128,10 @@ def headline_rows(r: dict) -> list[tuple[str, str, str]]:
         from .predict import headline_rows as _h8
 
         rows += _h8(r["s8"])
+    if "s9" in r:
+        from .finetune_usual import headline_rows as _h9
+
+        rows += _h9(r["s9"])
     if "s5" in r:
         d = r["s5"]
         rows.append(("Repeated stage one with nothing changed: `make features` / "
@@ -210,12 +214,15 @@ def markdown(r: dict, chart_rel: str | None) -> str:
         ["section 8", f"{s.get('pr_images', 0):,} image files, a head fitted on "
                       f"{s.get('pr_train', 0):,} training images, {s.get('rt_reps', 'n/a')} "
                       f"alternating rounds per runtime"],
+        ["section 9", f"section 1's subset; {s.get('ft_head_epochs', 'n/a')} head + "
+                      f"{s.get('ft_top_epochs', 'n/a')} top epochs, both ways"],
     ])
     from .finetune_mem import report_lines as _s7
+    from .finetune_usual import report_lines as _s9
     from .predict import report_lines as _s8
 
     for key, fn in (("s1", _s1), ("s2", _s2), ("s3", _s3), ("s4", _s4), ("s5", _s5),
-                    ("s6", _s6), ("s7", _s7), ("s8", _s8)):
+                    ("s6", _s6), ("s7", _s7), ("s8", _s8), ("s9", _s9)):
         if key in r:
             L += [""] + fn(r[key], r) + [""]
             if key in load:

@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--out BENCHMARKS.md]``: run the eight sections, print
+"""``python -m benchmarks [--quick] [--out BENCHMARKS.md]``: run the nine sections, print
 what was measured as it goes, write the markdown report, its chart and a JSON dump.
 
 Writes ``--out`` (default ``BENCHMARKS.md``; ``--quick``: ``bench-out/BENCHMARKS.md``),
@@ -22,16 +22,18 @@ from . import env
 
 SECTIONS = {1: "tutorial vs featcache", 2: "stage one vs bare backbone",
             3: "peak RSS", 4: "stage two", 5: "cache hit", 6: "stage one runtimes",
-            7: "finetune memory", 8: "predict runtimes"}
+            7: "finetune memory", 8: "predict runtimes",
+            9: "fine-tuning: the usual way vs from the cache"}
 #: ``--quick`` leaves section 7 out unless named: its two children (TensorFlow, a backbone
-#: rebuilt, two training runs) would add about a minute to the smoke run CI makes.
-QUICK_SECTIONS = "1,2,3,4,5,6,8"
+#: rebuilt, two training runs) would add about a minute to the smoke run CI makes. Section
+#: 9 at quick sizes (128 images at 64 px, 1 + 2 epochs each way) adds about 10 s.
+QUICK_SECTIONS = "1,2,3,4,5,6,8,9"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="featcache's benchmark: five measurements taken side by side in one run "
+        description="featcache's benchmark: nine sections measured side by side in one run "
                     "-> BENCHMARKS.md + a PNG chart (see docs/benchmarks.md).")
     p.add_argument("--quick", action="store_true",
                    help="the one-minute smoke version (tiny subsets, 64 px): checks it runs")
@@ -55,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stage two on this file (default, full mode: "
                         "features/cifar10_mobilenet_v2_224_flip.h5 when present)")
     p.add_argument("--sections", default=None,
-                   help=f"comma-separated subset of 1-8 (default: all; --quick: "
-                        f"{QUICK_SECTIONS}, section 7 only when named)")
+                   help=f"comma-separated subset of 1-{max(SECTIONS)} (default: all; "
+                        f"--quick: {QUICK_SECTIONS}, section 7 only when named)")
     return p.parse_args(argv)
 
 
@@ -95,8 +97,8 @@ def main(argv=None) -> int:
     except ValueError:
         sections = [0]
     if not sections or not set(sections) <= set(SECTIONS):
-        print(f"benchmarks: error: --sections takes numbers from 1-8, not {args.sections}",
-              file=sys.stderr)
+        print(f"benchmarks: error: --sections takes numbers from 1-{max(SECTIONS)}, not "
+              f"{args.sections}", file=sys.stderr)
         return 2
     out, chart = report_paths(args)
     preset = env.Settings.quick if args.quick else env.Settings.full
@@ -146,10 +148,11 @@ def main(argv=None) -> int:
 
     section(6, lambda: runtimes.run(s))
 
-    from . import finetune_mem, predict
+    from . import finetune_mem, finetune_usual, predict
 
     section(7, lambda: finetune_mem.run(s))
     section(8, lambda: predict.run(s))
+    section(9, lambda: finetune_usual.run(s))
 
     res["total_s"] = time.perf_counter() - t_start
     res["load_end"] = env.load()

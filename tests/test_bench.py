@@ -40,7 +40,7 @@ def _positive(x) -> bool:
 def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
     md, r = quick_run["md"], quick_run["json"]
     for heading in ("## Headline", "## Settings", "## 1. ", "## 2. ", "## 3. ", "## 4. ",
-                    "## 5. ", "## 6. ", "## 8. "):
+                    "## 5. ", "## 6. ", "## 8. ", "## 9. "):
         assert heading in md, heading
     # settings, device and the loud fallback notes are printed with the numbers
     assert "**Device used:** CPU (no GPU" in md or "**Device used:** GPU: " in md
@@ -125,6 +125,10 @@ def test_quick_bench_writes_every_section_table_and_ratio(quick_run):
     assert tf_row["agreement"] == 1.0 and tf_row["max_abs_diff"] == 0.0
     assert ov_row["precision"] == "float32" and ov_row["max_abs_diff"] < 1e-4
 
+    # section 9: fine-tuning the usual way vs from the cache (checked in detail below)
+    s9 = r["s9"]
+    assert f"**{s9['ratio_top_epoch']:,.1f}x** / **{s9['ratio_total']:,.1f}x**" in md
+
     # the ratios in the headline table are the ones in the JSON
     assert f"**{s2['ratio']:.3f}**" in md and f"**{pairs[0]['rss_ratio']:.3f}**" in md
 
@@ -135,6 +139,62 @@ def test_quick_bench_chart_is_a_small_png(quick_run):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert 5_000 < len(data) < 250_000
     assert "![benchmark chart](chart.png)" in quick_run["md"]
+
+
+@pytest.fixture(scope="module")
+def section9(tmp_path_factory):
+    """Section 9 on tiny synthetic data with random weights, in this process."""
+    from benchmarks.env import Settings
+    from benchmarks.finetune_usual import run
+
+    s = Settings.quick(dataset="synthetic", weights="none", n_train=48, n_test=16, size=32,
+                       work_dir=str(tmp_path_factory.mktemp("s9")))
+    return s, run(s)
+
+
+def test_section9_times_both_ways_on_the_same_training(section9):
+    s, d = section9
+    json.dumps(d)                                   # what bench.json holds
+    assert (d["n_train"], d["n_test"], d["cut"]) == (48, 16, "block_13")
+    u, c = d["usual"], d["cache"]
+    # the same top (every block above the cut) and the same number of epochs of each phase
+    assert u["trainable_blocks"] == c["trainable_blocks"] == d["trainable_blocks"] == 4
+    assert u["trainable_values"] == c["trainable_values"] > 0
+    for side in (u, c):
+        assert len(side["head_epochs_s"]) == s.ft_head_epochs == d["head_epochs"]
+        assert len(side["top_epochs_s"]) == s.ft_top_epochs == d["top_epochs"]
+        assert all(_positive(x) for x in side["head_epochs_s"] + side["top_epochs_s"])
+        parts = (side["stage_one_s"] + side["setup_s"] + sum(side["head_epochs_s"])
+                 + sum(side["top_epochs_s"]) + side["predict_s"])
+        assert side["total_s"] == pytest.approx(parts, rel=1e-9)
+        assert side["top_epoch_s"] == pytest.approx(
+            sum(side["top_epochs_s"][1:]) / (len(side["top_epochs_s"]) - 1))
+        assert _positive(side["setup_s"]) and _positive(side["predict_s"])
+        assert 0.0 <= side["acc"] <= 1.0
+    assert u["stage_one_s"] == 0.0 and _positive(c["stage_one_s"])
+    assert Path(c["file"]).is_file() and _positive(c["file_mb"])
+    # the ratios are the measured numbers' (usual / cache)
+    assert d["ratio_top_epoch"] == pytest.approx(u["top_epoch_s"] / c["top_epoch_s"])
+    assert d["ratio_total"] == pytest.approx(u["total_s"] / c["total_s"])
+
+
+def test_section9_is_in_the_report_and_its_headline(section9):
+    from benchmarks import report
+    from benchmarks.run import QUICK_SECTIONS, SECTIONS
+
+    s, d = section9
+    assert 9 in SECTIONS and "9" in QUICK_SECTIONS.split(",")
+    r = {"settings": s.to_dict(), "machine": {"device": {"kind": "CPU", "name": "x", "count": 1},
+                                              "cpu": "x", "cores": 1, "memory_gib": 1,
+                                              "os": "x", "python": "3", "tensorflow": "2",
+                                              "keras": "3", "numpy": "1", "sklearn": "1",
+                                              "h5py": "3"},
+         "started": "now", "total_s": 1.0, "load_start": [], "load_end": [], "s9": d}
+    md = report.markdown(r, None)
+    assert "## 9. Fine-tuning: the usual way vs from the cache" in md
+    ratios = f"**{d['ratio_top_epoch']:,.1f}x** / **{d['ratio_total']:,.1f}x**"
+    assert ratios in md and ratios.replace("**", "") in report.headline_text(r)
+    assert f"**{d['usual']['total_s']:,.1f}**" in md and f"**{d['cache']['total_s']:,.1f}**" in md
 
 
 def test_flop_count_matches_the_published_mobilenet_v2_figure():

@@ -189,7 +189,13 @@ def pooled_stats(X: ActRows):
             a = r.read(X.split, lo, hi, what="features")[rows - lo].astype(np.float64)
             s = s + a.sum(0)
             s2 = s2 + (a * a).sum(0)
-    n = max(1, len(X.rows))
+    return feature_stats(s, s2, len(X.rows))
+
+
+def feature_stats(s, s2, n: int):
+    """Mean and variance (float32) from the sums ``s`` and ``s2`` (float64) of ``n`` rows of
+    pooled features and of their squares, each feature's scale floored (below)."""
+    n = max(1, int(n))
     mean = s / n
     sd = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
     # near-constant features would be amplified without bound once the top trains: floor

@@ -99,6 +99,33 @@ def planned_cosine(lr: float, decay_steps: int):
     return PlannedCosine()
 
 
+def train_step(net, groups, loss_fn):
+    """A compiled training step ``step(x, y) -> loss`` of ``net``: one Adam per ``(learning
+    rate or schedule, variables)`` in ``groups``, all from one gradient tape. The tape
+    watches those variables only, so frozen layers below them run forward and are not
+    recorded (their activations are not kept for a backward pass that never reaches them)."""
+    import keras
+    import tensorflow as tf
+
+    opts = [(keras.optimizers.Adam(lr), vs) for lr, vs in groups]
+    for opt, vs in opts:
+        opt.build(vs)
+    all_vars = [v for _, vs in opts for v in vs]
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([v.value for v in all_vars])
+            loss = loss_fn(y, net(x, training=True))
+        grads = tape.gradient(loss, all_vars)
+        i = 0
+        for opt, vs in opts:
+            opt.apply_gradients(zip(grads[i:i + len(vs)], vs))
+            i += len(vs)
+        return loss
+    return step
+
+
 class FinetuneHead(Head):
     """Fine-tunes the backbone above the cut plus a dense head on cached activations
     (``X``: :class:`featcache.heads.finetune.data.ActRows`, see the module docstring)."""
@@ -150,7 +177,6 @@ class FinetuneHead(Head):
         check_schedule(self.schedule)
         self._set_threads()
         import keras
-        import tensorflow as tf
 
         from featcache.cache.activations import ActivationReader
         from featcache.heads.finetune.data import pooled_stats
@@ -181,23 +207,8 @@ class FinetuneHead(Head):
             return schedules[-1]
 
         def make_step(net, groups, decay_steps=0):
-            opts = [(keras.optimizers.Adam(rate(lr, decay_steps)), vs)
-                    for lr, vs in groups if vs and lr]
-            for opt, vs in opts:
-                opt.build(vs)
-            all_vars = [v for _, vs in opts for v in vs]
-
-            @tf.function(reduce_retracing=True)
-            def step(x, y):
-                with tf.GradientTape() as tape:
-                    loss = loss_fn(y, net(x, training=True))
-                grads = tape.gradient(loss, all_vars)
-                i = 0
-                for opt, vs in opts:
-                    opt.apply_gradients(zip(grads[i:i + len(vs)], vs))
-                    i += len(vs)
-                return loss
-            return step
+            return train_step(net, [(rate(lr, decay_steps), vs) for lr, vs in groups
+                                    if vs and lr], loss_fn)
 
         val = None
         if validation_data is not None:

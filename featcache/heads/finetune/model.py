@@ -11,6 +11,9 @@ functions only.
 BatchNorm frozen, in inference mode) -> pooled features -> Normalization (fit-row
 statistics) -> Dense(hidden, relu) -> Dropout -> Dense(n_classes, softmax)`` as one model, its top
 and its head (the head alone takes pooled features: phase 1 trains it on the stored ones).
+:func:`build_base` and :func:`build_above_cut` are its two steps without a feature file (the
+benchmark's fine-tuning "the usual way" trains the same top and head on images, through
+:func:`to_cut`, the frozen bottom).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Built:
     backbone: str
     top_layers: list
     trainable_blocks: int     # resolved: ``None`` asked for every block above the cut
+    base: object = None       # the whole backbone (its layers above the cut are ``top``'s)
 
 
 def file_weights(attrs: dict) -> str:
@@ -48,26 +52,47 @@ def build(path: str, n_classes: int, mean, var, *, trainable_blocks: int | None,
           dropout: float, seed: int) -> Built:
     """The model for the feature file at ``path`` (see the module docstring);
     ``trainable_blocks`` None: every block above the cut."""
-    import keras
-
-    from featcache.backbones.cut import top_model, top_units
-    from featcache.backbones.registry import build_backbone, get_backbone
     from featcache.cache.activations import ActivationReader
     from featcache.cache.reader import read_attrs
 
     attrs = read_attrs(path)
     with ActivationReader(path) as r:
         shape = r.shape
-    spec = get_backbone(str(attrs["backbone"]))
+    base = build_base(str(attrs["backbone"]), weights=file_weights(attrs),
+                      pooling=str(attrs.get("pooling", "avg")),
+                      backbone_seed=int(attrs.get("seed", 0)), seed=seed)
+    return build_above_cut(base, str(attrs["backbone"]), str(attrs["cut"]), n_classes, mean,
+                           var, shape=shape, trainable_blocks=trainable_blocks, hidden=hidden,
+                           dropout=dropout)
+
+
+def build_base(backbone: str, *, weights: str, pooling: str, backbone_seed: int, seed: int):
+    """The whole backbone :func:`build` cuts, built after seeding Keras with ``seed`` (which,
+    with :func:`build_above_cut` next, sets the head's initial weights)."""
+    import keras
+
+    from featcache.backbones.registry import build_backbone, get_backbone
+
     keras.utils.set_random_seed(int(seed))
-    backbone = build_backbone(spec, weights=file_weights(attrs),
-                              pooling=str(attrs.get("pooling", "avg")),
-                              seed=int(attrs.get("seed", 0)))
-    top = top_model(backbone, str(attrs["cut"]), spec.name)
+    return build_backbone(get_backbone(backbone), weights=weights, pooling=pooling,
+                          seed=int(backbone_seed))
+
+
+def build_above_cut(base, backbone: str, cut: str, n_classes: int, mean, var, *,
+                    shape=None, trainable_blocks: int | None, hidden: int, dropout: float) -> Built:
+    """:func:`build`'s model on ``base`` (:func:`build_base`) cut at ``cut``: the top's
+    layers are ``base``'s own. ``shape``: the activations' (H, W, C), ``None``: any H, W."""
+    import keras
+
+    from featcache.backbones.cut import top_model, top_units
+    from featcache.backbones.registry import get_backbone
+
+    spec = get_backbone(backbone)
+    top = top_model(base, cut, spec.name)
     units = top_units(top)
     k = len(units) if trainable_blocks is None else int(trainable_blocks)
     if not 0 <= k <= len(units):
-        raise ConfigError(f"trainable_blocks={k}: the cut {attrs['cut']} has {len(units)} "
+        raise ConfigError(f"trainable_blocks={k}: the cut {cut} has {len(units)} "
                           f"blocks above it (0..{len(units)})")
     top.trainable = True
     for i, unit in enumerate(units):
@@ -82,10 +107,21 @@ def build(path: str, n_classes: int, mean, var, *, trainable_blocks: int | None,
         x = keras.layers.Dropout(dropout, name="dropout")(x)
     out = keras.layers.Dense(n_classes, activation="softmax", name="proba")(x)
     head = keras.Model(feats, out, name="featcache_finetune_head")
-    inp = keras.Input(shape, dtype="float32", name="activations")
+    inp = keras.Input(tuple(shape) if shape is not None else tuple(top.input.shape[1:]),
+                      dtype="float32", name="activations")
     model = keras.Model(inp, head(top(inp)), name="featcache_finetune")
-    return Built(model, top, head, str(attrs["cut"]), spec.name,
-                 [layer.name for layer in top.layers if layer.weights], k)
+    return Built(model, top, head, cut, spec.name,
+                 [layer.name for layer in top.layers if layer.weights], k, base)
+
+
+def to_cut(base, cut: str, backbone: str = ""):
+    """``base``'s frozen bottom: images -> the activations at ``cut`` (its own layers)."""
+    import keras
+
+    from featcache.backbones.cut import cut_layer
+
+    layer = base.get_layer(cut_layer(base, cut, backbone))
+    return keras.Model(base.input, layer.output, name=f"{base.name}_to_{cut}")
 
 
 def export_bottom(estimator, backbone, head_model, feature_file, n: int = 16):
@@ -93,15 +129,10 @@ def export_bottom(estimator, backbone, head_model, feature_file, n: int = 16):
     and max |``head_model`` - the head's predictions| on the file's first test rows (the
     Keras form must be the fitted head). The bottom keeps the backbone's frozen weights;
     the fine-tuned top is inside ``head_model``."""
-    import keras
-
-    from featcache.backbones.cut import cut_layer
     from featcache.cache.activations import ActivationReader
     from featcache.heads.finetune.data import ActRows
 
-    layer = backbone.get_layer(cut_layer(backbone, estimator.cut_, estimator.backbone_))
-    bottom = keras.Model(backbone.input, layer.output,
-                         name=f"{backbone.name}_to_{estimator.cut_}")
+    bottom = to_cut(backbone, estimator.cut_, estimator.backbone_)
     with ActivationReader(feature_file) as r:
         n = min(n, r.rows("test"))
         acts = r.read("test", 0, n).astype(np.float32)
