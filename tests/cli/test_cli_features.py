@@ -34,7 +34,8 @@ def test_path_needs_no_tensorflow():
     # the default runtime and precision as resolved here (_ov, _ov_bf16 or nothing)
     want = ExtractConfig(size=96, flip=True).output_path
     assert out.stdout.strip() == str(want), out.stderr
-    assert want.name.startswith("cifar10_mobilenet_v2_96") and want.name.endswith("_flip_cut-block_13.h5")
+    assert want.name.startswith("cifar10_mobilenet_v2_96")
+    assert want.name.endswith("_flip_cut-block_13.h5")
 
 
 @pytest.mark.parametrize("args, msg", [
