@@ -28,10 +28,10 @@ from featcache._util import settings
 from featcache._util.settings import setting
 from featcache.backbones.cut import check_cut_name
 from featcache.backbones.registry import (
+    AUTO_CUT,
     BACKBONES,
     POOLINGS,
     PREPROCESS_MODES,
-    AUTO_CUT,
     get_backbone,
     resolve_cut,
     weights_tag,
@@ -186,7 +186,7 @@ class ExtractConfig:
              "visible")
     precision: str = setting(
         DEFAULT_PRECISION, choices=PRECISIONS, make="PRECISION", key=True,
-        help="auto = with openvino, int8 on a CPU with VNNI/AMX (float with --cut), else "
+        help="auto = with openvino, int8 on a CPU with VNNI/AMX, else "
              "bf16 on a CPU with AVX512-BF16/AMX, else float32; bf16, int8 (openvino; int8 = "
              "the graph quantized by NNCF, calibrated on training images), mixed_bfloat16 / "
              "mixed_float16 (tensorflow Keras policies)")
@@ -267,7 +267,7 @@ class ExtractConfig:
         runtime = resolve_runtime(self.runtime)
         cut = resolve_cut(self.cut, self.backbone,
                           sharded=self.shard is not None or self.engine == "ray")
-        precision = resolve_precision(self.precision, runtime, cut=bool(cut))
+        precision = resolve_precision(self.precision, runtime)
         if self.xla and runtime != "tensorflow":
             raise ConfigError("--xla compiles TensorFlow's graph; it needs --runtime tensorflow")
         if self.pooling not in POOLINGS:

@@ -13,7 +13,8 @@ what runs them. Two halves:
   graph, :mod:`featcache.extract.quantize`) for OpenVINO on a CPU whose ``/proc/cpuinfo``
   lists VNNI or AMX int8 instructions (:func:`cpu_has_fast_int8`), else ``bf16`` on a CPU
   that lists ``avx512_bf16`` or ``amx_bf16`` (:func:`cpu_has_bf16`), else ``float32``;
-  flags are read, never assumed. With activations at a cut ``auto`` stays float.
+  flags are read, never assumed. The rule is the same with activations at a cut (the
+  fine-tuned row on an int8 cut file is within 0.5 points of float32's, docs/stage-one.md).
 - **Running** (:func:`openvino_step`): the whole step — uint8 batch -> resize -> the
   backbone's preprocessing -> backbone -> pooling (-> mirrored copy) — as one TensorFlow
   graph (the same one the TensorFlow runtime runs), converted by ``ov.convert_model`` once
@@ -114,14 +115,14 @@ def float_precision(runtime: str) -> str:
 OPENVINO_INT8_AUTO = "int8"
 
 
-def auto_precision(runtime: str, *, cut: bool = False) -> str:
+def auto_precision(runtime: str) -> str:
     """What ``--precision auto`` is for ``runtime`` on this CPU, the measured rule
     (docs/stage-one.md): for OpenVINO on a CPU with VNNI or AMX int8 instructions
-    (:func:`cpu_has_fast_int8`) ``int8``; otherwise, and with activations at a ``cut``
-    (fine-tuning from int8 activations is not measured), :func:`float_precision`. Without
-    VNNI/AMX int8 is not measured here either (published figures: 1.3-1.8x on AVX2, and a
-    slowdown on some CPUs), so it stays float."""
-    if runtime == "openvino" and not cut and cpu_has_fast_int8():
+    (:func:`cpu_has_fast_int8`) ``int8``, with or without a cut (the frozen rows and the
+    fine-tuned row from int8 activations are within 0.5 points of float32's); otherwise
+    :func:`float_precision`. Without VNNI/AMX int8 is not measured here (published figures:
+    1.3-1.8x on AVX2, and a slowdown on some CPUs), so it stays float."""
+    if runtime == "openvino" and cpu_has_fast_int8():
         return OPENVINO_INT8_AUTO
     return float_precision(runtime)
 
@@ -145,14 +146,14 @@ def resolve_runtime(runtime: str) -> str:
     return "tensorflow" if visible_gpus() else "openvino"
 
 
-def resolve_precision(precision: str, runtime: str, *, cut: bool = False) -> str:
-    """``auto`` -> the default of ``runtime`` on this machine (:func:`auto_precision`; ``cut``:
-    activations at a cut are stored); refuse what it cannot run."""
+def resolve_precision(precision: str, runtime: str) -> str:
+    """``auto`` -> the default of ``runtime`` on this machine (:func:`auto_precision`);
+    refuse what it cannot run."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of "
                           f"{', '.join(PRECISIONS)}")
     if precision == "auto":
-        return auto_precision(runtime, cut=cut)
+        return auto_precision(runtime)
     if precision not in RUNTIME_PRECISIONS[runtime]:
         other = {"bf16": "mixed_bfloat16 with --runtime tensorflow, or --runtime openvino",
                  "int8": "--runtime openvino (NNCF quantizes OpenVINO's graph)",
