@@ -24,8 +24,14 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-#: The real full-CIFAR-10 feature file stage two is timed on when it exists (``make features``).
-DEFAULT_FEATURE_FILE = ROOT / "features" / "cifar10_mobilenet_v2_224_flip.h5"
+
+
+def default_feature_file() -> Path:
+    """The real full-CIFAR-10 feature file stage two is timed on when it exists: the one
+    ``make features`` writes with its defaults on this machine (the name carries the
+    runtime, precision and cut that ``auto`` resolves to here)."""
+    from featcache.config import ExtractConfig
+    return ROOT / ExtractConfig().output_path
 
 
 @dataclass(frozen=True)
@@ -124,11 +130,11 @@ def resolve(s: Settings, *, data_dir: str | None, dataset: str | None,
     elif w == "none":
         notes.append("random weights (--weights none): timings hold, accuracies are meaningless.")
 
-    ff = feature_file
-    if ff is None and s.mode == "full" and DEFAULT_FEATURE_FILE.is_file():
-        ff = str(DEFAULT_FEATURE_FILE)
+    ff, default_ff = feature_file, default_feature_file()
+    if ff is None and s.mode == "full" and default_ff.is_file():
+        ff = str(default_ff)
     if ff is None and s.mode == "full":
-        notes.append(f"{DEFAULT_FEATURE_FILE.relative_to(ROOT)} not found (run `make features`): "
+        notes.append(f"{default_ff.relative_to(ROOT)} not found (run `make features`): "
                      f"stage two was timed on section 1's small feature file instead.")
     rss = s.rss_runs
     if ds == "synthetic":  # 160 images in all: the two sizes are 40 and 160 images

@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="force weights (default: imagenet when found, else none)")
     p.add_argument("--feature-file", default=None,
                    help="stage two on this file (default, full mode: "
-                        "features/cifar10_mobilenet_v2_224_flip.h5 when present)")
+                        "the file make features writes with its defaults, when present)")
     p.add_argument("--sections", default=None,
                    help=f"comma-separated subset of 1-{max(SECTIONS)} (default: all; "
                         f"--quick: {QUICK_SECTIONS}, section 7 only when named)")
