@@ -228,3 +228,34 @@ def test_a_planned_cosine_runs_to_its_end_whatever_the_patience(cut_file):
     assert 0 <= head.best_epochs_ <= planned          # the best epoch kept (0: phase 1's)
     _, unplanned = phase2()
     assert len(unplanned) == 1
+
+
+@pytest.mark.slow
+def test_finetune_on_a_small_image_folder_lands_beside_the_frozen_rows(tmp_path,
+                                                                      calibrated_weights):
+    """An own folder of a few images per class (what transfer learning is for): stage one
+    stores the cut, ``featcache finetune FILE`` selects every row by k-fold on it and
+    puts the fine-tuned row in the same report as the frozen ones."""
+    from featcache.cli.main import main
+    from featcache.config import ExtractConfig
+    from featcache.extract.run import extract_features
+
+    from image_folders import make_image_folder
+
+    photos = make_image_folder(tmp_path / "my photos", copies=2, corrupt=False)
+    feats = extract_features(ExtractConfig(
+        dataset=str(photos), backbone="mobilenet_v2", size=32, batch=16, flip=True,
+        weights=calibrated_weights("mobilenet_v2"), cut="block_15", runtime="tensorflow",
+        out_dir=str(tmp_path / "features"))).path
+    report = tmp_path / "report"
+    assert main(["finetune", str(feats), "-q", "--heads", "logreg", "--cv-repeats", "1",
+                 "--budget", "3s", "--out-dir", str(report)]) == 0
+    results = json.loads((report / "results.json").read_text())
+    assert results["protocol"]["plan"]["kind"] != "holdout"      # small: k-fold selection
+    assert results["protocol"]["plan"]["folds"] > 1
+    names = [r["name"] for r in results["rows"]]
+    assert names == ["logreg", "logreg+flip", "finetune+flip"]
+    assert results["classes"] == ["bird", "cat", "dog"]
+    row = results["rows"][2]
+    assert row["budget"]["budget_s"] == 3 and 0 <= row["test_accuracy"] <= 1
+    assert "| finetune+flip" in (report / "report.md").read_text()
