@@ -236,11 +236,11 @@ def test_finetune_on_a_small_image_folder_lands_beside_the_frozen_rows(tmp_path,
     """An own folder of a few images per class (what transfer learning is for): stage one
     stores the cut, ``featcache finetune FILE`` selects every row by k-fold on it and
     puts the fine-tuned row in the same report as the frozen ones."""
+    from image_folders import make_image_folder
+
     from featcache.cli.main import main
     from featcache.config import ExtractConfig
     from featcache.extract.run import extract_features
-
-    from image_folders import make_image_folder
 
     photos = make_image_folder(tmp_path / "my photos", copies=2, corrupt=False)
     feats = extract_features(ExtractConfig(
