@@ -84,7 +84,9 @@ def test_make_and_featcache_name_the_same_file(variables, flags):
                          capture_output=True, text=True, check=True).stdout.strip()
     assert make("path", *variables).strip() == cli
     if not variables:
-        assert cli == str(ExtractConfig().output_path) and cli.endswith("_flip.h5")
+        # the defaults: mirrored features and mobilenet_v2's recommended cut
+        assert cli == str(ExtractConfig().output_path)
+        assert cli.endswith("_flip_cut-block_13.h5")
 
 
 def test_main_job_installs_the_package_alone_and_test_adds_dev(tmp_path):
@@ -103,7 +105,8 @@ def test_cache_key_is_generated_from_the_table():
     assert names[:2] == ("dataset", "dataset_sha256") and "image_size" in names
     assert "test_fraction" in names and "val_fraction" not in names
     assert not {"batch", "xla", "out_dir", "size"} & set(names)
-    key = ExtractConfig(runtime="openvino", precision="float32", test_fraction=0.3).cache_key(
+    key = ExtractConfig(runtime="openvino", precision="float32", test_fraction=0.3,
+                        cut="none").cache_key(
         dataset_sha256="d", weights_sha256="w", runtime_version="1")
     # cut: only when set; calibration: only at int8
     assert tuple(key) == tuple(n for n in names if n not in ("cut", "calibration"))
@@ -112,7 +115,7 @@ def test_cache_key_is_generated_from_the_table():
     assert names[-1] == "cut" and ExtractConfig(cut="block_16").cache_key(
         dataset_sha256="d", weights_sha256="w", runtime_version="1")["cut"] == "block_16"
     assert key["test_fraction"] == 0.3 and key["image_size"] == 224 and key["limit"] == 0
-    other = ExtractConfig(runtime="openvino", precision="float32", batch=7).cache_key(
+    other = ExtractConfig(runtime="openvino", precision="float32", batch=7, cut="none").cache_key(
         dataset_sha256="d", weights_sha256="w", runtime_version="1")
     assert config_sha256(other) != config_sha256(key)   # test_fraction differs
     assert config_sha256(other) == config_sha256({**key, "test_fraction": 0.2})
