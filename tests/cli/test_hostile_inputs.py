@@ -227,6 +227,12 @@ def test_heads_takes_data_dir_for_the_images_of_mistakes_png(tmp_path, capsys, c
     monkeypatch.setattr(paths, "CHECKOUT", tmp_path)   # nor a development checkout's
     for var in (paths.REAL_DATA_ENV, "FEATCACHE_DATA_DIR"):
         monkeypatch.delenv(var, raising=False)
+    # an earlier test in the same process may have configured logging away from caplog
+    # (a library's dictConfig disables existing loggers); this test reads the warning
+    import logging
+    for name in ("featcache", "featcache.compare.mistakes"):
+        logging.getLogger(name).disabled = False
+    caplog.set_level(logging.INFO)
     args = ["heads", str(path), "--heads", "logreg", "--workers", "0", "--flip", "off", "-q"]
     assert main(args) == 0
     said = [r.getMessage() for r in caplog.records if "mistakes.png" in r.getMessage()]
