@@ -46,8 +46,13 @@ _REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "I", "F", "CMYK"})
 _16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 #: Pillow's size check (a warning above Image.MAX_IMAGE_PIXELS) runs in Image.open and reads
 #: the process-wide warning filters: featcache's opens take turns, so that each one's
-#: catch_warnings() restores what it found
+#: catch_warnings() restores what it found. No file is read while the lock is held (a
+#: slow file, a pipe, must not hold up the others): see :data:`READ_WHOLE`
 _OPEN_LOCK = threading.Lock()
+#: a file up to this size (and any file that is not a regular one) is read into memory
+#: before Image.open takes the lock; a larger one is opened by Pillow, its header read
+#: under the lock
+READ_WHOLE = 64 * 2**20
 #: one reduced (large) image decoded at a time, whatever the thread count: its full-size
 #: pixels (a PNG has no draft mode) are the memory the policy bounds
 _LARGE = threading.BoundedSemaphore(1)
@@ -66,6 +71,11 @@ def reduction(width: int, height: int, size: int) -> int:
 def _open(source, name: str):
     from PIL import Image
 
+    if not isinstance(source, bytes):
+        with open(source, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size <= READ_WHOLE:
+                source = f.read()
     with _OPEN_LOCK, warnings.catch_warnings():
         # featcache's own limits decide (decode_scaled); never Pillow's raw warning
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
