@@ -44,7 +44,8 @@ def test_imagenet_features_beat_random_features_by_a_wide_margin(real_data_dir, 
     from featcache.extract.run import extract_features
 
     common = dict(dataset="cifar10", data_dir=str(real_data_dir), backbone="mobilenet_v2",
-                  size=224, limit=N, out_dir=str(tmp_path), download=False)
+                  size=224, limit=N, out_dir=str(tmp_path), download=False,
+                  precision="float32", cut="none")  # the weights are the point, not int8
     real = load_features(extract_features(ExtractConfig(weights="imagenet", **common)).path)
     rand = load_features(extract_features(ExtractConfig(weights="none", **common)).path)
     assert real.attrs["weights"] == "imagenet" and rand.attrs["weights"] == "none"
@@ -65,7 +66,7 @@ def test_int8_features_of_real_weights_are_close_to_float32(real_data_dir, keras
 
     common = dict(dataset="cifar10", data_dir=str(real_data_dir), backbone="mobilenet_v2",
                   size=224, limit=N, out_dir=str(tmp_path), download=False, flip=False,
-                  runtime="openvino")
+                  cut="none", runtime="openvino")
     f32 = load_features(extract_features(ExtractConfig(precision="float32", **common)).path)
     i8 = load_features(extract_features(ExtractConfig(precision="int8", calibration=100,
                                                       **common)).path)
@@ -86,7 +87,7 @@ def test_input_size_does_not_change_the_weight_file(real_data_dir, keras_home, t
     from featcache.extract.run import extract_features
 
     common = dict(data_dir=str(real_data_dir), limit=8, batch=8, out_dir=str(tmp_path),
-                  download=False)
+                  download=False, precision="float32", cut="none")
     a = read_attrs(extract_features(ExtractConfig(size=96, **common)).path)
     b = read_attrs(extract_features(ExtractConfig(size=128, **common)).path)
     assert a["weights_sha256"] == b["weights_sha256"]
@@ -114,7 +115,7 @@ def test_predict_on_openvino_gives_tensorflows_answers_on_real_weights(real_data
     n = 100
     fs = load_features(extract_features(ExtractConfig(
         dataset="cifar10", data_dir=str(real_data_dir), limit=n, flip=False,
-        precision="float32", out_dir=str(tmp_path), download=False)).path)
+        precision="float32", cut="none", out_dir=str(tmp_path), download=False)).path)
     head = get_head("logreg", C=0.01).fit(fs["train"].features, fs["train"].labels)
     model = export_model(fs.path, head=head, output=tmp_path / "cifar.keras").path
     ds = open_dataset("cifar10", data_dir=real_data_dir, download=False)

@@ -210,9 +210,10 @@ class CutInfo:
 
 
 def describe_cuts(backbone: str, size: int, *, images: int = CIFAR10_IMAGES,
-                  flip: bool = True) -> list[CutInfo]:
+                  flip: bool = True, only: str | None = None) -> list[CutInfo]:
     """The cuts of ``backbone`` at ``size`` px (built with random weights: shapes and costs
-    do not depend on them)."""
+    do not depend on them); ``only``: the row of that one cut (the others' tops are not
+    built: a backbone with many cut points takes a minute for all)."""
     from featcache.backbones.registry import build_backbone, get_backbone
 
     spec = get_backbone(backbone)
@@ -226,6 +227,8 @@ def describe_cuts(backbone: str, size: int, *, images: int = CIFAR10_IMAGES,
     total = sum(flops)
     rows = []
     for p in points:
+        if only is not None and p.name != only:
+            continue
         shape = tuple(int(d) for d in sized.layers[p.index].output.shape[1:])
         n = shape[0] * shape[1] * shape[2]
         units = len(top_units(top_model(model, p.name, backbone)))

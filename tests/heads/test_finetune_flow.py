@@ -107,8 +107,7 @@ def test_the_default_cut_is_stored_exactly_where_its_activations_are_small(backb
     from featcache.backbones.registry import DEFAULT_CUT_MAX_RATIO, get_backbone
 
     spec = get_backbone(backbone)
-    info = next(r for r in describe_cuts(backbone, spec.default_size, images=1, flip=False)
-                if r.name == spec.cut)
+    info, = describe_cuts(backbone, spec.default_size, images=1, flip=False, only=spec.cut)
     ratio = info.cache_bytes / (4 * spec.dim)
     assert spec.cut_by_default == (ratio <= DEFAULT_CUT_MAX_RATIO), (backbone, ratio)
 
