@@ -187,10 +187,13 @@ export: $(if $(EXPORT_FINETUNED),$(if $(filter finetune,$(MAKECMDGOALS)),$(FINET
 	$(FEATCACHE) export $(if $(EXPORT_FINETUNED),$(FINETUNE_FILE),$(FEATURE_FILE)) $(if $(HEAD),--head $(HEAD)) $(if $(FORMAT),--format $(FORMAT))
 
 # test: one pytest worker per core (pytest-xdist), each test file on one worker (module
-# fixtures run once); TEST_WORKERS=0 runs the suite in one process.
+# fixtures run once), the files in collection order (--no-loadscope-reorder: xdist would
+# otherwise start the files with the most tests first, and the longest files, which hold
+# few tests, last; tests/conftest.py puts the longest first); TEST_WORKERS=0 runs the
+# suite in one process.
 TEST_WORKERS ?= logical
 test: $(DEV_STAMP) ## run the test suite (real-data tests run when ../shared or FEATCACHE_REAL_DATA is there)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # lint: ruff (style, unused names, import order) and the import contracts of pyproject.toml
 # (the rooms' layer order, no cycles, the stage-two boundary, h5py only in featcache.cache).

@@ -134,8 +134,9 @@ def counted_conversions(monkeypatch):
 
 
 #: the test files that take longest (``--durations``), started first: ``make test`` runs
-#: the files on pytest-xdist workers (``--dist loadfile``) in collection order, and a long
-#: file started last would leave one worker running it alone at the end.
+#: the files on pytest-xdist workers (``--dist loadfile --no-loadscope-reorder``) in
+#: collection order, and a long file started last would leave one worker running it alone
+#: at the end.
 LONGEST_FIRST = ("test_bench.py", "test_ship.py", "test_notebook.py", "test_faults.py",
                  "test_real.py", "test_export.py", "test_finetune_flow.py", "test_runtime.py",
                  "test_predict_runtimes.py", "test_finetune.py", "test_int8.py")
