@@ -1,7 +1,8 @@
 """Frozen settings for each stage, and the one place output paths are derived.
 
-Reads nothing, writes nothing, imports no TensorFlow (the Makefile asks it for paths
-before any virtualenv exists).
+Reads nothing but an image folder's listing (``--precision auto`` counts its images:
+:mod:`featcache.data.sizes`), writes nothing, imports no TensorFlow (the Makefile asks it
+for paths before any virtualenv exists).
 
 File names: ``<out_dir>/<dataset>_<backbone>_<size>[_<variant>].h5``. When no variant is
 given, every setting that changes the numbers and differs from its default is spelled into
@@ -39,11 +40,13 @@ from featcache.backbones.registry import (
 from featcache.backbones.runtime import (
     DEFAULT_PRECISION,
     DEFAULT_RUNTIME,
+    INT8_AUTO_MIN_IMAGES,
     PRECISIONS,
     RUNTIMES,
     resolve_precision,
     resolve_runtime,
 )
+from featcache.data.sizes import count_images
 from featcache.errors import ConfigError
 
 DEFAULT_BACKBONE = "mobilenet_v2"
@@ -267,7 +270,10 @@ class ExtractConfig:
         runtime = resolve_runtime(self.runtime)
         cut = resolve_cut(self.cut, self.backbone,
                           sharded=self.shard is not None or self.engine == "ray")
-        precision = resolve_precision(self.precision, runtime)
+        precision = resolve_precision(
+            self.precision, runtime,
+            images=lambda: count_images(self.dataset, limit=self.limit,
+                                        stop_at=INT8_AUTO_MIN_IMAGES))
         if self.xla and runtime != "tensorflow":
             raise ConfigError("--xla compiles TensorFlow's graph; it needs --runtime tensorflow")
         if self.pooling not in POOLINGS:

@@ -113,17 +113,26 @@ def float_precision(runtime: str) -> str:
 #: change it): int8 measured 2.87x float32 and 1.33x bf16 there, at 0.00 / -0.31 points of the
 #: best row on all of CIFAR-10 (docs/stage-one.md, "int8").
 OPENVINO_INT8_AUTO = "int8"
+#: ``--precision auto`` picks int8 only for a data set of at least this many images: its
+#: one-off quantization (about a minute for mobilenet_v2 on 2 cores) paid for itself from
+#: about 6,000 images with mirrors against float32 (docs/own-images.md, "int8 on a small
+#: folder"), later against bf16, which runs closer to int8
+INT8_AUTO_MIN_IMAGES = 10_000
 
 
-def auto_precision(runtime: str) -> str:
+def auto_precision(runtime: str, images: Callable[[], int | None] | None = None) -> str:
     """What ``--precision auto`` is for ``runtime`` on this CPU, the measured rule
     (docs/stage-one.md): for OpenVINO on a CPU with VNNI or AMX int8 instructions
     (:func:`cpu_has_fast_int8`) ``int8``, with or without a cut (the frozen rows and the
-    fine-tuned row from int8 activations are within 0.5 points of float32's); otherwise
-    :func:`float_precision`. Without VNNI/AMX int8 is not measured here (published figures:
-    1.3-1.8x on AVX2, and a slowdown on some CPUs), so it stays float."""
+    fine-tuned row from int8 activations are within 0.5 points of float32's), unless
+    ``images()`` (the data set's image count, asked only then; None: not known) is below
+    :data:`INT8_AUTO_MIN_IMAGES`; otherwise :func:`float_precision`. Without VNNI/AMX int8
+    is not measured here (published figures: 1.3-1.8x on AVX2, and a slowdown on some
+    CPUs), so it stays float."""
     if runtime == "openvino" and cpu_has_fast_int8():
-        return OPENVINO_INT8_AUTO
+        n = images() if images is not None else None
+        if n is None or n >= INT8_AUTO_MIN_IMAGES:
+            return OPENVINO_INT8_AUTO
     return float_precision(runtime)
 
 
@@ -146,14 +155,15 @@ def resolve_runtime(runtime: str) -> str:
     return "tensorflow" if visible_gpus() else "openvino"
 
 
-def resolve_precision(precision: str, runtime: str) -> str:
-    """``auto`` -> the default of ``runtime`` on this machine (:func:`auto_precision`);
-    refuse what it cannot run."""
+def resolve_precision(precision: str, runtime: str,
+                      images: Callable[[], int | None] | None = None) -> str:
+    """``auto`` -> the default of ``runtime`` on this machine for a data set of ``images()``
+    images (:func:`auto_precision`); refuse what it cannot run."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of "
                           f"{', '.join(PRECISIONS)}")
     if precision == "auto":
-        return auto_precision(runtime)
+        return auto_precision(runtime, images)
     if precision not in RUNTIME_PRECISIONS[runtime]:
         other = {"bf16": "mixed_bfloat16 with --runtime tensorflow, or --runtime openvino",
                  "int8": "--runtime openvino (NNCF quantizes OpenVINO's graph)",

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from featcache.data.base import Batch, Dataset
+from featcache.data.sizes import CIFAR10_SPLITS, KNOWN_SPLITS, SYNTHETIC_SPLITS, limited
 from featcache.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,14 @@ WHERE = "name the folder that holds it with --data-dir PATH (make: DATA_DIR=PATH
 DATASETS: dict[str, Callable[..., Dataset]] = {}
 
 
-def register_dataset(name: str):
-    """Decorator: register ``fn(data_dir, download, limit) -> Dataset`` under ``name``."""
+def register_dataset(name: str, splits: dict[str, int] | None = None):
+    """Decorator: register ``fn(data_dir, download, limit) -> Dataset`` under ``name``, with
+    its rows per split where they are known (``splits``: what
+    :func:`featcache.data.sizes.count_images` answers without opening it)."""
     def deco(fn):
         DATASETS[name] = fn
+        if splits is not None:
+            KNOWN_SPLITS[name] = dict(splits)
         return fn
     return deco
 
@@ -62,14 +67,6 @@ def open_dataset(spec: str, *, data_dir: str | os.PathLike = "data", download: b
         return FolderDataset(Path(spec), limit=limit, **kw)
     raise ConfigError(f"unknown dataset {spec!r}: use one of {', '.join(sorted(DATASETS))} "
                       f"or the path of an image folder (one sub-folder per class)")
-
-
-def _limited(splits: dict[str, int], limit: int | None) -> dict[str, int]:
-    if limit is None:
-        return dict(splits)
-    if limit <= 0:
-        raise ConfigError(f"--limit must be positive, not {limit}")
-    return {k: min(v, limit) for k, v in splits.items()}
 
 
 # ---------------------------------------------------------------------------- CIFAR-10
@@ -117,7 +114,7 @@ class Cifar10(Dataset):
                             f"copy the complete cifar-10-batches-py folder there")
         meta = _unpickle(self.root / "batches.meta")
         self.classes = [c.decode() for c in meta[b"label_names"]]
-        self.splits = _limited({"train": 50000, "test": 10000}, self.limit)
+        self.splits = limited(CIFAR10_SPLITS, self.limit)
 
     def _files(self, split: str) -> Iterator[Batch]:
         for fname in CIFAR10_FILES[split]:
@@ -197,7 +194,7 @@ def download_cifar10(data_dir: Path, url: str = CIFAR10_URL, sha256: str = CIFAR
     return data_dir / CIFAR10_DIR
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", CIFAR10_SPLITS)
 def _cifar10(data_dir: Path, *, download: bool = True, limit: int | None = None) -> Dataset:
     root = find_cifar10(data_dir)
     if root is None:
@@ -216,8 +213,8 @@ class Synthetic(Dataset):
     even from random-weight features. Deterministic for a given seed. For tests and
     ``make bench --quick``."""
 
-    n_train: int = 120
-    n_test: int = 40
+    n_train: int = SYNTHETIC_SPLITS["train"]
+    n_test: int = SYNTHETIC_SPLITS["test"]
     n_classes: int = 4
     image_size: int = 32
     seed: int = 0
@@ -258,10 +255,10 @@ class Synthetic(Dataset):
         return h.hexdigest()
 
 
-@register_dataset("synthetic")
+@register_dataset("synthetic", SYNTHETIC_SPLITS)
 def _synthetic(data_dir: Path, *, download: bool = True, limit: int | None = None) -> Dataset:
     ds = Synthetic()
     if limit is not None:
-        ds.splits = _limited(ds.splits, limit)
+        ds.splits = limited(ds.splits, limit)
     return ds
 

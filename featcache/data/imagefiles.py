@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.data.sizes import IMAGE_SUFFIXES
 from featcache.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 #: a folder holding a file named like these is featcache's output (feature files, their
 #: ``.partial`` and ``.lock`` files), never a class
 OUTPUT_SUFFIXES = (".h5", ".h5.partial", ".h5.lock")

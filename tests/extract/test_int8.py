@@ -13,6 +13,7 @@ import pytest
 from featcache.backbones import runtime
 from featcache.cache import reader
 from featcache.config import ExtractConfig, config_sha256
+from featcache.data import sizes
 from featcache.data.datasets import Synthetic
 from featcache.errors import ConfigError, Interrupted, StaleCacheError
 from featcache.extract import quantize
@@ -181,3 +182,34 @@ def test_auto_is_the_measured_rule_read_from_the_cpu_flags(monkeypatch, flags, w
         {"int8": "_int8", "bf16": "_bf16", "float32": ""}[want] + "_flip_cut-block_13.h5"
     assert ExtractConfig(runtime="openvino", cut="none").resolved().precision == want
     assert ExtractConfig(runtime="tensorflow").resolved().precision == "float32"
+
+
+def test_auto_keeps_float_below_the_size_where_quantizing_pays(monkeypatch, tmp_path):
+    """int8's one-off quantization is paid back only on a large data set: ``auto`` counts the
+    images (a folder's files, a registered set's splits, ``--limit`` applied) first."""
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(
+        {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}))
+    big = runtime.INT8_AUTO_MIN_IMAGES
+    assert ExtractConfig(runtime="openvino").resolved().precision == "int8"   # 60,000
+    assert ExtractConfig(runtime="openvino", limit=big // 2).resolved().precision == "int8"
+    assert ExtractConfig(runtime="openvino", limit=big // 2 - 1).resolved().precision == "bf16"
+    assert ExtractConfig(runtime="openvino", dataset="synthetic").resolved().precision == "bf16"
+    folder = tmp_path / "photos"
+    for cls, n in (("cat", 3), ("dog", 2)):
+        (folder / cls).mkdir(parents=True)
+        for i in range(n):
+            (folder / cls / f"{i}.JPG").write_bytes(b"")
+    (folder / "cat" / ".hidden.jpg").write_bytes(b"")
+    (folder / "cat" / "notes.txt").write_bytes(b"")
+    assert sizes.count_images(str(folder)) == 5
+    assert sizes.count_images(str(folder), limit=1) == 2 and \
+        sizes.count_images(str(folder), stop_at=4) == 4
+    cfg = ExtractConfig(runtime="openvino", dataset=str(folder))
+    assert cfg.resolved().precision == "bf16" and "_ov_bf16_" in cfg.output_path.name
+    monkeypatch.setattr(runtime, "INT8_AUTO_MIN_IMAGES", 5)
+    assert ExtractConfig(runtime="openvino", dataset=str(folder)).resolved().precision == "int8"
+    # an explicit precision is never second-guessed, and what cannot be counted is taken as
+    # large (the run itself says what is missing)
+    assert ExtractConfig(runtime="openvino", dataset="synthetic",
+                         precision="int8").resolved().precision == "int8"
+    assert sizes.count_images(str(tmp_path / "missing")) is None
