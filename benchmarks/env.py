@@ -76,7 +76,7 @@ class Settings:
     @classmethod
     def quick(cls, **kw) -> "Settings":
         base = dict(mode="quick", size=64, n_train=128, n_test=64, tp_images=384, tp_reps=2,
-                    rt_images=256, rt_reps=2, pr_images=64, pr_train=128,
+                    rt_images=256, rt_reps=1, pr_images=64, pr_train=128,
                     matmul_n=1024, matmul_reps=3, rss_runs=((64, 50), (64, 200)))
         base.update(kw)
         return cls(**base)

@@ -142,27 +142,23 @@ def test_quick_bench_chart_is_a_small_png(quick_run):
 
 
 @pytest.fixture(scope="module")
-def section9(tmp_path_factory):
-    """Section 9 on tiny synthetic data with random weights, in this process."""
-    from benchmarks.env import Settings
-    from benchmarks.finetune_usual import run
-
-    s = Settings.quick(dataset="synthetic", weights="none", n_train=48, n_test=16, size=32,
-                       work_dir=str(tmp_path_factory.mktemp("s9")))
-    return s, run(s)
+def section9(quick_run):
+    """Section 9 of the quick run (synthetic data, random weights), and its settings."""
+    r = quick_run["json"]
+    return r["settings"], r["s9"]
 
 
+@pytest.mark.slow
 def test_section9_times_both_ways_on_the_same_training(section9):
     s, d = section9
-    json.dumps(d)                                   # what bench.json holds
-    assert (d["n_train"], d["n_test"], d["cut"]) == (48, 16, "block_13")
+    assert (d["n_train"], d["n_test"], d["cut"]) == (s["n_train"], s["n_test"], "block_13")
     u, c = d["usual"], d["cache"]
     # the same top (every block above the cut) and the same number of epochs of each phase
     assert u["trainable_blocks"] == c["trainable_blocks"] == d["trainable_blocks"] == 4
     assert u["trainable_values"] == c["trainable_values"] > 0
     for side in (u, c):
-        assert len(side["head_epochs_s"]) == s.ft_head_epochs == d["head_epochs"]
-        assert len(side["top_epochs_s"]) == s.ft_top_epochs == d["top_epochs"]
+        assert len(side["head_epochs_s"]) == s["ft_head_epochs"] == d["head_epochs"]
+        assert len(side["top_epochs_s"]) == s["ft_top_epochs"] == d["top_epochs"]
         assert all(_positive(x) for x in side["head_epochs_s"] + side["top_epochs_s"])
         parts = (side["stage_one_s"] + side["setup_s"] + sum(side["head_epochs_s"])
                  + sum(side["top_epochs_s"]) + side["predict_s"])
@@ -178,13 +174,14 @@ def test_section9_times_both_ways_on_the_same_training(section9):
     assert d["ratio_total"] == pytest.approx(u["total_s"] / c["total_s"])
 
 
+@pytest.mark.slow
 def test_section9_is_in_the_report_and_its_headline(section9):
     from benchmarks import report
     from benchmarks.run import QUICK_SECTIONS, SECTIONS
 
     s, d = section9
     assert 9 in SECTIONS and "9" in QUICK_SECTIONS.split(",")
-    r = {"settings": s.to_dict(), "machine": {"device": {"kind": "CPU", "name": "x", "count": 1},
+    r = {"settings": s, "machine": {"device": {"kind": "CPU", "name": "x", "count": 1},
                                               "cpu": "x", "cores": 1, "memory_gib": 1,
                                               "os": "x", "python": "3", "tensorflow": "2",
                                               "keras": "3", "numpy": "1", "sklearn": "1",
