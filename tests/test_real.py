@@ -37,17 +37,28 @@ def test_real_cifar10_is_the_official_data(real_data_dir):
     np.testing.assert_allclose(mean, [0.4914, 0.4822, 0.4465], atol=0.01)
 
 
-def test_imagenet_features_beat_random_features_by_a_wide_margin(real_data_dir, keras_home,
-                                                                 tmp_path):
+def _extract(real_data_dir, out_dir, **kw):
     from featcache.cache.reader import load_features
     from featcache.config import ExtractConfig
     from featcache.extract.run import extract_features
 
     common = dict(dataset="cifar10", data_dir=str(real_data_dir), backbone="mobilenet_v2",
-                  size=224, limit=N, out_dir=str(tmp_path), download=False,
-                  precision="float32", cut="none")  # the weights are the point, not int8
-    real = load_features(extract_features(ExtractConfig(weights="imagenet", **common)).path)
-    rand = load_features(extract_features(ExtractConfig(weights="none", **common)).path)
+                  size=224, limit=N, out_dir=str(out_dir), download=False, flip=False,
+                  cut="none", runtime="openvino", precision="float32")
+    return load_features(extract_features(ExtractConfig(**{**common, **kw})).path)
+
+
+@pytest.fixture(scope="module")
+def real_float32(real_data_dir, keras_home, tmp_path_factory):
+    """MobileNetV2's ImageNet features of the first N images of each split, OpenVINO
+    float32, no mirrors: what the two tests below compare against."""
+    return _extract(real_data_dir, tmp_path_factory.mktemp("real"))
+
+
+def test_imagenet_features_beat_random_features_by_a_wide_margin(real_data_dir, real_float32,
+                                                                 tmp_path):
+    real = real_float32
+    rand = _extract(real_data_dir, tmp_path, weights="none")
     assert real.attrs["weights"] == "imagenet" and rand.attrs["weights"] == "none"
     acc_real, acc_rand = _probe(real), _probe(rand)
     print(f"probe accuracy: imagenet {acc_real:.3f}, random {acc_rand:.3f}")
@@ -55,21 +66,13 @@ def test_imagenet_features_beat_random_features_by_a_wide_margin(real_data_dir, 
     assert acc_real > acc_rand + 0.25
 
 
-def test_int8_features_of_real_weights_are_close_to_float32(real_data_dir, keras_home,
+def test_int8_features_of_real_weights_are_close_to_float32(real_data_dir, real_float32,
                                                              tmp_path):
     """MobileNetV2 ImageNet weights at 224 px, calibrated on 100 training images: each
     image's int8 features point where its float32 ones do (cosine 0.96 on average over the
     full test split with the default 300), and a probe on them is as good within noise."""
-    from featcache.cache.reader import load_features
-    from featcache.config import ExtractConfig
-    from featcache.extract.run import extract_features
-
-    common = dict(dataset="cifar10", data_dir=str(real_data_dir), backbone="mobilenet_v2",
-                  size=224, limit=N, out_dir=str(tmp_path), download=False, flip=False,
-                  cut="none", runtime="openvino")
-    f32 = load_features(extract_features(ExtractConfig(precision="float32", **common)).path)
-    i8 = load_features(extract_features(ExtractConfig(precision="int8", calibration=100,
-                                                      **common)).path)
+    f32 = real_float32
+    i8 = _extract(real_data_dir, tmp_path, precision="int8", calibration=100)
     a, b = f32["test"].features, i8["test"].features
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     acc32, acc8 = _probe(f32), _probe(i8)
