@@ -270,3 +270,20 @@ def test_the_report_writes_paths_relative_to_the_checkout(tmp_path):
     text = f"--data-dir {tmp_path}/shared/data --out-dir {here}/bench-out/s3 and /usr/bin/time"
     assert relative_paths(text, cwd=here) == \
         "--data-dir ../shared/data --out-dir bench-out/s3 and /usr/bin/time"
+
+
+def test_importing_the_benchmark_leaves_the_head_registry_alone():
+    """Only the baseline's child process imports benchmarks/baseline_heads.py (which replaces
+    the registry's logreg, linear_svm and knn): importing every other benchmark module, as
+    these tests do, changes no head another test of the same process compares."""
+    code = ("import json, pkgutil, importlib, benchmarks\n"
+            "from featcache.heads import HEADS\n"
+            "before = {n: repr(s) for n, s in HEADS.items()}\n"
+            "for m in pkgutil.iter_modules(benchmarks.__path__):\n"
+            "    if m.name not in ('__main__', 'baseline_heads'):\n"
+            "        importlib.import_module('benchmarks.' + m.name)\n"
+            "print(json.dumps([n for n, s in HEADS.items() if before.get(n) != repr(s)]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
